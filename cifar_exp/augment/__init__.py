@@ -1,0 +1,33 @@
+"""Batched augmentations on tensors, on the training device.
+
+Each module here registers a builder `f(train_images, **options) -> Augmentation`; the
+training images (uint8, N x 3 x 32 x 32, on the device) are there for data statistics."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from cifar_exp.registry import Registry
+
+AUGMENTATIONS = Registry("augmentation", __name__)
+
+
+class Augmentation(Protocol):
+    """Turns a uint8 batch N x 3 x 32 x 32 into the model's float input."""
+
+    image_size: int
+
+    def train(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A randomly augmented float batch for training."""
+        ...
+
+    def eval(self, images: torch.Tensor) -> torch.Tensor:
+        """The deterministic float batch for evaluation."""
+        ...
+
+
+def build_augmentation(name: str, train_images: torch.Tensor, **options: Any) -> Augmentation:
+    """Build the augmentation registered as `name`."""
+    return AUGMENTATIONS.build(name, train_images, **options)

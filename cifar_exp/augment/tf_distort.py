@@ -1,0 +1,48 @@
+"""The seed's distortions: random crop, flip, brightness, contrast, per-image standardization."""
+
+from __future__ import annotations
+
+import torch
+
+from cifar_exp.augment import AUGMENTATIONS
+from cifar_exp.augment.ops import (
+    crop,
+    per_image_standardization,
+    random_flags,
+    random_offsets,
+    random_uniform,
+)
+
+
+class TfDistort:
+    def __init__(self, crop_size: int, flip: bool, max_brightness: float,
+                 contrast_lower: float, contrast_upper: float) -> None:
+        self.image_size = crop_size
+        self.flip = flip
+        self.max_brightness = max_brightness
+        self.contrast = (contrast_lower, contrast_upper)
+
+    def train(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        count, device = images.shape[0], images.device
+        limit = images.shape[-1] - self.image_size
+        top = random_offsets(count, limit, generator, device)
+        left = random_offsets(count, limit, generator, device)
+        flip = random_flags(count, generator, device) if self.flip else None
+        x = crop(images, top, left, self.image_size, flip).float()  # 0..255 scale, as in TF
+        x = x + random_uniform(count, -self.max_brightness, self.max_brightness, generator, device)
+        factor = random_uniform(count, *self.contrast, generator, device)
+        channel_mean = x.mean(dim=(2, 3), keepdim=True)
+        x = (x - channel_mean) * factor + channel_mean
+        return per_image_standardization(x)
+
+    def eval(self, images: torch.Tensor) -> torch.Tensor:
+        count, device = images.shape[0], images.device
+        offset = torch.full((count,), (images.shape[-1] - self.image_size) // 2, device=device)
+        return per_image_standardization(crop(images, offset, offset, self.image_size).float())
+
+
+@AUGMENTATIONS.register("tf_distort")
+def build(train_images: torch.Tensor, crop_size: int = 24, flip: bool = True,
+          max_brightness: float = 63.0, contrast_lower: float = 0.2,
+          contrast_upper: float = 1.8) -> TfDistort:
+    return TfDistort(crop_size, flip, max_brightness, contrast_lower, contrast_upper)

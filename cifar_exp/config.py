@@ -1,0 +1,83 @@
+"""The typed schema of a run's configuration, and the value checks done before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_exp.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"
+    root: str = "${oc.env:CIFAR_EXP_DATA,./data}"
+    download: bool = False
+
+
+@dataclass
+class EmaConfig:
+    decay: float | None = None  # None: evaluate the trained weights themselves
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "cifar_exp"
+    log_model: bool = True
+
+
+@dataclass
+class Config:
+    # Group options carry a `name` (the registered builder) plus that builder's options,
+    # which differ per option and are checked against the builder's signature.
+    model: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
+    augmentation: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    steps: int = 3000
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    channels_last: bool = True
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    eval_every: int = 1000
+
+
+def register_schema() -> None:
+    """Make the schema available to conf/config.yaml as `base_config`."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def split_name(group: DictConfig) -> tuple[str, dict[str, Any]]:
+    """A group option's config -> (registered name, builder options)."""
+    options = OmegaConf.to_container(group, resolve=True)
+    assert isinstance(options, dict)
+    name = options.pop("name", None)
+    if not name:
+        raise ConfigError(f"config group option {dict(options)} has no 'name' key")
+    return str(name), options
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject values that cannot work, before any data is read or run is opened."""
+    for key in ("steps", "batch_size", "eval_batch_size", "log_every", "eval_every"):
+        if cfg[key] <= 0:
+            raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device={cfg.device} is unknown; use one of {', '.join(DEVICES)}")
+    lr = cfg.optimizer.get("lr")
+    if lr is None or lr <= 0:
+        raise ConfigError(f"optimizer.lr={lr} must be a positive number")
+    decay = cfg.ema.decay
+    if decay is not None and not 0 <= decay < 1:
+        raise ConfigError(f"ema.decay={decay} must lie in [0, 1), or be null to turn EMA off")

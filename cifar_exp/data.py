@@ -1,0 +1,254 @@
+"""Read CIFAR-10/100 from the official binary or python layouts into uint8 tensors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cifar_exp.errors import DataError
+
+IMAGE_SHAPE = (3, 32, 32)
+IMAGE_BYTES = 3 * 32 * 32
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    """Where one data set's files live in each official layout."""
+
+    title: str
+    num_classes: int
+    binary_folder: str
+    binary_train: tuple[str, ...]
+    binary_test: str
+    binary_label_offset: int  # CIFAR-100 records start with <coarse><fine>
+    binary_meta: str
+    python_folder: str
+    python_train: tuple[str, ...]
+    python_test: str
+    python_label_key: str
+    python_meta: str
+    python_meta_key: str
+    torchvision_class: str
+
+
+SPECS = {
+    "cifar10": CifarSpec(
+        title="CIFAR-10",
+        num_classes=10,
+        binary_folder="cifar-10-batches-bin",
+        binary_train=tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+        binary_test="test_batch.bin",
+        binary_label_offset=0,
+        binary_meta="batches.meta.txt",
+        python_folder="cifar-10-batches-py",
+        python_train=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        python_test="test_batch",
+        python_label_key="labels",
+        python_meta="batches.meta",
+        python_meta_key="label_names",
+        torchvision_class="CIFAR10",
+    ),
+    "cifar100": CifarSpec(
+        title="CIFAR-100",
+        num_classes=100,
+        binary_folder="cifar-100-binary",
+        binary_train=("train.bin",),
+        binary_test="test.bin",
+        binary_label_offset=1,
+        binary_meta="fine_label_names.txt",
+        python_folder="cifar-100-python",
+        python_train=("train",),
+        python_test="test",
+        python_label_key="fine_labels",
+        python_meta="meta",
+        python_meta_key="fine_label_names",
+        torchvision_class="CIFAR100",
+    ),
+}
+
+
+@dataclass
+class CifarData:
+    """A whole data set in memory: images N x 3 x 32 x 32 uint8, labels int64."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to(self, device: torch.device | str) -> CifarData:
+        """The same data set with every tensor on `device` (moved once, used every step)."""
+        return CifarData(
+            train_images=self.train_images.to(device),
+            train_labels=self.train_labels.to(device),
+            test_images=self.test_images.to(device),
+            test_labels=self.test_labels.to(device),
+            classes=self.classes,
+        )
+
+
+def default_root() -> str:
+    """The data folder used when none is configured: $CIFAR_EXP_DATA, else ./data."""
+    return os.environ.get("CIFAR_EXP_DATA", "./data")
+
+
+def load_cifar(name: str = "cifar10", root: str | os.PathLike | None = None,
+               download: bool = False) -> CifarData:
+    """Load data set `name` (cifar10 | cifar100) from `root`, the folder that holds
+    its binary or python layout; with `download`, fetch the official archive if absent."""
+    if name not in SPECS:
+        raise DataError(f"unknown data set {name!r}; choose one of {sorted(SPECS)}")
+    spec = SPECS[name]
+    root = Path(root if root is not None else default_root()).expanduser().resolve()
+    binary, python = root / spec.binary_folder, root / spec.python_folder
+    if not binary.is_dir() and not python.is_dir() and download:
+        _download(spec, root)
+    if binary.is_dir():
+        return _load_binary(spec, binary)
+    if python.is_dir():
+        return _load_python(spec, python)
+    raise DataError(
+        f"{spec.title} not found: no {spec.binary_folder}/ or {spec.python_folder}/ in {root}; "
+        f"set data.root (or CIFAR_EXP_DATA) to the folder that holds one, "
+        f"or add data.download=true to fetch it"
+    )
+
+
+def _download(spec: CifarSpec, root: Path) -> None:
+    import torchvision.datasets  # imported here: only downloads need it
+
+    dataset_class = getattr(torchvision.datasets, spec.torchvision_class)
+    try:
+        for train in (True, False):  # the archive holds both; torchvision verifies its md5
+            dataset_class(str(root), train=train, download=True)
+    except (OSError, RuntimeError) as error:
+        raise DataError(
+            f"could not download {spec.title} into {root}: {error}; check the network, "
+            f"or place {spec.binary_folder}/ or {spec.python_folder}/ there by hand"
+        ) from error
+
+
+def _require(path: Path, spec: CifarSpec) -> Path:
+    if not path.is_file():
+        raise DataError(
+            f"{path}: missing, so {spec.title} in {path.parent} is incomplete; "
+            f"restore the file or fetch the data set again (data.download=true into an empty root)"
+        )
+    return path
+
+
+def _check_labels(labels: np.ndarray, spec: CifarSpec, path: Path) -> None:
+    if labels.size and int(labels.max()) >= spec.num_classes:
+        raise DataError(
+            f"{path}: label {int(labels.max())} is out of range 0..{spec.num_classes - 1}; "
+            f"the file is corrupt or not {spec.title}"
+        )
+
+
+def _read_binary_batch(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
+    record = spec.binary_label_offset + 1 + IMAGE_BYTES
+    size = path.stat().st_size
+    if size == 0 or size % record:
+        raise DataError(
+            f"{path}: {size} bytes is not a whole number of {record}-byte records; "
+            f"the file is truncated or not {spec.title} binary data, replace it"
+        )
+    records = np.fromfile(path, dtype=np.uint8).reshape(-1, record)
+    labels = records[:, spec.binary_label_offset].astype(np.int64)
+    _check_labels(labels, spec, path)
+    images = records[:, spec.binary_label_offset + 1 :].reshape(-1, *IMAGE_SHAPE)
+    return images, labels
+
+
+def _load_binary(spec: CifarSpec, folder: Path) -> CifarData:
+    train = [_read_binary_batch(_require(folder / f, spec), spec) for f in spec.binary_train]
+    test = _read_binary_batch(_require(folder / spec.binary_test, spec), spec)
+    meta = _require(folder / spec.binary_meta, spec)
+    classes = [line.strip() for line in meta.read_text().splitlines() if line.strip()]
+    return _assemble(train, test, classes, spec, meta)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR's python-layout pickles hold: containers, strings, bytes and
+    numpy arrays. Anything else (a function or class to call) is refused, so a malicious
+    file dropped in place of a batch runs no code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path, spec: CifarSpec) -> dict[str, object]:
+    try:
+        with open(path, "rb") as file:
+            content = _RestrictedUnpickler(file, encoding="bytes").load()
+    except Exception as error:  # any parse failure means the same thing to the user
+        raise DataError(
+            f"{path}: not a {spec.title} python-layout file ({error}); replace it"
+        ) from error
+    if not isinstance(content, dict):
+        raise DataError(f"{path}: holds a {type(content).__name__}, not a {spec.title} dict")
+    # The official files were pickled by Python 2: their keys arrive as bytes.
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
+
+
+def _read_python_batch(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
+    content = _unpickle(path, spec)
+    missing = {"data", spec.python_label_key} - set(content)
+    if missing:
+        raise DataError(f"{path}: has no {sorted(missing)} entry; not a {spec.title} batch")
+    data = np.asarray(content["data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != IMAGE_BYTES:
+        raise DataError(
+            f"{path}: data is {data.dtype} {data.shape}, expected uint8 N x {IMAGE_BYTES}; "
+            f"not a {spec.title} batch"
+        )
+    labels = np.asarray(content[spec.python_label_key], dtype=np.int64)
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{path}: {labels.size} labels for {data.shape[0]} images")
+    _check_labels(labels, spec, path)
+    return data.reshape(-1, *IMAGE_SHAPE), labels
+
+
+def _load_python(spec: CifarSpec, folder: Path) -> CifarData:
+    train = [_read_python_batch(_require(folder / f, spec), spec) for f in spec.python_train]
+    test = _read_python_batch(_require(folder / spec.python_test, spec), spec)
+    meta_path = _require(folder / spec.python_meta, spec)
+    names = _unpickle(meta_path, spec).get(spec.python_meta_key)
+    if not isinstance(names, list):
+        raise DataError(f"{meta_path}: has no {spec.python_meta_key} list")
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    return _assemble(train, test, classes, spec, meta_path)
+
+
+def _assemble(train: list[tuple[np.ndarray, np.ndarray]], test: tuple[np.ndarray, np.ndarray],
+              classes: list[str], spec: CifarSpec, meta: Path) -> CifarData:
+    if len(classes) != spec.num_classes:
+        raise DataError(
+            f"{meta}: names {len(classes)} classes, {spec.title} has {spec.num_classes}"
+        )
+    return CifarData(
+        train_images=torch.from_numpy(np.concatenate([images for images, _ in train])),
+        train_labels=torch.from_numpy(np.concatenate([labels for _, labels in train])),
+        test_images=torch.from_numpy(np.ascontiguousarray(test[0])),
+        test_labels=torch.from_numpy(test[1]),
+        classes=classes,
+    )

@@ -1,0 +1,138 @@
+"""MLflow: one run per training job, its params, buffered metrics, artifacts and model."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities import Metric, RunStatus
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: MLflow params are flat."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_commit(folder: Path) -> str | None:
+    """The commit checked out in `folder`, or None outside a git work tree."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
+                                text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """For a SQLite store, artifacts go to `mlartifacts/` beside the database file (MLflow
+    would otherwise create a `./mlruns` folder wherever the command runs)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None  # a tracking server decides for itself
+    database = Path(uri[len(prefix):]).expanduser().resolve()
+    return (database.parent / "mlartifacts").as_uri()
+
+
+class RunTracker:
+    """An MLflow run used as a context manager: it ends FINISHED, or FAILED when the body
+    raises (KILLED on Ctrl-C). Metrics are buffered and written with log_batch, at most
+    every `flush_seconds`, so logging costs no time on the training steps in between."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str,
+                 tags: Mapping[str, str] | None = None, flush_seconds: float = 10.0) -> None:
+        self.uri, self.experiment, self.run_name = uri, experiment, run_name
+        self.tags = dict(tags or {})
+        self.flush_seconds = flush_seconds
+        self._buffer: list[Metric] = []
+        self._last_flush = time.monotonic()
+        self.run_id = ""
+
+    def __enter__(self) -> RunTracker:
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        if self.client.get_experiment_by_name(self.experiment) is None:
+            self.client.create_experiment(self.experiment, default_artifact_location(self.uri))
+        mlflow.set_experiment(self.experiment)
+        run = mlflow.start_run(run_name=self.run_name, tags=self.tags)
+        self.run_id = run.info.run_id
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            self.flush()
+        finally:
+            if exc_type is None:
+                status = RunStatus.FINISHED
+            elif issubclass(exc_type, KeyboardInterrupt):
+                status = RunStatus.KILLED
+            else:
+                status = RunStatus.FAILED
+            mlflow.end_run(RunStatus.to_string(status))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        mlflow.log_params({key: str(value) for key, value in params.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        timestamp = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), timestamp, step) for k, v in metrics.items())
+        if (len(self._buffer) >= MAX_METRICS_PER_BATCH
+                or time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        while self._buffer:
+            batch = self._buffer[:MAX_METRICS_PER_BATCH]
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+            del self._buffer[: len(batch)]
+        self._last_flush = time.monotonic()
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        mlflow.log_text(text, artifact_file)
+
+    def log_artifact(self, path: Path | str) -> None:
+        mlflow.log_artifact(str(path))
+
+    def log_state_dict(self, model: torch.nn.Module, filename: str) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / filename
+            torch.save(model.state_dict(), path)
+            mlflow.log_artifact(str(path))
+
+    def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
+        """Log `model` as the MLflow PyTorch model 'model', taking preprocessed images.
+        The example holds several images: a batch of one would pin the exported model to
+        batch size 1."""
+        # A contiguous CPU copy: the logged model loads on any machine.
+        model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
+        example = example.cpu().float()
+        with torch.no_grad():
+            output = model(example).numpy()
+        inputs = example.numpy()
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(inputs, output),
+            input_example=inputs,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )

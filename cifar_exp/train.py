@@ -1,0 +1,145 @@
+"""The generic training loop: steps, periodic logging and evaluation, optional EMA.
+
+It knows nothing of Hydra or MLflow: it takes built parts, plain settings and a metric sink."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from cifar_exp.augment import Augmentation
+from cifar_exp.batches import EpochSampler
+from cifar_exp.data import CifarData
+from cifar_exp.ema import WeightAverage
+from cifar_exp.evaluate import evaluate
+from cifar_exp.models import regularization_loss
+
+log = logging.getLogger(__name__)
+
+
+class MetricSink(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    batch_size: int = 128
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 1000
+    eval_batch_size: int = 500
+    channels_last: bool = True  # NHWC activations: faster convolutions and pooling
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    precision: float
+    test_loss: float
+    examples_per_sec: float  # over all training steps, evaluation time excluded
+    train_seconds: float
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer,
+          scheduler: torch.optim.lr_scheduler.LRScheduler, augmentation: Augmentation,
+          data: CifarData, settings: TrainSettings, sink: MetricSink,
+          ema: WeightAverage | None = None) -> TrainResult:
+    """Train for `settings.steps` steps on `data` (already on the model's device)."""
+    device = data.train_images.device
+    generator = torch.Generator(device).manual_seed(settings.seed)
+    sampler = EpochSampler(data.train_labels.numel(), settings.batch_size, generator, device)
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    evaluated = ema.model if ema is not None else model
+    evaluated.to(memory_format=memory_format)
+    model.train()
+
+    window = _SpeedWindow(settings.batch_size, device)
+    train_seconds = 0.0
+    precision = test_loss = float("nan")
+    bar = tqdm(total=settings.steps, unit="step", disable=not settings.progress or None,
+               dynamic_ncols=True)
+    with logging_redirect_tqdm(), bar:
+        for step in range(1, settings.steps + 1):
+            indices = sampler.next()
+            inputs = augmentation.train(data.train_images[indices], generator)
+            inputs = inputs.contiguous(memory_format=memory_format)
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, data.train_labels[indices]) + regularization_loss(model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            window.add(loss.detach())
+            bar.update()
+
+            last = step == settings.steps
+            if step % settings.log_every == 0 or last:
+                mean_loss, examples_per_sec, sec_per_batch = window.close()
+                train_seconds += window.seconds
+                sink.log_metrics({"loss": mean_loss, "lr": lr,
+                                  "examples_per_sec": examples_per_sec,
+                                  "sec_per_batch": sec_per_batch}, step)
+                log.info("step %d, loss = %.2f (%.1f examples/sec; %.3f sec/batch)",
+                         step, mean_loss, examples_per_sec, sec_per_batch)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
+            if step % settings.eval_every == 0 or last:
+                window.pause()
+                precision, test_loss = evaluate(evaluated, augmentation, data.test_images,
+                                                data.test_labels, settings.eval_batch_size,
+                                                memory_format)
+                sink.log_metrics({"precision": precision, "test_loss": test_loss}, step)
+                log.info("step %d, precision @ 1 = %.4f, test loss = %.4f",
+                         step, precision, test_loss)
+                window.resume()
+    examples = settings.steps * settings.batch_size
+    return TrainResult(precision, test_loss, examples / max(train_seconds, 1e-9), train_seconds)
+
+
+class _SpeedWindow:
+    """Loss and throughput since the last log line; the loss stays on the device until
+    the log step, so logging costs one host sync per `log_every` steps."""
+
+    def __init__(self, batch_size: int, device: torch.device) -> None:
+        self.batch_size = batch_size
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.seconds = 0.0
+        self._paused_total = 0.0
+        self._start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def close(self) -> tuple[float, float, float]:
+        """(mean loss, examples/sec, sec/batch) of the window, then start a new one."""
+        mean_loss = self.loss_sum.item() / self.steps  # .item() waits for the device
+        self.seconds = time.perf_counter() - self._start
+        examples_per_sec = self.steps * self.batch_size / self.seconds
+        sec_per_batch = self.seconds / self.steps
+        self.loss_sum.zero_()
+        self.steps = 0
+        self._start = time.perf_counter()
+        return mean_loss, examples_per_sec, sec_per_batch
+
+    def pause(self) -> None:
+        """Stop the clock (for evaluation) once queued training work has finished."""
+        if self.loss_sum.device.type == "cuda":
+            torch.cuda.synchronize(self.loss_sum.device)
+        self._paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        self._start += time.perf_counter() - self._paused_at
