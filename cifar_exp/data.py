@@ -188,6 +188,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3's protocol 2 spells a bytes literal
     }
 
     def find_class(self, module: str, name: str) -> object:

@@ -23,6 +23,10 @@ class TfDistort:
         self.contrast = (contrast_lower, contrast_upper)
 
     def train(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return per_image_standardization(self.distort(images, generator))
+
+    def distort(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Crop, flip, brightness and contrast, before standardization (0..255 scale)."""
         count, device = images.shape[0], images.device
         limit = images.shape[-1] - self.image_size
         top = random_offsets(count, limit, generator, device)
@@ -32,8 +36,7 @@ class TfDistort:
         x = x + random_uniform(count, -self.max_brightness, self.max_brightness, generator, device)
         factor = random_uniform(count, *self.contrast, generator, device)
         channel_mean = x.mean(dim=(2, 3), keepdim=True)
-        x = (x - channel_mean) * factor + channel_mean
-        return per_image_standardization(x)
+        return (x - channel_mean) * factor + channel_mean
 
     def eval(self, images: torch.Tensor) -> torch.Tensor:
         count, device = images.shape[0], images.device

@@ -1,0 +1,61 @@
+"""Config -> the parts of a run: augmentation, model, optimizer, schedule, EMA, settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from cifar_exp.augment import Augmentation, build_augmentation
+from cifar_exp.config import split_name
+from cifar_exp.data import CifarData
+from cifar_exp.ema import WeightAverage
+from cifar_exp.errors import ConfigError
+from cifar_exp.models import build_model
+from cifar_exp.optim import build_optimizer
+from cifar_exp.schedules import build_schedule
+from cifar_exp.train import TrainSettings
+
+
+@dataclass
+class Experiment:
+    augmentation: Augmentation
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: WeightAverage | None
+    settings: TrainSettings
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when a GPU is visible, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def build_experiment(cfg: DictConfig, data: CifarData) -> Experiment:
+    """Build every part named by `cfg` for `data` (already on the training device)."""
+    num_train = data.train_labels.numel()
+    if cfg.batch_size > num_train:
+        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {num_train} training images")
+    device = data.train_images.device
+    torch.manual_seed(cfg.seed)
+
+    name, options = split_name(cfg.augmentation)
+    augmentation = build_augmentation(name, data.train_images, **options)
+    name, options = split_name(cfg.model)
+    model = build_model(name, data.num_classes, augmentation.image_size, **options).to(device)
+    name, options = split_name(cfg.optimizer)
+    optimizer = build_optimizer(name, model.parameters(), **options)
+    name, options = split_name(cfg.schedule)
+    scheduler = build_schedule(name, optimizer, cfg.steps, num_train / cfg.batch_size, **options)
+    ema = WeightAverage(model, cfg.ema.decay) if cfg.ema.decay is not None else None
+    settings = TrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                             log_every=cfg.log_every, eval_every=cfg.eval_every,
+                             eval_batch_size=cfg.eval_batch_size,
+                             channels_last=cfg.channels_last)
+    return Experiment(augmentation, model, optimizer, scheduler, ema, settings)

@@ -1,0 +1,84 @@
+"""Shared fixtures: the real CIFAR-10 (from $CIFAR_EXP_DATA) and tiny synthetic layouts."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifar_exp.data import CifarData, load_cifar
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The folder holding the real cifar-10-batches-bin/ (or -py/)."""
+    root = Path(os.environ.get("CIFAR_EXP_DATA", REPO / "data"))
+    if not (root / "cifar-10-batches-bin").is_dir() and not (root / "cifar-10-batches-py").is_dir():
+        pytest.fail(f"the tests need the real CIFAR-10: set CIFAR_EXP_DATA to the folder that "
+                    f"holds cifar-10-batches-bin/ (looked in {root})")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar10(data_root: Path) -> CifarData:
+    """The real CIFAR-10, loaded once per session."""
+    return load_cifar("cifar10", data_root)
+
+
+def synthetic_images(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 3, 32, 32), dtype=np.uint8)
+
+
+def write_binary_batch(path: Path, images: np.ndarray, labels: np.ndarray,
+                       coarse: np.ndarray | None = None) -> None:
+    """One file of the official binary layout (<coarse>?<label><3072 pixels> records)."""
+    columns = [labels.astype(np.uint8)[:, None], images.reshape(len(images), -1)]
+    if coarse is not None:
+        columns.insert(0, coarse.astype(np.uint8)[:, None])
+    np.concatenate(columns, axis=1).tofile(path)
+
+
+def write_pickle(path: Path, content: dict) -> None:
+    # Keys as bytes, as in the official files written by Python 2.
+    with open(path, "wb") as file:
+        pickle.dump({k.encode(): v for k, v in content.items()}, file, protocol=2)
+
+
+@pytest.fixture
+def tiny_cifar10_binary(tmp_path: Path) -> Path:
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    for i in range(1, 6):
+        write_binary_batch(folder / f"data_batch_{i}.bin", synthetic_images(4, i), np.arange(4) + i)
+    write_binary_batch(folder / "test_batch.bin", synthetic_images(3, 0), np.array([0, 9, 5]))
+    (folder / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n\n")
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_cifar10_python(tmp_path: Path) -> Path:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        write_pickle(folder / f"data_batch_{i}", {
+            "data": synthetic_images(4, i).reshape(4, -1), "labels": list(range(i, i + 4))})
+    write_pickle(folder / "test_batch", {
+        "data": synthetic_images(3, 0).reshape(3, -1), "labels": [0, 9, 5]})
+    names = [f"class{i}".encode() for i in range(10)]
+    write_pickle(folder / "batches.meta", {"label_names": names})
+    return tmp_path

@@ -1,0 +1,123 @@
+"""Batched augmentations: crop geometry, flip rate, distortion ranges, normalization."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cifar_exp.augment import AUGMENTATIONS, build_augmentation
+from cifar_exp.augment.ops import channel_stats, crop, per_image_standardization
+
+COLUMNS = torch.arange(32, dtype=torch.uint8).mul(8).repeat(32, 1)  # value = 8 * column
+
+
+def column_images(count: int) -> torch.Tensor:
+    return COLUMNS.expand(count, 3, 32, 32).contiguous()
+
+
+def test_crop_matches_numpy_reflect_padding():
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    top = torch.tensor([-4, 0, 4, 3, -2, 1])
+    left = torch.tensor([4, -4, 0, -1, 2, 3])
+    flip = torch.tensor([False, True, False, True, True, False])
+    got = crop(images, top, left, 32, flip).numpy()
+    padded = np.pad(images.numpy(), ((0, 0), (0, 0), (4, 4), (4, 4)), mode="reflect")
+    for i in range(6):
+        window = padded[i, :, top[i] + 4 : top[i] + 36, left[i] + 4 : left[i] + 36]
+        expected = window[:, :, ::-1] if flip[i] else window
+        np.testing.assert_array_equal(got[i], expected)
+
+
+def test_tf_distort_crop_size_flip_rate_and_standardization(cifar10):
+    augmentation = build_augmentation("tf_distort", cifar10.train_images)
+    generator = torch.Generator().manual_seed(0)
+    out = augmentation.train(column_images(4000), generator)
+    assert out.shape == (4000, 3, 24, 24) and out.dtype == torch.float32
+    # Brightness, contrast and standardization keep the column order: a falling row = flipped.
+    flipped = (out[:, 0, 0, 0] > out[:, 0, 0, -1]).float().mean().item()
+    assert 0.45 < flipped < 0.55
+    real = augmentation.train(cifar10.train_images[:512], generator)
+    assert real.mean(dim=(1, 2, 3)).abs().max() < 1e-4
+    assert torch.allclose(real.std(dim=(1, 2, 3), correction=0), torch.ones(512), atol=1e-3)
+
+
+def test_tf_distort_crop_offsets_cover_the_whole_range():
+    augmentation = build_augmentation("tf_distort", column_images(1), max_brightness=0.0,
+                                      contrast_lower=1.0, contrast_upper=1.0, flip=False)
+    out = augmentation.distort(column_images(2000), torch.Generator().manual_seed(1))
+    offsets = (out[:, 0, 0, 0] / 8).round().long()
+    assert sorted(offsets.unique().tolist()) == list(range(9))  # 32 - 24 + 1 positions
+
+
+def test_tf_distort_brightness_range():
+    augmentation = build_augmentation("tf_distort", column_images(1), contrast_lower=1.0,
+                                      contrast_upper=1.0)
+    black = torch.zeros(5000, 3, 32, 32, dtype=torch.uint8)
+    delta = augmentation.distort(black, torch.Generator().manual_seed(2))[:, 0, 0, 0]
+    assert delta.min() >= -63 and delta.max() <= 63
+    assert delta.min() < -60 and delta.max() > 60 and abs(delta.mean()) < 2
+
+
+def test_tf_distort_contrast_range(cifar10):
+    augmentation = build_augmentation("tf_distort", cifar10.train_images, max_brightness=0.0,
+                                      flip=False)
+    images = column_images(3000)
+    out = augmentation.distort(images, torch.Generator().manual_seed(3))
+    # Each row is a ramp: contrast scales its spread about the mean by the factor.
+    factor = (out[:, 0, 0, -1] - out[:, 0, 0, 0]) / (23 * 8)
+    assert factor.min() >= 0.2 - 1e-5 and factor.max() <= 1.8 + 1e-5
+    assert factor.min() < 0.25 and factor.max() > 1.75
+
+
+def test_tf_distort_eval_is_the_central_crop_standardized(cifar10):
+    augmentation = build_augmentation("tf_distort", cifar10.train_images)
+    images = cifar10.test_images[:8]
+    expected = per_image_standardization(images[:, :, 4:28, 4:28].float())
+    torch.testing.assert_close(augmentation.eval(images), expected)
+
+
+def test_per_image_standardization_floors_the_std():
+    flat = torch.full((1, 3, 4, 4), 7.0)
+    assert torch.equal(per_image_standardization(flat), torch.zeros_like(flat))
+
+
+def test_crop_flip_pads_crops_flips_and_normalizes(cifar10):
+    augmentation = build_augmentation("crop_flip", cifar10.train_images)
+    generator = torch.Generator().manual_seed(4)
+    out = augmentation.train(cifar10.train_images[:2000], generator)
+    assert out.shape == (2000, 3, 32, 32)
+    channel_mean = out.mean(dim=(0, 2, 3))
+    channel_std = out.std(dim=(0, 2, 3))
+    assert channel_mean.abs().max() < 0.05 and (channel_std - 1).abs().max() < 0.05
+    ramps = augmentation.train(column_images(4000), generator)
+    flipped = (ramps[:, 0, 16, 10] > ramps[:, 0, 16, 20]).float().mean().item()
+    assert 0.45 < flipped < 0.55
+
+
+def test_none_normalizes_only(cifar10):
+    augmentation = build_augmentation("none", cifar10.train_images)
+    images = cifar10.test_images[:4]
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(augmentation.train(images, generator), augmentation.eval(images))
+    assert augmentation.image_size == 32
+
+
+def test_channel_stats_are_exact_and_keep_configured_values(cifar10):
+    mean, std = channel_stats(cifar10.train_images[:1000])
+    scaled = cifar10.train_images[:1000].double() / 255
+    torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64),
+                               scaled.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64),
+                               scaled.std(dim=(0, 2, 3), correction=0))
+    assert channel_stats(cifar10.train_images, [0.5] * 3, [0.25] * 3) == ([0.5] * 3, [0.25] * 3)
+
+
+@pytest.mark.parametrize("name", AUGMENTATIONS.names())
+def test_every_augmentation_is_deterministic_for_a_seed(name, cifar10):
+    augmentation = build_augmentation(name, cifar10.train_images)
+    batch = cifar10.train_images[:64]
+    first = augmentation.train(batch, torch.Generator().manual_seed(9))
+    second = augmentation.train(batch, torch.Generator().manual_seed(9))
+    assert torch.equal(first, second)
+    assert first.shape[-1] == augmentation.image_size

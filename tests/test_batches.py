@@ -1,0 +1,38 @@
+"""On-device batch sampling: a seeded permutation per epoch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cifar_exp.batches import EpochSampler
+
+
+def make(num_items: int, batch_size: int, seed: int = 0) -> EpochSampler:
+    return EpochSampler(num_items, batch_size, torch.Generator().manual_seed(seed),
+                        torch.device("cpu"))
+
+
+def test_each_epoch_visits_every_item_once_and_drops_the_remainder():
+    sampler = make(10, 3)
+    first_epoch = torch.cat([sampler.next() for _ in range(3)])
+    assert first_epoch.unique().numel() == 9  # 3 full batches, 1 item left over
+    assert sampler.epoch == 0
+    second = sampler.next()
+    assert sampler.epoch == 1 and second.shape == (3,)
+
+
+def test_epochs_are_shuffled_differently():
+    sampler = make(100, 100)
+    assert not torch.equal(sampler.next(), sampler.next())
+
+
+def test_same_seed_same_batches():
+    a, b = make(50, 8, seed=3), make(50, 8, seed=3)
+    for _ in range(20):
+        assert torch.equal(a.next(), b.next())
+
+
+def test_batch_larger_than_the_data_is_refused():
+    with pytest.raises(ValueError, match="batch_size 11 exceeds the 10 training images"):
+        make(10, 11)

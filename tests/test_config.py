@@ -1,0 +1,111 @@
+"""Every config group option composes, type-checks and builds; bad values are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig
+from omegaconf.errors import ValidationError
+
+from cifar_exp.build import build_experiment, resolve_device
+from cifar_exp.config import register_schema, validate
+from cifar_exp.data import CifarData
+from cifar_exp.errors import ConfigError
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "optimizer", "schedule", "augmentation", "data")
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def small_data(cifar10) -> CifarData:
+    return CifarData(cifar10.train_images[:512], cifar10.train_labels[:512],
+                     cifar10.test_images[:64], cifar10.test_labels[:64], cifar10.classes)
+
+
+def test_defaults_are_the_seed_experiment():
+    cfg = compose_config()
+    assert cfg.model.name == "tf_cnn" and cfg.optimizer.name == "adam"
+    assert cfg.optimizer.lr == 1e-3 and cfg.batch_size == 128 and cfg.steps == 3000
+    assert cfg.augmentation.name == "tf_distort" and cfg.schedule.name == "constant"
+    assert cfg.log_every == 10 and cfg.ema.decay is None
+    assert cfg.tracking.uri == "sqlite:///mlflow.db"
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_builds(group, option, small_data):
+    cfg = compose_config(f"{group}={option}", "steps=5")
+    validate(cfg)
+    if group == "data":
+        assert cfg.data.name == option and cfg.data.root
+        return
+    experiment = build_experiment(cfg, small_data)
+    x = experiment.augmentation.train(small_data.train_images[:4], torch.Generator())
+    assert experiment.model(x).shape == (4, 10)
+    assert experiment.optimizer.defaults["lr"] == cfg.optimizer.lr
+
+
+def test_sgd_decay_selects_its_schedule_and_ema(small_data):
+    cfg = compose_config("optimizer=sgd_decay")
+    assert cfg.optimizer.name == "sgd" and cfg.optimizer.lr == 0.1
+    assert cfg.optimizer.momentum == 0.0
+    assert cfg.schedule.name == "staircase" and cfg.schedule.every_epochs == 350
+    assert cfg.ema.decay == 0.9999
+    experiment = build_experiment(cfg, small_data)
+    assert experiment.ema is not None and experiment.ema.decay == 0.9999
+    # Its own keys can still be overridden from the command line.
+    assert compose_config("optimizer=sgd_decay", "ema.decay=0.99").ema.decay == 0.99
+
+
+def test_every_optimizer_has_lr():
+    for option in options("optimizer"):
+        assert compose_config(f"optimizer={option}").optimizer.lr > 0, option
+
+
+def test_schema_rejects_wrong_types():
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config("steps=many")
+    assert isinstance(error.value.__cause__, ValidationError)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("steps=0", "steps=0 must be a positive integer"),
+    ("batch_size=-1", "batch_size=-1 must be a positive integer"),
+    ("optimizer.lr=0", "optimizer.lr=0 must be a positive number"),
+    ("device=tpu", "device=tpu is unknown"),
+    ("ema.decay=1.0", r"ema.decay=1.0 must lie in \[0, 1\)"),
+])
+def test_bad_values_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(override))
+
+
+def test_batch_larger_than_training_set_is_refused(small_data):
+    with pytest.raises(ConfigError, match="batch_size=1000 exceeds the 512 training images"):
+        build_experiment(compose_config("batch_size=1000"), small_data)
+
+
+def test_unknown_builder_option_is_refused(small_data):
+    with pytest.raises(ConfigError, match=r"model 'tf_cnn' has no option\(s\) \['width'\]"):
+        build_experiment(compose_config("+model.width=3"), small_data)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device=cuda but no CUDA GPU is visible"):
+            resolve_device("cuda")

@@ -1,0 +1,173 @@
+"""Reading CIFAR-10/100 in both official layouts, and the errors for broken data."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets
+
+from cifar_exp.data import load_cifar
+from cifar_exp.errors import DataError
+from tests.conftest import synthetic_images, write_binary_batch, write_pickle
+
+
+def test_real_cifar10_loads_whole(cifar10):
+    assert cifar10.train_images.shape == (50_000, 3, 32, 32)
+    assert cifar10.test_images.shape == (10_000, 3, 32, 32)
+    assert cifar10.train_images.dtype == torch.uint8
+    assert cifar10.train_labels.dtype == torch.int64
+    assert cifar10.classes[:3] == ["airplane", "automobile", "bird"]
+    assert cifar10.num_classes == 10
+    assert torch.bincount(cifar10.train_labels).tolist() == [5000] * 10
+    assert torch.bincount(cifar10.test_labels).tolist() == [1000] * 10
+    # The documented per-channel mean of this copy's training set.
+    mean = cifar10.train_images.float().mean(dim=(0, 2, 3)) / 255
+    assert torch.allclose(mean, torch.tensor([0.4913, 0.4821, 0.4465]), atol=2e-4)
+
+
+def test_binary_layout_matches_the_record_format(tiny_cifar10_binary):
+    data = load_cifar("cifar10", tiny_cifar10_binary)
+    assert data.train_images.shape == (20, 3, 32, 32)
+    assert data.train_labels.tolist() == [i + j for i in range(1, 6) for j in range(4)]
+    assert torch.equal(data.train_images[:4], torch.from_numpy(synthetic_images(4, 1)))
+    assert torch.equal(data.test_images, torch.from_numpy(synthetic_images(3, 0)))
+    assert data.test_labels.tolist() == [0, 9, 5]
+    assert data.classes == [f"class{i}" for i in range(10)]
+
+
+def test_python_layout_reads_the_same_content(tiny_cifar10_binary, tiny_cifar10_python):
+    binary = load_cifar("cifar10", tiny_cifar10_binary)
+    python = load_cifar("cifar10", tiny_cifar10_python)
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(binary, name), getattr(python, name)), name
+    assert python.classes == binary.classes
+
+
+def test_cifar100_binary_uses_fine_labels(tmp_path):
+    folder = tmp_path / "cifar-100-binary"
+    folder.mkdir()
+    write_binary_batch(folder / "train.bin", synthetic_images(5, 1), np.array([0, 50, 99, 7, 3]),
+                       coarse=np.array([19, 1, 2, 3, 4]))
+    write_binary_batch(folder / "test.bin", synthetic_images(2, 2), np.array([98, 1]),
+                       coarse=np.array([0, 0]))
+    (folder / "fine_label_names.txt").write_text("\n".join(f"f{i}" for i in range(100)))
+    data = load_cifar("cifar100", tmp_path)
+    assert data.train_labels.tolist() == [0, 50, 99, 7, 3]
+    assert data.test_labels.tolist() == [98, 1]
+    assert torch.equal(data.train_images, torch.from_numpy(synthetic_images(5, 1)))
+    assert data.num_classes == 100
+
+
+def test_cifar100_python_layout(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    write_pickle(folder / "train", {"data": synthetic_images(5, 1).reshape(5, -1),
+                                    "fine_labels": [0, 50, 99, 7, 3], "coarse_labels": [0] * 5})
+    write_pickle(folder / "test", {"data": synthetic_images(2, 2).reshape(2, -1),
+                                   "fine_labels": [98, 1], "coarse_labels": [0, 0]})
+    write_pickle(folder / "meta", {"fine_label_names": [f"f{i}".encode() for i in range(100)]})
+    data = load_cifar("cifar100", tmp_path)
+    assert data.train_labels.tolist() == [0, 50, 99, 7, 3]
+    assert data.classes[99] == "f99"
+
+
+def test_missing_data_set_names_the_folder_and_the_fix(tmp_path):
+    with pytest.raises(DataError) as error:
+        load_cifar("cifar10", tmp_path)
+    message = str(error.value)
+    assert str(tmp_path) in message and "cifar-10-batches-bin" in message
+    assert "data.root" in message and "data.download=true" in message
+    assert "\n" not in message
+
+
+def test_missing_batch_file_is_named(tiny_cifar10_binary):
+    missing = tiny_cifar10_binary / "cifar-10-batches-bin" / "test_batch.bin"
+    missing.unlink()
+    with pytest.raises(DataError, match=f"{missing}: missing"):
+        load_cifar("cifar10", tiny_cifar10_binary)
+
+
+def test_truncated_binary_file_is_named(tiny_cifar10_binary):
+    broken = tiny_cifar10_binary / "cifar-10-batches-bin" / "data_batch_3.bin"
+    broken.write_bytes(broken.read_bytes()[:-100])
+    with pytest.raises(DataError, match=f"{broken}: .* not a whole number of 3073-byte records"):
+        load_cifar("cifar10", tiny_cifar10_binary)
+
+
+def test_label_out_of_range_is_named(tiny_cifar10_binary):
+    broken = tiny_cifar10_binary / "cifar-10-batches-bin" / "data_batch_2.bin"
+    write_binary_batch(broken, synthetic_images(2, 0), np.array([3, 200]))
+    with pytest.raises(DataError, match=f"{broken}: label 200 is out of range 0..9"):
+        load_cifar("cifar10", tiny_cifar10_binary)
+
+
+def test_python_file_that_is_not_cifar_is_named(tiny_cifar10_python):
+    broken = tiny_cifar10_python / "cifar-10-batches-py" / "data_batch_1"
+    broken.write_bytes(b"this is not a pickle")
+    with pytest.raises(DataError, match=f"{broken}: not a CIFAR-10 python-layout file"):
+        load_cifar("cifar10", tiny_cifar10_python)
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tiny_cifar10_python, tmp_path):
+    marker = tmp_path / "payload-ran"
+    broken = tiny_cifar10_python / "cifar-10-batches-py" / "data_batch_1"
+    broken.write_bytes(pickle.dumps({b"data": _Payload(marker), b"labels": [0]}))
+    with pytest.raises(DataError, match="refused to load posix.mkdir"):
+        load_cifar("cifar10", tiny_cifar10_python)
+    assert not marker.exists()
+
+
+def test_unknown_data_set_lists_the_choices(tmp_path):
+    with pytest.raises(DataError, match=r"unknown data set 'mnist'; choose one of \['cifar10'"):
+        load_cifar("mnist", tmp_path)
+
+
+def test_root_defaults_to_the_environment(monkeypatch, tiny_cifar10_binary):
+    monkeypatch.setenv("CIFAR_EXP_DATA", str(tiny_cifar10_binary))
+    assert load_cifar("cifar10").train_images.shape[0] == 20
+
+
+def test_download_fetches_through_torchvision_when_absent(monkeypatch, tmp_path,
+                                                          tiny_cifar10_python):
+    calls = []
+
+    def fake_cifar10(root: str, train: bool, download: bool) -> None:
+        # Stands in for the network: lays out the archive's content as torchvision would.
+        calls.append((root, train, download))
+        target = Path(root) / "cifar-10-batches-py"
+        if not target.exists():
+            (tiny_cifar10_python / "cifar-10-batches-py").rename(target)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10)
+    root = tmp_path / "fresh"
+    root.mkdir()
+    data = load_cifar("cifar10", root, download=True)
+    assert calls == [(str(root), True, True), (str(root), False, True)]
+    assert data.train_images.shape[0] == 20
+
+
+def test_failed_download_is_one_clear_line(monkeypatch, tmp_path):
+    def offline(root: str, train: bool, download: bool) -> None:
+        raise RuntimeError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataError, match="could not download CIFAR-10 .* network unreachable"):
+        load_cifar("cifar10", tmp_path, download=True)
+
+
+def test_to_moves_every_tensor(tiny_cifar10_binary):
+    data = load_cifar("cifar10", tiny_cifar10_binary).to("cpu")
+    assert data.train_images.device.type == "cpu" and data.classes[0] == "class0"

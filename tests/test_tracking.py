@@ -1,0 +1,79 @@
+"""MLflow runs on a SQLite store: params, buffered metrics, artifacts, model, status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cifar_exp.models import build_model
+from cifar_exp.tracking import RunTracker, default_artifact_location, flatten
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def test_flatten_nests_with_dots():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
+        "a.b": 1, "a.c.d": [1, 2], "e": None}
+
+
+def test_artifacts_live_beside_the_database(tmp_path):
+    location = default_artifact_location(f"sqlite:///{tmp_path}/x.db")
+    assert location == (tmp_path / "mlartifacts").as_uri()
+    assert default_artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_finished_run_keeps_every_point(store):
+    with RunTracker(store, "unit", "ok-run", {"command": "test"}, flush_seconds=3600) as run:
+        run.log_params({"optimizer.lr": 0.001, "model.name": "tf_cnn"})
+        for step in range(1, 1201):  # more than one log_batch worth of metrics
+            run.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step)
+        assert len(run._buffer) < 1000  # flushed in batches on the way
+    client = MlflowClient(store)
+    finished = client.get_run(run.run_id)
+    assert finished.info.status == "FINISHED" and finished.info.run_name == "ok-run"
+    assert finished.data.params == {"optimizer.lr": "0.001", "model.name": "tf_cnn"}
+    assert finished.data.tags["command"] == "test"
+    history = client.get_metric_history(run.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 1201))
+
+
+def test_failed_and_interrupted_runs_are_marked(store):
+    with pytest.raises(RuntimeError), RunTracker(store, "unit", "bad-run") as failed:
+        failed.log_metrics({"loss": 2.0}, 1)
+        raise RuntimeError("boom")
+    with pytest.raises(KeyboardInterrupt), RunTracker(store, "unit", "stopped") as killed:
+        raise KeyboardInterrupt
+    client = MlflowClient(store)
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+    assert [m.value for m in client.get_metric_history(failed.run_id, "loss")] == [2.0]
+    assert client.get_run(killed.run_id).info.status == "KILLED"
+
+
+def test_logged_model_serves_any_batch_size(store, tmp_path):
+    model = build_model("tf_cnn", 10, 24).eval().to(memory_format=torch.channels_last)
+    example = torch.randn(8, 3, 24, 24)
+    with RunTracker(store, "unit", "model-run") as run:
+        run.log_model(model, example)
+        run.log_state_dict(model, "weights.pt")
+        run.log_text("a: 1\n", "config.yaml")
+    client = MlflowClient(store)
+    logged = client.search_logged_models(
+        experiment_ids=[client.get_experiment_by_name("unit").experiment_id])
+    assert [m.name for m in logged if m.source_run_id == run.run_id] == ["model"]
+    loaded = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model")
+    batch = torch.randn(3, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), model(batch), rtol=1e-4, atol=1e-5)
+    artifacts = {a.path for a in MlflowClient(store).list_artifacts(run.run_id)}
+    assert {"weights.pt", "config.yaml"} <= artifacts
+    state = torch.load(Path(mlflow.artifacts.download_artifacts(
+        run_id=run.run_id, artifact_path="weights.pt", dst_path=str(tmp_path))),
+        weights_only=True)
+    assert set(state) == set(model.state_dict())
