@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 @dataclass
@@ -56,6 +60,13 @@ class Config:
 def register_schema() -> None:
     """Make the schema available to conf/config.yaml as `base_config`."""
     ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The run configuration for command-line style overrides, outside a Hydra app."""
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 def split_name(group: DictConfig) -> tuple[str, dict[str, Any]]:

@@ -253,3 +253,31 @@ def _assemble(train: list[tuple[np.ndarray, np.ndarray]], test: tuple[np.ndarray
         test_labels=torch.from_numpy(test[1]),
         classes=classes,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m cifar_exp.data [--download]`: check (or fetch) a data set and time its load."""
+    import argparse
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--name", choices=sorted(SPECS), default="cifar10")
+    parser.add_argument("--root", default=None, help="default: $CIFAR_EXP_DATA, else ./data")
+    parser.add_argument("--download", action="store_true", help="fetch the archive if absent")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        data = load_cifar(args.name, args.root, args.download)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    seconds = time.perf_counter() - start
+    root = Path(args.root or default_root()).resolve()
+    print(f"{SPECS[args.name].title} in {root}: {len(data.train_labels):,} training and "
+          f"{len(data.test_labels):,} test images, {data.num_classes} classes, "
+          f"loaded in {seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import DictConfig
 from omegaconf.errors import ValidationError
 
 from cifar_exp.build import build_experiment, resolve_device
-from cifar_exp.config import register_schema, validate
+from cifar_exp.config import CONF_DIR, compose_config, validate
 from cifar_exp.data import CifarData
 from cifar_exp.errors import ConfigError
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "optimizer", "schedule", "augmentation", "data")
 
 
 def options(group: str) -> list[str]:
-    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
-
-
-def compose_config(*overrides: str) -> DictConfig:
-    register_schema()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +36,7 @@ def test_defaults_are_the_seed_experiment():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_builds(group, option, small_data):
-    cfg = compose_config(f"{group}={option}", "steps=5")
+    cfg = compose_config([f"{group}={option}", "steps=5"])
     validate(cfg)
     if group == "data":
         assert cfg.data.name == option and cfg.data.root
@@ -58,8 +47,23 @@ def test_every_option_composes_and_builds(group, option, small_data):
     assert experiment.optimizer.defaults["lr"] == cfg.optimizer.lr
 
 
+@pytest.mark.parametrize("option", options("experiment"))
+def test_every_experiment_recipe_composes_and_builds(option, small_data):
+    cfg = compose_config([f"+experiment={option}"])
+    validate(cfg)
+    assert cfg.tracking.experiment == option
+    experiment = build_experiment(cfg, small_data)
+    assert experiment.settings.steps == cfg.steps
+
+
+def test_sgd_decay_recipe_is_the_tutorials():
+    cfg = compose_config(["+experiment=tf_tutorial_sgd_decay"])
+    assert cfg.steps == 100_000 and cfg.optimizer.name == "sgd" and cfg.ema.decay == 0.9999
+    assert cfg.schedule.name == "staircase"
+
+
 def test_sgd_decay_selects_its_schedule_and_ema(small_data):
-    cfg = compose_config("optimizer=sgd_decay")
+    cfg = compose_config(["optimizer=sgd_decay"])
     assert cfg.optimizer.name == "sgd" and cfg.optimizer.lr == 0.1
     assert cfg.optimizer.momentum == 0.0
     assert cfg.schedule.name == "staircase" and cfg.schedule.every_epochs == 350
@@ -67,17 +71,17 @@ def test_sgd_decay_selects_its_schedule_and_ema(small_data):
     experiment = build_experiment(cfg, small_data)
     assert experiment.ema is not None and experiment.ema.decay == 0.9999
     # Its own keys can still be overridden from the command line.
-    assert compose_config("optimizer=sgd_decay", "ema.decay=0.99").ema.decay == 0.99
+    assert compose_config(["optimizer=sgd_decay", "ema.decay=0.99"]).ema.decay == 0.99
 
 
 def test_every_optimizer_has_lr():
     for option in options("optimizer"):
-        assert compose_config(f"optimizer={option}").optimizer.lr > 0, option
+        assert compose_config([f"optimizer={option}"]).optimizer.lr > 0, option
 
 
 def test_schema_rejects_wrong_types():
     with pytest.raises(ConfigCompositionException) as error:
-        compose_config("steps=many")
+        compose_config(["steps=many"])
     assert isinstance(error.value.__cause__, ValidationError)
 
 
@@ -90,17 +94,17 @@ def test_schema_rejects_wrong_types():
 ])
 def test_bad_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
-        validate(compose_config(override))
+        validate(compose_config([override]))
 
 
 def test_batch_larger_than_training_set_is_refused(small_data):
     with pytest.raises(ConfigError, match="batch_size=1000 exceeds the 512 training images"):
-        build_experiment(compose_config("batch_size=1000"), small_data)
+        build_experiment(compose_config(["batch_size=1000"]), small_data)
 
 
 def test_unknown_builder_option_is_refused(small_data):
     with pytest.raises(ConfigError, match=r"model 'tf_cnn' has no option\(s\) \['width'\]"):
-        build_experiment(compose_config("+model.width=3"), small_data)
+        build_experiment(compose_config(["+model.width=3"]), small_data)
 
 
 def test_device_resolution():

@@ -171,3 +171,20 @@ def test_failed_download_is_one_clear_line(monkeypatch, tmp_path):
 def test_to_moves_every_tensor(tiny_cifar10_binary):
     data = load_cifar("cifar10", tiny_cifar10_binary).to("cpu")
     assert data.train_images.device.type == "cpu" and data.classes[0] == "class0"
+
+
+def test_data_command_reports_the_set(data_root, capsys):
+    from cifar_exp.data import main
+
+    main(["--root", str(data_root)])
+    printed = capsys.readouterr().out
+    assert "CIFAR-10 in" in printed and "50,000 training and 10,000 test images" in printed
+
+
+def test_data_command_fails_with_one_line(tmp_path, capsys):
+    from cifar_exp.data import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--root", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: CIFAR-10 not found")

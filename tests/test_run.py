@@ -11,9 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cifar_exp import run as run_module
-from cifar_exp.config import register_schema
+from cifar_exp.config import compose_config
 
-REPO = Path(__file__).resolve().parent.parent
 METRICS = ("loss", "lr", "examples_per_sec", "sec_per_batch", "precision", "test_loss")
 
 
@@ -57,14 +56,9 @@ def test_twenty_step_run_logs_everything(tmp_path, data_root):
 
 
 def test_task_function_returns_the_final_precision(tmp_path, data_root):
-    from hydra import compose, initialize_config_dir
-
-    register_schema()
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "steps=10", "log_every=5", f"tracking.uri={store}", f"data.root={data_root}",
-            "tracking.log_model=false"])
+    cfg = compose_config(["steps=10", "log_every=5", f"tracking.uri={store}",
+                          f"data.root={data_root}", "tracking.log_model=false"])
     precision = run_module.main.__wrapped__(cfg)
     [run] = runs_in(store)
     assert precision == run.data.metrics["precision"]
