@@ -19,13 +19,14 @@ from cifar_exp.build import build_experiment, resolve_device
 from cifar_exp.config import register_schema, validate
 from cifar_exp.data import load_cifar
 from cifar_exp.errors import UserError
-from cifar_exp.tracking import RunTracker, flatten, git_commit
+from cifar_exp.tracking import RunTracker, flatten, git_tags
 from cifar_exp.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 register_schema()
+git_tags(PROJECT_ROOT)  # read once, when the code that will run is imported
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -45,10 +46,8 @@ def run_experiment(cfg: DictConfig) -> TrainResult:
     experiment = build_experiment(cfg, data)
 
     tags = {"command": " ".join(["python -m cifar_exp.run", *sys.argv[1:]]),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    commit = git_commit(PROJECT_ROOT)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            **git_tags(PROJECT_ROOT)}
     name = run_name(cfg)
     with RunTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags) as tracker:
         log.info("MLflow run %s (%s) in %s", tracker.run_id, name, cfg.tracking.uri)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import subprocess
 import tempfile
@@ -34,14 +35,25 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def git_commit(folder: Path) -> str | None:
-    """The commit checked out in `folder`, or None outside a git work tree."""
+def _git(folder: Path, *args: str) -> str | None:
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
-                                text=True, timeout=10, check=True)
+        result = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True,
+                                timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None
+    return result.stdout.strip()
+
+
+@functools.cache
+def git_tags(folder: Path) -> dict[str, str]:
+    """The commit checked out in `folder` and whether tracked files differ from it; empty
+    outside a git work tree. Cached: every job of a multirun runs the code imported at
+    start, so all its runs carry the commit read then."""
+    commit = _git(folder, "rev-parse", "HEAD")
+    if not commit:
+        return {}
+    changes = _git(folder, "status", "--porcelain", "--untracked-files=no")
+    return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(changes)).lower()}
 
 
 def default_artifact_location(uri: str) -> str | None:

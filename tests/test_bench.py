@@ -16,6 +16,8 @@ def test_bench_reports_both_rates_and_their_ratio(tmp_path, data_root, capsys):
     assert figures["bare_examples_per_sec"] > 0 and figures["framework_examples_per_sec"] > 0
     ratio = figures["framework_examples_per_sec"] / figures["bare_examples_per_sec"]
     assert abs(figures["framework_over_bare"] - ratio) < 1e-12
+    assert figures["untracked_examples_per_sec"] > 0 and figures["tracking_overhead"] < 1
+    assert 0 < figures["logging_share"] < 1
     printed = capsys.readouterr().out
     assert "(a) bare model step" in printed and "b/a = " in printed
 
@@ -26,6 +28,7 @@ def test_framework_rates_without_tracking(cifar10):
 
     data = CifarData(cifar10.train_images[:256], cifar10.train_labels[:256],
                      cifar10.test_images[:100], cifar10.test_labels[:100], cifar10.classes)
-    rates = bench.framework_step_rates(compose_config(["batch_size=32"]), data, windows=2,
-                                       window_steps=2, tracking=False)
-    assert len(rates) == 2 and min(rates) > 0
+    cfg = compose_config(["batch_size=32", "log_every=2"])
+    timing = bench.framework_step_rates(cfg, data, windows=2, window_steps=4, tracking=False)
+    assert len(timing.rates) == 4 and min(timing.rates) > 0  # steps 6-12 after 4 warm-up
+    assert timing.logging_seconds == 0 and timing.train_seconds > 0

@@ -48,6 +48,7 @@ def test_twenty_step_run_logs_everything(tmp_path, data_root):
     assert run.data.params["augmentation.crop_size"] == "24"
     assert run.data.tags["command"].startswith("python -m cifar_exp.run steps=20")
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    assert run.data.tags["git_dirty"] in ("true", "false")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "overrides.txt", "weights.pt"} <= artifacts
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])

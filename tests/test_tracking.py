@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cifar_exp.models import build_model
-from cifar_exp.tracking import RunTracker, default_artifact_location, flatten
+from cifar_exp.tracking import RunTracker, default_artifact_location, flatten, git_tags
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +21,13 @@ def store(tmp_path_factory) -> str:
 def test_flatten_nests_with_dots():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
         "a.b": 1, "a.c.d": [1, 2], "e": None}
+
+
+def test_git_tags_name_the_commit(tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    tags = git_tags(repo)
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git_dirty"] in ("true", "false")
+    assert git_tags(tmp_path) == {}  # not a git work tree
 
 
 def test_artifacts_live_beside_the_database(tmp_path):
