@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,10 +260,6 @@ def _assemble(train: list[tuple[np.ndarray, np.ndarray]], test: tuple[np.ndarray
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m cifar_exp.data [--download]`: check (or fetch) a data set and time its load."""
-    import argparse
-    import sys
-    import time
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--name", choices=sorted(SPECS), default="cifar10")
     parser.add_argument("--root", default=None, help="default: $CIFAR_EXP_DATA, else ./data")

@@ -122,9 +122,6 @@ class RunTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         mlflow.log_text(text, artifact_file)
 
-    def log_artifact(self, path: Path | str) -> None:
-        mlflow.log_artifact(str(path))
-
     def log_state_dict(self, model: torch.nn.Module, filename: str) -> None:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / filename

@@ -117,8 +117,7 @@ class _SpeedWindow:
         self.loss_sum = torch.zeros((), device=device)
         self.steps = 0
         self.seconds = 0.0
-        self._paused_total = 0.0
-        self._start = time.perf_counter()
+        self._start = self._paused_at = time.perf_counter()
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss
