@@ -15,6 +15,7 @@ from cifar_exp.errors import ConfigError
 from cifar_exp.models import build_model
 from cifar_exp.optim import build_optimizer
 from cifar_exp.schedules import build_schedule
+from cifar_exp.step import resolve_compile, resolve_precision
 from cifar_exp.train import TrainSettings
 
 
@@ -54,8 +55,12 @@ def build_experiment(cfg: DictConfig, data: CifarData) -> Experiment:
     name, options = split_name(cfg.schedule)
     scheduler = build_schedule(name, optimizer, cfg.steps, num_train / cfg.batch_size, **options)
     ema = WeightAverage(model, cfg.ema.decay) if cfg.ema.decay is not None else None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # shapes are static
     settings = TrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
                              log_every=cfg.log_every, eval_every=cfg.eval_every,
                              eval_batch_size=cfg.eval_batch_size,
-                             channels_last=cfg.channels_last)
+                             channels_last=cfg.channels_last,
+                             precision=resolve_precision(cfg.precision, device),
+                             compile=resolve_compile(cfg.compile, device))
     return Experiment(augmentation, model, optimizer, scheduler, ema, settings)

@@ -51,6 +51,9 @@ class Config:
     batch_size: int = 128
     eval_batch_size: int = 500
     channels_last: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: str = "auto"  # auto | none | a torch.compile mode
+    cudnn_benchmark: bool = True
     seed: int = 0
     device: str = "auto"
     log_every: int = 10

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -20,7 +19,7 @@ from cifar_exp.batches import EpochSampler
 from cifar_exp.data import CifarData
 from cifar_exp.ema import WeightAverage
 from cifar_exp.evaluate import evaluate
-from cifar_exp.models import regularization_loss
+from cifar_exp.step import TrainingStep
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +37,8 @@ class TrainSettings:
     eval_every: int = 1000
     eval_batch_size: int = 500
     channels_last: bool = True  # NHWC activations: faster convolutions and pooling
+    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast; the weights stay fp32
+    compile: str = "none"  # a torch.compile mode, or none
     progress: bool = True
 
 
@@ -62,6 +63,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
     evaluated = ema.model if ema is not None else model
     evaluated.to(memory_format=memory_format)
     model.train()
+    training_step = TrainingStep(model, optimizer, device, settings.precision, settings.compile)
 
     window = _SpeedWindow(settings.batch_size, device)
     train_seconds = 0.0
@@ -73,16 +75,12 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
             indices = sampler.next()
             inputs = augmentation.train(data.train_images[indices], generator)
             inputs = inputs.contiguous(memory_format=memory_format)
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, data.train_labels[indices]) + regularization_loss(model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            loss = training_step(inputs, data.train_labels[indices])
             scheduler.step()
             if ema is not None:
                 ema.update(model)
-            window.add(loss.detach())
+            window.add(loss)
             bar.update()
 
             last = step == settings.steps
@@ -99,7 +97,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
                 window.pause()
                 precision, test_loss = evaluate(evaluated, augmentation, data.test_images,
                                                 data.test_labels, settings.eval_batch_size,
-                                                memory_format)
+                                                memory_format, settings.precision)
                 sink.log_metrics({"precision": precision, "test_loss": test_loss}, step)
                 log.info("step %d, precision @ 1 = %.4f, test loss = %.4f",
                          step, precision, test_loss)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torchvision.transforms import v2
 
 from cifar_exp.augment import AUGMENTATIONS
 from cifar_exp.augment.ops import channel_stats, crop, normalize, random_flags, random_offsets
@@ -21,6 +22,13 @@ class CropFlip:
         left = random_offsets(count, self.padding, generator, device, low=-self.padding)
         flip = random_flags(count, generator, device) if self.flip else None
         return normalize(crop(images, top, left, self.image_size, flip), self.mean, self.std)
+
+    def per_image_transform(self) -> v2.Compose:
+        steps = [v2.RandomCrop(self.image_size, padding=self.padding, padding_mode="reflect")]
+        if self.flip:
+            steps.append(v2.RandomHorizontalFlip())
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+        return v2.Compose(steps)
 
     def eval(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.mean, self.std)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torchvision.transforms import v2
 
 from cifar_exp.augment import AUGMENTATIONS
 from cifar_exp.augment.ops import channel_stats, normalize
@@ -15,6 +16,10 @@ class NoAugmentation:
 
     def train(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.eval(images)
+
+    def per_image_transform(self) -> v2.Compose:
+        return v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                           v2.Normalize(self.mean, self.std)])
 
     def eval(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.mean, self.std)
