@@ -1,37 +1,44 @@
 """Throughput of the framework's training step against the bare model step.
 
-    python -m cifar_exp.bench [overrides] [--windows N] [--window-steps N] [--json FILE]
+    python -m cifar_exp.bench [overrides] [--windows N] [--window-steps N] [--workers 0,2]
+                              [--json FILE]
 
 (a) the bare model step: forward, loss, backward and optimizer step on random tensors
     already on the device -- the ceiling for this model, batch size and device;
 (b) the framework's full step: sampling, augmentation, model, optimizer, metric bookkeeping
     and MLflow logging, as `python -m cifar_exp.run` trains; and the same step with
-    tracking off, whose difference is the cost of logging to MLflow.
-Each is timed over windows of steps after a warm-up window; the three are measured twice,
-interleaved, and medians are reported."""
+    tracking off, whose difference is the cost of logging to MLflow;
+(c) the pipeline a user would otherwise write: a map-style Dataset over the same uint8
+    arrays, the augmentation's torchvision.transforms.v2 equivalent, and a DataLoader
+    (worker counts swept, pinned memory on a GPU) feeding the same step.
+All three share the trainer's step function and speed options. Each is timed over
+windows of steps after a warm-up window, (a) and (b) twice, interleaved; medians are
+reported."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from omegaconf import DictConfig
 
-from cifar_exp.build import build_experiment, resolve_device
+from cifar_exp.build import Experiment, build_experiment, resolve_device
 from cifar_exp.config import compose_config, validate
 from cifar_exp.data import CifarData, load_cifar
-from cifar_exp.models import regularization_loss
+from cifar_exp.loader_baseline import ArrayDataset, endless_batches
+from cifar_exp.step import TrainingStep
 from cifar_exp.tracking import RunTracker
-from cifar_exp.train import TrainSettings, train
+from cifar_exp.train import train
 
 
 def _sync(device: torch.device) -> None:
@@ -39,30 +46,69 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_step_rates(cfg, data: CifarData, windows: int, window_steps: int) -> list[float]:
-    """Examples/sec of forward+backward+step on fixed random tensors, one per window."""
-    experiment = build_experiment(cfg, data)
-    model, optimizer = experiment.model, experiment.optimizer
-    device = data.train_images.device
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format).train()
-    size = experiment.augmentation.image_size
-    inputs = torch.randn(cfg.batch_size, 3, size, size, device=device)
-    inputs = inputs.contiguous(memory_format=memory_format)
-    labels = torch.randint(0, data.num_classes, (cfg.batch_size,), device=device)
+def _timed_windows(one_step: Callable[[], object], device: torch.device, batch_size: int,
+                   windows: int, window_steps: int) -> list[float]:
+    """Examples/sec of `one_step` per window, after one warm-up window."""
     rates = []
-    for window in range(windows + 1):  # the first window warms up
+    for window in range(windows + 1):
         _sync(device)
         start = time.perf_counter()
         for _ in range(window_steps):
-            loss = F.cross_entropy(model(inputs), labels) + regularization_loss(model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            one_step()
         _sync(device)
         if window:
-            rates.append(window_steps * cfg.batch_size / (time.perf_counter() - start))
+            rates.append(window_steps * batch_size / (time.perf_counter() - start))
     return rates
+
+
+def _training_step(cfg: DictConfig, data: CifarData) -> tuple[TrainingStep, Experiment]:
+    """A fresh model and optimizer from `cfg`, behind the trainer's own step function."""
+    experiment = build_experiment(cfg, data)
+    settings = experiment.settings
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    experiment.model.to(memory_format=memory_format).train()
+    step = TrainingStep(experiment.model, experiment.optimizer, data.train_images.device,
+                        settings.precision, settings.compile)
+    return step, experiment
+
+
+def _memory_format(cfg: DictConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def bare_step_rates(cfg: DictConfig, data: CifarData, windows: int,
+                    window_steps: int) -> list[float]:
+    """(a) The step alone, on fixed random tensors already on the device."""
+    step, experiment = _training_step(cfg, data)
+    device = data.train_images.device
+    size = experiment.augmentation.image_size
+    inputs = torch.randn(cfg.batch_size, 3, size, size, device=device)
+    inputs = inputs.contiguous(memory_format=_memory_format(cfg))
+    labels = torch.randint(0, data.num_classes, (cfg.batch_size,), device=device)
+    return _timed_windows(lambda: step(inputs, labels), device, cfg.batch_size, windows,
+                          window_steps)
+
+
+def dataloader_step_rates(cfg: DictConfig, data: CifarData, cpu_data: CifarData, windows: int,
+                          window_steps: int, num_workers: int) -> list[float]:
+    """(c) The same step fed by a DataLoader running per-image torchvision v2 transforms."""
+    step, experiment = _training_step(cfg, data)
+    device = data.train_images.device
+    dataset = ArrayDataset(cpu_data.train_images, cpu_data.train_labels,
+                           experiment.augmentation.per_image_transform())
+    batches = endless_batches(dataset, cfg.batch_size, num_workers,
+                              pin_memory=device.type == "cuda", seed=cfg.seed)
+    memory_format = _memory_format(cfg)
+
+    def one_step() -> torch.Tensor:
+        images, labels = next(batches)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        return step(images, labels.to(device, non_blocking=True))
+
+    try:
+        return _timed_windows(one_step, device, cfg.batch_size, windows, window_steps)
+    finally:
+        batches.close()  # lets the DataLoader's workers shut down
 
 
 class _RateRecorder:
@@ -90,16 +136,13 @@ class FrameworkTiming:
     logging_seconds: float  # inside MLflow calls, the final flush included
 
 
-def framework_step_rates(cfg, data: CifarData, windows: int, window_steps: int,
+def framework_step_rates(cfg: DictConfig, data: CifarData, windows: int, window_steps: int,
                          tracking: bool = True) -> FrameworkTiming:
-    """Time the real training loop, as it logs every `log_every` steps, after a warm-up
-    of `window_steps` steps."""
+    """(b) The real training loop, timed as it logs every `log_every` steps, after a
+    warm-up of `window_steps` steps."""
     experiment = build_experiment(cfg, data)
     steps = (windows + 1) * window_steps
-    settings = TrainSettings(steps=steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                             log_every=cfg.log_every, eval_every=steps,
-                             eval_batch_size=cfg.eval_batch_size,
-                             channels_last=cfg.channels_last, progress=False)
+    settings = replace(experiment.settings, steps=steps, eval_every=steps, progress=False)
     with tempfile.TemporaryDirectory() as folder:
         store = f"sqlite:///{folder}/bench.db"
         with RunTracker(store, "bench", "bench") if tracking else nullcontext() as tracker:
@@ -114,12 +157,53 @@ def framework_step_rates(cfg, data: CifarData, windows: int, window_steps: int,
     return FrameworkTiming(rates, result.train_seconds, recorder.logging_seconds)
 
 
-def measure(overrides: Sequence[str], windows: int = 5, window_steps: int = 20) -> dict:
-    """Run the comparison and return its figures."""
+def default_workers() -> list[int]:
+    """DataLoader worker counts to try: 0, then powers of two up to the cores there are."""
+    cores = os.cpu_count() or 1
+    return [0] + [n for n in (1, 2, 4, 8, 16) if n <= cores]
+
+
+def _setup(overrides: Sequence[str]) -> tuple[DictConfig, CifarData, CifarData]:
+    """The config, and the data set on the CPU and on the training device."""
     cfg = compose_config(overrides)
     validate(cfg)
-    device = resolve_device(cfg.device)
-    data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download).to(device)
+    cpu_data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download)
+    return cfg, cpu_data, cpu_data.to(resolve_device(cfg.device))
+
+
+def _description(cfg: DictConfig, data: CifarData, overrides: Sequence[str]) -> dict:
+    device = data.train_images.device
+    settings = build_experiment(cfg, data).settings
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "overrides": list(overrides),
+        "model": cfg.model.name,
+        "augmentation": cfg.augmentation.name,
+        "batch_size": cfg.batch_size,
+        "precision": settings.precision,
+        "compile": settings.compile,
+        "channels_last": settings.channels_last,
+    }
+
+
+def measure_bare(overrides: Sequence[str], windows: int = 5, window_steps: int = 20) -> dict:
+    """(a) alone: the quick way to compare speed options."""
+    cfg, _, data = _setup(overrides)
+    rate = statistics.median(bare_step_rates(cfg, data, windows, window_steps))
+    return {**_description(cfg, data, overrides), "bare_examples_per_sec": rate}
+
+
+def measure(overrides: Sequence[str], windows: int = 5, window_steps: int = 20,
+            workers: Sequence[int] = ()) -> dict:
+    """Run the comparison and return its figures."""
+    cfg, cpu_data, data = _setup(overrides)
+    loader_rates = {}
+    for num_workers in workers or default_workers():
+        rates = dataloader_step_rates(cfg, data, cpu_data, windows, window_steps, num_workers)
+        loader_rates[num_workers] = statistics.median(rates)
+    best_workers = max(loader_rates, key=loader_rates.__getitem__)
     bare: list[float] = []
     tracked: list[FrameworkTiming] = []
     untracked: list[FrameworkTiming] = []
@@ -133,12 +217,7 @@ def measure(overrides: Sequence[str], windows: int = 5, window_steps: int = 20) 
     logging_share = (sum(t.logging_seconds for t in tracked)
                      / sum(t.train_seconds for t in tracked))
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "overrides": list(overrides),
-        "model": cfg.model.name,
-        "batch_size": cfg.batch_size,
+        **_description(cfg, data, overrides),
         "windows": windows,
         "window_steps": window_steps,
         "bare_examples_per_sec": bare_rate,
@@ -147,7 +226,27 @@ def measure(overrides: Sequence[str], windows: int = 5, window_steps: int = 20) 
         "untracked_examples_per_sec": untracked_rate,
         "tracking_overhead": 1 - framework_rate / untracked_rate,
         "logging_share": logging_share,
+        "dataloader_examples_per_sec": loader_rates,
+        "dataloader_best_workers": best_workers,
+        "framework_over_dataloader": framework_rate / loader_rates[best_workers],
     }
+
+
+def markdown_row(figures: dict) -> str:
+    """One row for a results table (header: MARKDOWN_HEADER)."""
+    best = figures["dataloader_best_workers"]
+    return (f"| {figures['device']} | {figures['torch']} | {figures['model']} | "
+            f"{figures['batch_size']} | {figures['precision']} | "
+            f"{figures['bare_examples_per_sec']:,.0f} | "
+            f"{figures['framework_examples_per_sec']:,.0f} | "
+            f"{figures['dataloader_examples_per_sec'][best]:,.0f} ({best} workers) | "
+            f"{figures['framework_over_bare']:.3f} | {figures['framework_over_dataloader']:.2f} | "
+            f"{100 * figures['logging_share']:.2f}% |")
+
+
+MARKDOWN_HEADER = ("| device | torch | model | batch | precision | (a) bare step | "
+                   "(b) framework | (c) DataLoader | b/a | b/c | MLflow time |\n"
+                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -155,20 +254,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, as for cifar_exp.run")
     parser.add_argument("--windows", type=int, default=5, help="timed windows per measurement")
     parser.add_argument("--window-steps", type=int, default=20, help="steps per window")
+    parser.add_argument("--workers", type=lambda text: [int(n) for n in text.split(",")],
+                        default=[], help="DataLoader worker counts for (c), e.g. 0,2,4 "
+                        "(default: 0 and powers of two up to the core count)")
+    parser.add_argument("--bare-only", action="store_true",
+                        help="measure (a) alone, e.g. to compare speed options")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    figures = measure(args.overrides, args.windows, args.window_steps)
+    if args.bare_only:
+        figures = measure_bare(args.overrides, args.windows, args.window_steps)
+    else:
+        figures = measure(args.overrides, args.windows, args.window_steps, args.workers)
     print(f"device {figures['device']}, torch {figures['torch']}, {figures['threads']} threads, "
-          f"{figures['model']}, batch {figures['batch_size']}")
+          f"{figures['model']}, batch {figures['batch_size']}, {figures['precision']}, "
+          f"compile {figures['compile']}, channels_last {figures['channels_last']}")
     print(f"(a) bare model step   {figures['bare_examples_per_sec']:10.1f} examples/sec")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    if args.bare_only:
+        return
     print(f"(b) framework step    {figures['framework_examples_per_sec']:10.1f} examples/sec"
           f"   b/a = {figures['framework_over_bare']:.3f}")
     print(f"    without tracking  {figures['untracked_examples_per_sec']:10.1f} examples/sec"
           f"   {100 * figures['tracking_overhead']:+.1f}% with tracking")
     print(f"time inside MLflow calls: {100 * figures['logging_share']:.2f}% of training time")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    for workers, rate in figures["dataloader_examples_per_sec"].items():
+        print(f"(c) DataLoader, {workers} workers {rate:10.1f} examples/sec")
+    print(f"b/c = {figures['framework_over_dataloader']:.2f} "
+          f"(against the best, {figures['dataloader_best_workers']} workers)")
+    print(MARKDOWN_HEADER)
+    print(markdown_row(figures))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.errors import ConfigError
+from cifar_exp.step import check_speed_names
 
 DEVICES = ("auto", "cpu", "cuda")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -92,6 +93,7 @@ def validate(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if lr is None or lr <= 0:
         raise ConfigError(f"optimizer.lr={lr} must be a positive number")
+    check_speed_names(cfg.precision, cfg.compile)
     decay = cfg.ema.decay
     if decay is not None and not 0 <= decay < 1:
         raise ConfigError(f"ema.decay={decay} must lie in [0, 1), or be null to turn EMA off")

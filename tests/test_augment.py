@@ -121,3 +121,20 @@ def test_every_augmentation_is_deterministic_for_a_seed(name, cifar10):
     second = augmentation.train(batch, torch.Generator().manual_seed(9))
     assert torch.equal(first, second)
     assert first.shape[-1] == augmentation.image_size
+
+
+@pytest.mark.parametrize("name", AUGMENTATIONS.names())
+def test_per_image_torchvision_equivalent(name, cifar10):
+    augmentation = build_augmentation(name, cifar10.train_images)
+    transform = augmentation.per_image_transform()
+    torch.manual_seed(0)
+    images = cifar10.train_images[:300]
+    out = torch.stack([transform(image) for image in images])
+    batched = augmentation.train(images, torch.Generator().manual_seed(0))
+    assert out.shape == batched.shape and out.dtype == batched.dtype
+    # Same distribution: both standardized, per image (tf_distort) or per channel.
+    assert abs(out.mean() - batched.mean()) < 0.05 and abs(out.std() - batched.std()) < 0.05
+    if name == "none":
+        torch.testing.assert_close(out, augmentation.eval(images))
+    if name == "tf_distort":
+        assert out.mean(dim=(1, 2, 3)).abs().max() < 1e-4

@@ -10,7 +10,7 @@ from cifar_exp import bench
 def test_bench_reports_both_rates_and_their_ratio(tmp_path, data_root, capsys):
     out = tmp_path / "bench.json"
     bench.main([f"data.root={data_root}", "batch_size=32", "--windows", "2",
-                "--window-steps", "3", "--json", str(out)])
+                "--window-steps", "3", "--workers", "0,1", "--json", str(out)])
     figures = json.loads(out.read_text())
     assert figures["device"] == "cpu" and figures["batch_size"] == 32
     assert figures["bare_examples_per_sec"] > 0 and figures["framework_examples_per_sec"] > 0
@@ -18,8 +18,21 @@ def test_bench_reports_both_rates_and_their_ratio(tmp_path, data_root, capsys):
     assert abs(figures["framework_over_bare"] - ratio) < 1e-12
     assert figures["untracked_examples_per_sec"] > 0 and figures["tracking_overhead"] < 1
     assert 0 < figures["logging_share"] < 1
+    loader = figures["dataloader_examples_per_sec"]
+    assert set(loader) == {"0", "1"} and min(loader.values()) > 0
+    best = figures["dataloader_best_workers"]
+    assert loader[str(best)] == max(loader.values())
+    assert abs(figures["framework_over_dataloader"]
+               - figures["framework_examples_per_sec"] / loader[str(best)]) < 1e-12
     printed = capsys.readouterr().out
-    assert "(a) bare model step" in printed and "b/a = " in printed
+    assert "(a) bare model step" in printed and "b/a = " in printed and "b/c = " in printed
+    row = printed.strip().splitlines()[-1]
+    assert row.startswith("| cpu |") and row.count("|") == bench.MARKDOWN_HEADER.count("|") // 2
+
+
+def test_default_workers_start_at_zero():
+    workers = bench.default_workers()
+    assert workers[0] == 0 and workers == sorted(workers)
 
 
 def test_framework_rates_without_tracking(cifar10):
@@ -32,3 +45,14 @@ def test_framework_rates_without_tracking(cifar10):
     timing = bench.framework_step_rates(cfg, data, windows=2, window_steps=4, tracking=False)
     assert len(timing.rates) == 4 and min(timing.rates) > 0  # steps 6-12 after 4 warm-up
     assert timing.logging_seconds == 0 and timing.train_seconds > 0
+
+
+def test_bare_only_measures_the_step_alone(tmp_path, data_root, capsys):
+    out = tmp_path / "bare.json"
+    bench.main([f"data.root={data_root}", "batch_size=16", "precision=fp32",
+                "channels_last=false", "--bare-only", "--windows", "1", "--window-steps", "2",
+                "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["bare_examples_per_sec"] > 0 and "framework_examples_per_sec" not in figures
+    assert figures["precision"] == "fp32" and figures["channels_last"] is False
+    assert "(b)" not in capsys.readouterr().out

@@ -91,6 +91,8 @@ def test_schema_rejects_wrong_types():
     ("optimizer.lr=0", "optimizer.lr=0 must be a positive number"),
     ("device=tpu", "device=tpu is unknown"),
     ("ema.decay=1.0", r"ema.decay=1.0 must lie in \[0, 1\)"),
+    ("precision=fp8", "precision=fp8 is unknown; use auto or one of fp32, bf16, fp16"),
+    ("compile=fastest", "compile=fastest is unknown"),
 ])
 def test_bad_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):

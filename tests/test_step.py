@@ -1,0 +1,73 @@
+"""The training step and its speed options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifar_exp.errors import ConfigError
+from cifar_exp.models import build_model, regularization_loss
+from cifar_exp.step import TrainingStep, resolve_compile, resolve_precision
+
+CPU = torch.device("cpu")
+
+
+def model_and_optimizer(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model("tf_cnn", 10, 24)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randn(16, 3, 24, 24, generator=generator),
+            torch.randint(0, 10, (16,), generator=generator))
+
+
+def test_fp32_step_is_the_plain_step():
+    inputs, labels = batch()
+    model, optimizer = model_and_optimizer()
+    loss = TrainingStep(model, optimizer, CPU)(inputs, labels)
+    reference, reference_optimizer = model_and_optimizer()
+    expected = F.cross_entropy(reference(inputs), labels) + regularization_loss(reference)
+    reference_optimizer.zero_grad()
+    expected.backward()
+    reference_optimizer.step()
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, expected.detach())
+    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_keeps_fp32_weights_and_learns(precision):
+    inputs, labels = batch()
+    model, optimizer = model_and_optimizer()
+    step = TrainingStep(model, optimizer, CPU, precision)
+    assert step.scaler.is_enabled() == (precision == "fp16")
+    losses = [step(inputs, labels).item() for _ in range(15)]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < losses[0]
+
+
+def test_auto_precision_and_compile_resolve_per_device():
+    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("fp16", CPU) == "fp16"
+    assert resolve_compile("auto", CPU) == "none"
+    with pytest.raises(ConfigError, match="precision=fp8 is unknown"):
+        resolve_precision("fp8", CPU)
+    with pytest.raises(ConfigError, match="compile=fastest is unknown"):
+        resolve_compile("fastest", CPU)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    inputs, labels = batch()
+    model, optimizer = model_and_optimizer()
+    compiled = TrainingStep(model, optimizer, CPU, compile_mode="default")
+    eager_model, eager_optimizer = model_and_optimizer()
+    eager = TrainingStep(eager_model, eager_optimizer, CPU)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(inputs, labels), eager(inputs, labels),
+                                   rtol=1e-4, atol=1e-4)
