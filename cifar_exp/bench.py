@@ -1,7 +1,8 @@
-"""Throughput of the framework's training step against the bare model step.
+"""Throughput of the framework's training step against the bare model step and against
+the usual DataLoader pipeline.
 
     python -m cifar_exp.bench [overrides] [--windows N] [--window-steps N] [--workers 0,2]
-                              [--json FILE]
+                              [--bare-only] [--json FILE]
 
 (a) the bare model step: forward, loss, backward and optimizer step on random tensors
     already on the device -- the ceiling for this model, batch size and device;
@@ -36,7 +37,7 @@ from cifar_exp.build import Experiment, build_experiment, resolve_device
 from cifar_exp.config import compose_config, validate
 from cifar_exp.data import CifarData, load_cifar
 from cifar_exp.loader_baseline import ArrayDataset, endless_batches
-from cifar_exp.step import TrainingStep
+from cifar_exp.step import TrainingStep, memory_format
 from cifar_exp.tracking import RunTracker
 from cifar_exp.train import train
 
@@ -65,15 +66,10 @@ def _training_step(cfg: DictConfig, data: CifarData) -> tuple[TrainingStep, Expe
     """A fresh model and optimizer from `cfg`, behind the trainer's own step function."""
     experiment = build_experiment(cfg, data)
     settings = experiment.settings
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    experiment.model.to(memory_format=memory_format).train()
+    experiment.model.to(memory_format=memory_format(settings.channels_last)).train()
     step = TrainingStep(experiment.model, experiment.optimizer, data.train_images.device,
                         settings.precision, settings.compile)
     return step, experiment
-
-
-def _memory_format(cfg: DictConfig) -> torch.memory_format:
-    return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
 def bare_step_rates(cfg: DictConfig, data: CifarData, windows: int,
@@ -83,7 +79,7 @@ def bare_step_rates(cfg: DictConfig, data: CifarData, windows: int,
     device = data.train_images.device
     size = experiment.augmentation.image_size
     inputs = torch.randn(cfg.batch_size, 3, size, size, device=device)
-    inputs = inputs.contiguous(memory_format=_memory_format(cfg))
+    inputs = inputs.contiguous(memory_format=memory_format(cfg.channels_last))
     labels = torch.randint(0, data.num_classes, (cfg.batch_size,), device=device)
     return _timed_windows(lambda: step(inputs, labels), device, cfg.batch_size, windows,
                           window_steps)
@@ -98,11 +94,11 @@ def dataloader_step_rates(cfg: DictConfig, data: CifarData, cpu_data: CifarData,
                            experiment.augmentation.per_image_transform())
     batches = endless_batches(dataset, cfg.batch_size, num_workers,
                               pin_memory=device.type == "cuda", seed=cfg.seed)
-    memory_format = _memory_format(cfg)
+    layout = memory_format(cfg.channels_last)
 
     def one_step() -> torch.Tensor:
         images, labels = next(batches)
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=layout)
         return step(images, labels.to(device, non_blocking=True))
 
     try:
@@ -137,22 +133,23 @@ class FrameworkTiming:
 
 
 def framework_step_rates(cfg: DictConfig, data: CifarData, windows: int, window_steps: int,
-                         tracking: bool = True) -> FrameworkTiming:
-    """(b) The real training loop, timed as it logs every `log_every` steps, after a
-    warm-up of `window_steps` steps."""
+                         store: str | None) -> FrameworkTiming:
+    """(b) The real training loop, timed as it logs every `log_every` steps to the MLflow
+    store `store` (None: tracking off), after a warm-up of `window_steps` steps."""
     experiment = build_experiment(cfg, data)
     steps = (windows + 1) * window_steps
     settings = replace(experiment.settings, steps=steps, eval_every=steps, progress=False)
-    with tempfile.TemporaryDirectory() as folder:
-        store = f"sqlite:///{folder}/bench.db"
-        with RunTracker(store, "bench", "bench") if tracking else nullcontext() as tracker:
-            recorder = _RateRecorder(tracker)
-            result = train(experiment.model, experiment.optimizer, experiment.scheduler,
-                           experiment.augmentation, data, settings, recorder, experiment.ema)
-            if tracker is not None:
-                start = time.perf_counter()
-                tracker.flush()
-                recorder.logging_seconds += time.perf_counter() - start
+    # The closing evaluation is not timed; one batch of test images keeps it short.
+    data = replace(data, test_images=data.test_images[: cfg.eval_batch_size],
+                   test_labels=data.test_labels[: cfg.eval_batch_size])
+    with RunTracker(store, "bench", "bench") if store else nullcontext() as tracker:
+        recorder = _RateRecorder(tracker)
+        result = train(experiment.model, experiment.optimizer, experiment.scheduler,
+                       experiment.augmentation, data, settings, recorder, experiment.ema)
+        if tracker is not None:
+            start = time.perf_counter()
+            tracker.flush()
+            recorder.logging_seconds += time.perf_counter() - start
     rates = [rate for step, rate in recorder.rates if step > window_steps]
     return FrameworkTiming(rates, result.train_seconds, recorder.logging_seconds)
 
@@ -202,15 +199,17 @@ def measure(overrides: Sequence[str], windows: int = 5, window_steps: int = 20,
     loader_rates = {}
     for num_workers in workers or default_workers():
         rates = dataloader_step_rates(cfg, data, cpu_data, windows, window_steps, num_workers)
-        loader_rates[num_workers] = statistics.median(rates)
-    best_workers = max(loader_rates, key=loader_rates.__getitem__)
+        loader_rates[str(num_workers)] = statistics.median(rates)  # str keys, as JSON has
+    best_workers = int(max(loader_rates, key=loader_rates.__getitem__))
     bare: list[float] = []
     tracked: list[FrameworkTiming] = []
     untracked: list[FrameworkTiming] = []
-    for _ in range(2):  # interleaved, so that drift in the machine's speed hits all three
-        bare += bare_step_rates(cfg, data, windows, window_steps)
-        tracked.append(framework_step_rates(cfg, data, windows, window_steps))
-        untracked.append(framework_step_rates(cfg, data, windows, window_steps, False))
+    with tempfile.TemporaryDirectory() as folder:
+        store = f"sqlite:///{folder}/bench.db"
+        for _ in range(2):  # interleaved, so that drift in the machine's speed hits all three
+            bare += bare_step_rates(cfg, data, windows, window_steps)
+            tracked.append(framework_step_rates(cfg, data, windows, window_steps, store))
+            untracked.append(framework_step_rates(cfg, data, windows, window_steps, None))
     bare_rate = statistics.median(bare)
     framework_rate = statistics.median([rate for timing in tracked for rate in timing.rates])
     untracked_rate = statistics.median([rate for timing in untracked for rate in timing.rates])
@@ -228,7 +227,7 @@ def measure(overrides: Sequence[str], windows: int = 5, window_steps: int = 20,
         "logging_share": logging_share,
         "dataloader_examples_per_sec": loader_rates,
         "dataloader_best_workers": best_workers,
-        "framework_over_dataloader": framework_rate / loader_rates[best_workers],
+        "framework_over_dataloader": framework_rate / loader_rates[str(best_workers)],
     }
 
 
@@ -239,7 +238,7 @@ def markdown_row(figures: dict) -> str:
             f"{figures['batch_size']} | {figures['precision']} | "
             f"{figures['bare_examples_per_sec']:,.0f} | "
             f"{figures['framework_examples_per_sec']:,.0f} | "
-            f"{figures['dataloader_examples_per_sec'][best]:,.0f} ({best} workers) | "
+            f"{figures['dataloader_examples_per_sec'][str(best)]:,.0f} ({best} workers) | "
             f"{figures['framework_over_bare']:.3f} | {figures['framework_over_dataloader']:.2f} | "
             f"{100 * figures['logging_share']:.2f}% |")
 

@@ -47,6 +47,11 @@ def resolve_compile(mode: str, device: torch.device) -> str:
     return "none" if mode == "auto" else mode
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout of activations (and of the model's weights) for `channels_last`."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """Lower-precision compute for `precision`; the weights stay fp32."""
     dtype = PRECISIONS[precision]

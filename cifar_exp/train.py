@@ -19,7 +19,7 @@ from cifar_exp.batches import EpochSampler
 from cifar_exp.data import CifarData
 from cifar_exp.ema import WeightAverage
 from cifar_exp.evaluate import evaluate
-from cifar_exp.step import TrainingStep
+from cifar_exp.step import TrainingStep, memory_format
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,10 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
     device = data.train_images.device
     generator = torch.Generator(device).manual_seed(settings.seed)
     sampler = EpochSampler(data.train_labels.numel(), settings.batch_size, generator, device)
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
+    layout = memory_format(settings.channels_last)
+    model.to(memory_format=layout)
     evaluated = ema.model if ema is not None else model
-    evaluated.to(memory_format=memory_format)
+    evaluated.to(memory_format=layout)
     model.train()
     training_step = TrainingStep(model, optimizer, device, settings.precision, settings.compile)
 
@@ -74,7 +74,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
         for step in range(1, settings.steps + 1):
             indices = sampler.next()
             inputs = augmentation.train(data.train_images[indices], generator)
-            inputs = inputs.contiguous(memory_format=memory_format)
+            inputs = inputs.contiguous(memory_format=layout)
             lr = optimizer.param_groups[0]["lr"]
             loss = training_step(inputs, data.train_labels[indices])
             scheduler.step()
@@ -97,7 +97,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
                 window.pause()
                 precision, test_loss = evaluate(evaluated, augmentation, data.test_images,
                                                 data.test_labels, settings.eval_batch_size,
-                                                memory_format, settings.precision)
+                                                layout, settings.precision)
                 sink.log_metrics({"precision": precision, "test_loss": test_loss}, step)
                 log.info("step %d, precision @ 1 = %.4f, test loss = %.4f",
                          step, precision, test_loss)

@@ -7,30 +7,32 @@
 #   CIFAR_EXP_DATA=/path/to/data bash experiments/gpu_bench.sh [extra overrides]
 #
 # Environment: OUT (results folder, default ./gpu_bench_results), STEPS (default 100000),
-# BENCH_ARGS (extra bench flags, e.g. "--windows 3"). The Python packages must already be
-# importable (pip install -e ., or wheels unpacked onto PYTHONPATH).
+# BATCHES (default "128 1024"), BENCH_ARGS (extra bench flags, e.g. "--windows 3"),
+# PYTHON (default python3). The Python
+# packages must already be importable (pip install -e ., or wheels unpacked onto PYTHONPATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_bench_results}
 steps=${STEPS:-100000}
+python=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python3 -c 'import torch; print("torch", torch.__version__, "device",
+"$python" -c 'import torch; print("torch", torch.__version__, "device",
   torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'
 
-for batch in 128 1024; do
+for batch in ${BATCHES:-128 1024}; do
   # shellcheck disable=SC2086
-  python3 -m cifar_exp.bench model=tf_cnn batch_size=$batch "$@" ${BENCH_ARGS:-} \
+  "$python" -m cifar_exp.bench model=tf_cnn batch_size=$batch "$@" ${BENCH_ARGS:-} \
     --json "$out/bench_$batch.json" | tee "$out/bench_$batch.txt"
 done
 
 start=$(date +%s.%N)
-python3 -m cifar_exp.run optimizer=sgd_decay steps="$steps" eval_every=10000 \
+"$python" -m cifar_exp.run optimizer=sgd_decay steps="$steps" eval_every=10000 \
   tracking.uri="sqlite:///$out/mlflow.db" tracking.experiment=gpu_bench "$@" \
   2>&1 | tee "$out/sgd_decay.log"
 end=$(date +%s.%N)
 
-python3 - "$out" "$start" "$end" "$steps" <<'PY'
+"$python" - "$out" "$start" "$end" "$steps" <<'PY'
 import json, re, sys
 from pathlib import Path
 
@@ -38,8 +40,8 @@ out, start, end, steps = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3
 from cifar_exp.bench import MARKDOWN_HEADER, markdown_row
 
 print("\n" + MARKDOWN_HEADER)
-for batch in (128, 1024):
-    print(markdown_row(json.loads((out / f"bench_{batch}.json").read_text())))
+for path in sorted(out.glob("bench_*.json"), key=lambda p: int(p.stem.split("_")[1])):
+    print(markdown_row(json.loads(path.read_text())))
 log = (out / "sgd_decay.log").read_text()
 final = re.findall(r"final precision @ 1 = ([0-9.]+) \(([0-9]+) examples/sec", log)
 precision, rate = final[-1] if final else ("?", "?")

@@ -42,7 +42,7 @@ def test_framework_rates_without_tracking(cifar10):
     data = CifarData(cifar10.train_images[:256], cifar10.train_labels[:256],
                      cifar10.test_images[:100], cifar10.test_labels[:100], cifar10.classes)
     cfg = compose_config(["batch_size=32", "log_every=2"])
-    timing = bench.framework_step_rates(cfg, data, windows=2, window_steps=4, tracking=False)
+    timing = bench.framework_step_rates(cfg, data, windows=2, window_steps=4, store=None)
     assert len(timing.rates) == 4 and min(timing.rates) > 0  # steps 6-12 after 4 warm-up
     assert timing.logging_seconds == 0 and timing.train_seconds > 0
 
