@@ -11,3 +11,12 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """A configuration value that cannot work."""
+
+
+class NonFiniteLoss(Exception):
+    """Training diverged: the loss became inf or nan at `step`."""
+
+    def __init__(self, step: int, loss: float, lr: float) -> None:
+        super().__init__(f"loss became {loss} at step {step} (lr {lr:g}); training stopped, "
+                         f"the run is marked FAILED: try a lower optimizer.lr")
+        self.step, self.loss, self.lr = step, loss, lr

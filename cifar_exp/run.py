@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from cifar_exp.build import build_experiment, resolve_device
 from cifar_exp.config import register_schema, validate
 from cifar_exp.data import load_cifar
-from cifar_exp.errors import UserError
+from cifar_exp.errors import NonFiniteLoss, UserError
 from cifar_exp.tracking import RunTracker, flatten, git_tags
 from cifar_exp.train import TrainResult, train
 
@@ -78,6 +78,9 @@ def main(cfg: DictConfig) -> float:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ It knows nothing of Hydra or MLflow: it takes built parts, plain settings and a 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -18,6 +19,7 @@ from cifar_exp.augment import Augmentation
 from cifar_exp.batches import EpochSampler
 from cifar_exp.data import CifarData
 from cifar_exp.ema import WeightAverage
+from cifar_exp.errors import NonFiniteLoss
 from cifar_exp.evaluate import evaluate
 from cifar_exp.step import TrainingStep, memory_format
 
@@ -65,7 +67,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
     model.train()
     training_step = TrainingStep(model, optimizer, device, settings.precision, settings.compile)
 
-    window = _SpeedWindow(settings.batch_size, device)
+    window = _SpeedWindow(settings.batch_size, settings.log_every, device)
     train_seconds = 0.0
     precision = test_loss = float("nan")
     bar = tqdm(total=settings.steps, unit="step", disable=not settings.progress or None,
@@ -80,7 +82,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler.step()
             if ema is not None:
                 ema.update(model)
-            window.add(loss)
+            window.add(loss, lr)
             bar.update()
 
             last = step == settings.steps
@@ -90,6 +92,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
                 sink.log_metrics({"loss": mean_loss, "lr": lr,
                                   "examples_per_sec": examples_per_sec,
                                   "sec_per_batch": sec_per_batch}, step)
+                if window.diverged is not None:
+                    raise window.diverged
                 log.info("step %d, loss = %.2f (%.1f examples/sec; %.3f sec/batch)",
                          step, mean_loss, examples_per_sec, sec_per_batch)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
@@ -107,35 +111,44 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 class _SpeedWindow:
-    """Loss and throughput since the last log line; the loss stays on the device until
-    the log step, so logging costs one host sync per `log_every` steps."""
+    """Losses and throughput since the last log line. Each step's loss is copied into a
+    buffer on the device (one small copy, no host sync); the log step reads the buffer at
+    once, which gives the mean and the first step whose loss was not finite."""
 
-    def __init__(self, batch_size: int, device: torch.device) -> None:
+    def __init__(self, batch_size: int, capacity: int, device: torch.device) -> None:
         self.batch_size = batch_size
-        self.loss_sum = torch.zeros((), device=device)
-        self.steps = 0
+        self.losses = torch.zeros(capacity, device=device)
+        self.lrs: list[float] = []
+        self.first_step = 1
+        self.diverged: NonFiniteLoss | None = None
         self.seconds = 0.0
         self._start = self._paused_at = time.perf_counter()
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss
-        self.steps += 1
+    def add(self, loss: torch.Tensor, lr: float) -> None:
+        self.losses[len(self.lrs)].copy_(loss)
+        self.lrs.append(lr)
 
     def close(self) -> tuple[float, float, float]:
         """(mean loss, examples/sec, sec/batch) of the window, then start a new one."""
-        mean_loss = self.loss_sum.item() / self.steps  # .item() waits for the device
+        steps = len(self.lrs)
+        losses = self.losses[:steps].tolist()  # waits for the device
+        for offset, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                self.diverged = NonFiniteLoss(self.first_step + offset, loss, self.lrs[offset])
+                break
+        mean_loss = math.fsum(losses) / steps
         self.seconds = time.perf_counter() - self._start
-        examples_per_sec = self.steps * self.batch_size / self.seconds
-        sec_per_batch = self.seconds / self.steps
-        self.loss_sum.zero_()
-        self.steps = 0
+        examples_per_sec = steps * self.batch_size / self.seconds
+        sec_per_batch = self.seconds / steps
+        self.first_step += steps
+        self.lrs.clear()
         self._start = time.perf_counter()
         return mean_loss, examples_per_sec, sec_per_batch
 
     def pause(self) -> None:
         """Stop the clock (for evaluation) once queued training work has finished."""
-        if self.loss_sum.device.type == "cuda":
-            torch.cuda.synchronize(self.loss_sum.device)
+        if self.losses.device.type == "cuda":
+            torch.cuda.synchronize(self.losses.device)
         self._paused_at = time.perf_counter()
 
     def resume(self) -> None:

@@ -90,3 +90,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, data_root, args, message):
     assert result.stderr.startswith(message)
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow.db").exists()  # failed before any run was opened
+
+
+def test_diverging_run_stops_with_one_line_and_is_marked_failed(tmp_path, data_root):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = cli(tmp_path, "optimizer=sgd", "optimizer.lr=1e6", "steps=40",
+                 f"tracking.uri={store}", data_root=data_root)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: loss became ") and "(lr 1e+06)" in line
+    [run] = runs_in(store)
+    assert run.info.status == "FAILED"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from cifar_exp.augment import build_augmentation
 from cifar_exp.data import CifarData
 from cifar_exp.ema import WeightAverage
+from cifar_exp.errors import NonFiniteLoss
 from cifar_exp.evaluate import evaluate
 from cifar_exp.models import build_model
 from cifar_exp.optim import build_optimizer
@@ -96,3 +99,23 @@ def test_console_line_matches_the_seed(slice_data, caplog):
         run(slice_data, settings)
     assert any(message.startswith("step 10, loss = ") and "examples/sec; " in message
                and message.endswith(" sec/batch)") for message in caplog.messages)
+
+
+def test_non_finite_loss_stops_with_the_step_and_lr(slice_data):
+    torch.manual_seed(0)
+    augmentation = build_augmentation("tf_distort", slice_data.train_images)
+    model = build_model("tf_cnn", 10, augmentation.image_size)
+    optimizer = build_optimizer("sgd", model.parameters(), lr=1e6, momentum=0.0)
+    scheduler = build_schedule("constant", optimizer, 50, 8.0)
+    sink = ListSink()
+    settings = TrainSettings(steps=50, batch_size=32, log_every=10, eval_every=50,
+                             progress=False)
+    with pytest.raises(NonFiniteLoss) as error:
+        train(model, optimizer, scheduler, augmentation, slice_data, settings, sink)
+    diverged = error.value
+    assert 1 <= diverged.step <= 10 and not math.isfinite(diverged.loss)
+    assert diverged.lr == 1e6
+    assert str(diverged).startswith(f"loss became {diverged.loss} at step {diverged.step} "
+                                    f"(lr 1e+06)")
+    assert sink.steps("loss") == [10]  # the diverged window is logged, then training stops
+    assert sink.steps("precision") == []
