@@ -8,6 +8,7 @@ import torch
 
 from cifar_exp.augment import AUGMENTATIONS, build_augmentation
 from cifar_exp.augment.ops import channel_stats, crop, per_image_standardization
+from cifar_exp.errors import ConfigError
 
 COLUMNS = torch.arange(32, dtype=torch.uint8).mul(8).repeat(32, 1)  # value = 8 * column
 
@@ -138,3 +139,13 @@ def test_per_image_torchvision_equivalent(name, cifar10):
         torch.testing.assert_close(out, augmentation.eval(images))
     if name == "tf_distort":
         assert out.mean(dim=(1, 2, 3)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("tf_distort", {"crop_size": 40}, "augmentation.crop_size=40 must lie in 1..32"),
+    ("tf_distort", {"contrast_lower": 2.0}, "must satisfy 0 <= lower <= upper"),
+    ("crop_flip", {"padding": -1}, "augmentation.padding=-1 must lie in 0..31"),
+])
+def test_impossible_options_are_refused(name, options, message):
+    with pytest.raises(ConfigError, match=message):
+        build_augmentation(name, column_images(2), **options)

@@ -7,6 +7,7 @@ from torchvision.transforms import v2
 
 from cifar_exp.augment import AUGMENTATIONS
 from cifar_exp.augment.ops import channel_stats, crop, normalize, random_flags, random_offsets
+from cifar_exp.errors import ConfigError
 
 
 class CropFlip:
@@ -37,5 +38,8 @@ class CropFlip:
 @AUGMENTATIONS.register("crop_flip")
 def build(train_images: torch.Tensor, padding: int = 4, flip: bool = True,
           mean: list[float] | None = None, std: list[float] | None = None) -> CropFlip:
+    if not 0 <= padding < train_images.shape[-1]:
+        raise ConfigError(f"augmentation.padding={padding} must lie in "
+                          f"0..{train_images.shape[-1] - 1}")
     mean, std = channel_stats(train_images, mean, std)
     return CropFlip(padding, flip, mean, std)

@@ -13,6 +13,7 @@ from cifar_exp.augment.ops import (
     random_offsets,
     random_uniform,
 )
+from cifar_exp.errors import ConfigError
 
 
 class TfDistort:
@@ -80,4 +81,11 @@ def _standardize(image: torch.Tensor) -> torch.Tensor:
 def build(train_images: torch.Tensor, crop_size: int = 24, flip: bool = True,
           max_brightness: float = 63.0, contrast_lower: float = 0.2,
           contrast_upper: float = 1.8) -> TfDistort:
+    side = train_images.shape[-1]
+    if not 1 <= crop_size <= side:
+        raise ConfigError(f"augmentation.crop_size={crop_size} must lie in 1..{side}, "
+                          f"the size of the images")
+    if not 0 <= contrast_lower <= contrast_upper:
+        raise ConfigError(f"augmentation.contrast_lower={contrast_lower} and contrast_upper="
+                          f"{contrast_upper} must satisfy 0 <= lower <= upper")
     return TfDistort(crop_size, flip, max_brightness, contrast_lower, contrast_upper)
