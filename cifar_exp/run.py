@@ -19,7 +19,7 @@ from cifar_exp.build import build_experiment, resolve_device
 from cifar_exp.config import register_schema, validate
 from cifar_exp.data import load_cifar
 from cifar_exp.errors import NonFiniteLoss, UserError
-from cifar_exp.tracking import RunTracker, flatten, git_tags
+from cifar_exp.tracking import RunTracker, check_tracking_uri, flatten, git_tags
 from cifar_exp.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ def run_experiment(cfg: DictConfig) -> TrainResult:
     """Check `cfg`, load the data onto the device, build every part, train, and track the
     run in MLflow. Bad input fails before a run is opened, so none is left RUNNING."""
     validate(cfg)
+    check_tracking_uri(cfg.tracking.uri)
     device = resolve_device(cfg.device)
     data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download).to(device)
     experiment = build_experiment(cfg, data)

@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import requests
 import torch
 from mlflow.entities import Metric, RunStatus
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
+
+from cifar_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,22 @@ def default_artifact_location(uri: str) -> str | None:
     return (database.parent / "mlartifacts").as_uri()
 
 
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any work, on a tracking server that does not answer or a SQLite
+    file in a folder that does not exist."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).raise_for_status()
+        except requests.RequestException as error:
+            raise ConfigError(f"MLflow tracking server {uri} does not answer ({error}); start "
+                              f"it or fix tracking.uri (default sqlite:///mlflow.db)") from error
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise ConfigError(f"tracking.uri={uri}: folder {folder} does not exist; "
+                              f"create it or choose another path")
+
+
 class RunTracker:
     """An MLflow run used as a context manager: it ends FINISHED, or FAILED when the body
     raises (KILLED on Ctrl-C). Metrics are buffered and written with log_batch, at most
@@ -78,6 +97,8 @@ class RunTracker:
         self.flush_seconds = flush_seconds
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
+        self.failed_writes = 0
+        self._failing = self._recovery_logged = False
         self.run_id = ""
 
     def __enter__(self) -> RunTracker:
@@ -91,16 +112,25 @@ class RunTracker:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
+        for pause in (0, 1, 2, 4):  # the last points get a few more tries
+            time.sleep(pause)
+            if self.flush():
+                break
+        else:
+            log.error("MLflow: %d metric points could not be written after %d tries",
+                      len(self._buffer), self.failed_writes)
+        if exc_type is None:
+            status = RunStatus.FINISHED
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = RunStatus.KILLED
+        else:
+            status = RunStatus.FAILED
         try:
-            self.flush()
-        finally:
-            if exc_type is None:
-                status = RunStatus.FINISHED
-            elif issubclass(exc_type, KeyboardInterrupt):
-                status = RunStatus.KILLED
-            else:
-                status = RunStatus.FAILED
+            if self.failed_writes:
+                mlflow.set_tag("metric_write_failures", str(self.failed_writes))
             mlflow.end_run(RunStatus.to_string(status))
+        except Exception as error:  # the training itself is done: report, don't crash
+            log.error("MLflow: could not close run %s (%s)", self.run_id, error)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         mlflow.log_params({key: str(value) for key, value in params.items()})
@@ -108,16 +138,29 @@ class RunTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         timestamp = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), timestamp, step) for k, v in metrics.items())
-        if (len(self._buffer) >= MAX_METRICS_PER_BATCH
-                or time.monotonic() - self._last_flush >= self.flush_seconds):
-            self.flush()
+        full = len(self._buffer) >= MAX_METRICS_PER_BATCH and not self._failing
+        if full or time.monotonic() - self._last_flush >= self.flush_seconds:
+            self._failing = not self.flush()  # while failing, retry every flush_seconds
 
-    def flush(self) -> None:
-        while self._buffer:
-            batch = self._buffer[:MAX_METRICS_PER_BATCH]
-            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
-            del self._buffer[: len(batch)]
+    def flush(self) -> bool:
+        """Write the buffered points. A failed write keeps them for the next try, so a
+        hiccup of the store or the server costs no points and does not stop training."""
         self._last_flush = time.monotonic()
+        try:
+            while self._buffer:
+                batch = self._buffer[:MAX_METRICS_PER_BATCH]
+                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+                del self._buffer[: len(batch)]
+        except Exception as error:  # any store or network failure: keep the points
+            self.failed_writes += 1
+            log.warning("MLflow metric write failed (%s); %d points kept for the next try",
+                        error, len(self._buffer))
+            return False
+        if self.failed_writes and not self._recovery_logged:
+            log.warning("MLflow metric writes recovered after %d failed tries; no points lost",
+                        self.failed_writes)
+            self._recovery_logged = True
+        return True
 
     def log_text(self, text: str, artifact_file: str) -> None:
         mlflow.log_text(text, artifact_file)

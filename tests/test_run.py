@@ -81,6 +81,7 @@ def test_multirun_gives_each_job_its_own_run(tmp_path, data_root):
     (["data.root=/nonexistent/cifar"], "error: CIFAR-10 not found: no cifar-10-batches-bin/"),
     (["steps=0"], "error: steps=0 must be a positive integer"),
     (["optimizer.lr=-1"], "error: optimizer.lr=-1 must be a positive number"),
+    (["augmentation.crop_size=40"], "error: augmentation.crop_size=40 must lie in 1..32"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, data_root, args, message):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -101,3 +102,11 @@ def test_diverging_run_stops_with_one_line_and_is_marked_failed(tmp_path, data_r
     assert line.startswith("error: loss became ") and "(lr 1e+06)" in line
     [run] = runs_in(store)
     assert run.info.status == "FAILED"
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path, data_root):
+    result = cli(tmp_path, "tracking.uri=http://127.0.0.1:9", data_root=data_root)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: MLflow tracking server http://127.0.0.1:9 does not answer")
+    assert "step 10" not in result.stdout

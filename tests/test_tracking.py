@@ -9,8 +9,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from cifar_exp.errors import ConfigError
 from cifar_exp.models import build_model
-from cifar_exp.tracking import RunTracker, default_artifact_location, flatten, git_tags
+from cifar_exp.tracking import (
+    RunTracker,
+    check_tracking_uri,
+    default_artifact_location,
+    flatten,
+    git_tags,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +91,34 @@ def test_logged_model_serves_any_batch_size(store, tmp_path):
         run_id=run.run_id, artifact_path="weights.pt", dst_path=str(tmp_path))),
         weights_only=True)
     assert set(state) == set(model.state_dict())
+
+
+def test_failed_metric_writes_are_retried_and_nothing_is_lost(store, monkeypatch, caplog):
+    with RunTracker(store, "unit", "flaky", flush_seconds=0) as run:
+        real_log_batch = run.client.log_batch
+        failures = iter([True, True])
+
+        def flaky_log_batch(*args, **kwargs):
+            if next(failures, False):
+                raise ConnectionError("store went away")
+            return real_log_batch(*args, **kwargs)
+
+        monkeypatch.setattr(run.client, "log_batch", flaky_log_batch)
+        for step in range(1, 6):
+            run.log_metrics({"loss": float(step)}, step)  # the first two writes fail
+    client = MlflowClient(store)
+    finished = client.get_run(run.run_id)
+    assert finished.info.status == "FINISHED"
+    assert finished.data.tags["metric_write_failures"] == "2"
+    history = client.get_metric_history(run.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 6)]
+    assert any("recovered after 2 failed tries" in m for m in caplog.messages)
+
+
+def test_unreachable_tracking_is_reported_up_front(tmp_path):
+    with pytest.raises(ConfigError, match=r"MLflow tracking server http://127.0.0.1:9 does "
+                                          r"not answer"):
+        check_tracking_uri("http://127.0.0.1:9", timeout=2)
+    with pytest.raises(ConfigError, match="does not exist; create it"):
+        check_tracking_uri(f"sqlite:///{tmp_path}/missing/mlflow.db")
+    check_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # a new file in a real folder is fine
