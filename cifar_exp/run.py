@@ -48,6 +48,9 @@ def run_experiment(cfg: DictConfig) -> TrainResult:
 
     tags = {"command": " ".join(["python -m cifar_exp.run", *sys.argv[1:]]),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            # What `auto` became on this device (the params hold the config as written).
+            "precision": experiment.settings.precision,
+            "compile": experiment.settings.compile,
             **git_tags(PROJECT_ROOT)}
     name = run_name(cfg)
     with RunTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags) as tracker:
