@@ -59,13 +59,18 @@ def git_tags(folder: Path) -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(changes)).lower()}
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI, None for any other store."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]).expanduser().resolve() if uri.startswith(prefix) else None
+
+
 def default_artifact_location(uri: str) -> str | None:
     """For a SQLite store, artifacts go to `mlartifacts/` beside the database file (MLflow
     would otherwise create a `./mlruns` folder wherever the command runs)."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
+    database = sqlite_path(uri)
+    if database is None:
         return None  # a tracking server decides for itself
-    database = Path(uri[len(prefix):]).expanduser().resolve()
     return (database.parent / "mlartifacts").as_uri()
 
 
@@ -78,11 +83,9 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         except requests.RequestException as error:
             raise ConfigError(f"MLflow tracking server {uri} does not answer ({error}); start "
                               f"it or fix tracking.uri (default sqlite:///mlflow.db)") from error
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
-        if not folder.is_dir():
-            raise ConfigError(f"tracking.uri={uri}: folder {folder} does not exist; "
-                              f"create it or choose another path")
+    elif (database := sqlite_path(uri)) is not None and not database.parent.is_dir():
+        raise ConfigError(f"tracking.uri={uri}: folder {database.parent} does not exist; "
+                          f"create it or choose another path")
 
 
 class RunTracker:
