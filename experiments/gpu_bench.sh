@@ -11,7 +11,6 @@
 # PYTHON (default python3). The Python
 # packages must already be importable (pip install -e ., or wheels unpacked onto PYTHONPATH).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 out=${OUT:-gpu_bench_results}
 steps=${STEPS:-100000}
 python=${PYTHON:-python3}
@@ -28,7 +27,8 @@ done
 
 start=$(date +%s.%N)
 "$python" -m cifar_exp.run optimizer=sgd_decay steps="$steps" eval_every=10000 \
-  tracking.uri="sqlite:///$out/mlflow.db" tracking.experiment=gpu_bench "$@" \
+  tracking.uri="sqlite:///$out/mlflow.db" tracking.experiment=gpu_bench \
+  hydra.run.dir="$out/hydra" "$@" \
   2>&1 | tee "$out/sgd_decay.log"
 end=$(date +%s.%N)
 

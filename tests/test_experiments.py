@@ -29,3 +29,4 @@ def test_gpu_bench_script_prints_its_table(tmp_path, data_root):
     [summary] = [line for line in lines if line.startswith("optimizer=sgd_decay steps=20:")]
     assert "precision 0." in summary and " s end to end" in summary
     assert (tmp_path / "out" / "bench_32.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # writes nowhere else
