@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from cifar_exp.build import Experiment, build_experiment, resolve_device
+from cifar_exp.build import Experiment, build_experiment, build_settings, resolve_device
 from cifar_exp.config import compose_config, validate
 from cifar_exp.data import CifarData, load_cifar
 from cifar_exp.loader_baseline import ArrayDataset, endless_batches
@@ -170,7 +170,7 @@ def _setup(overrides: Sequence[str]) -> tuple[DictConfig, CifarData, CifarData]:
 
 def _description(cfg: DictConfig, data: CifarData, overrides: Sequence[str]) -> dict:
     device = data.train_images.device
-    settings = build_experiment(cfg, data).settings
+    settings = build_settings(cfg, device)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,

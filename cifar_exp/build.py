@@ -57,10 +57,13 @@ def build_experiment(cfg: DictConfig, data: CifarData) -> Experiment:
     ema = WeightAverage(model, cfg.ema.decay) if cfg.ema.decay is not None else None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # shapes are static
-    settings = TrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                             log_every=cfg.log_every, eval_every=cfg.eval_every,
-                             eval_batch_size=cfg.eval_batch_size,
-                             channels_last=cfg.channels_last,
-                             precision=resolve_precision(cfg.precision, device),
-                             compile=resolve_compile(cfg.compile, device))
-    return Experiment(augmentation, model, optimizer, scheduler, ema, settings)
+    return Experiment(augmentation, model, optimizer, scheduler, ema, build_settings(cfg, device))
+
+
+def build_settings(cfg: DictConfig, device: torch.device) -> TrainSettings:
+    """The trainer's settings from `cfg`, with `auto` speed options resolved for `device`."""
+    return TrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                         log_every=cfg.log_every, eval_every=cfg.eval_every,
+                         eval_batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
+                         precision=resolve_precision(cfg.precision, device),
+                         compile=resolve_compile(cfg.compile, device))

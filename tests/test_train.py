@@ -39,15 +39,18 @@ def slice_data(cifar10) -> CifarData:
 
 
 def run(data: CifarData, settings: TrainSettings, ema_decay: float | None = None,
-        schedule: str = "constant"):
+        schedule: str = "constant", optimizer: tuple[str, dict] = ("adam", {"lr": 1e-3}),
+        sink: ListSink | None = None):
     torch.manual_seed(0)
     augmentation = build_augmentation("tf_distort", data.train_images)
     model = build_model("tf_cnn", 10, augmentation.image_size)
-    optimizer = build_optimizer("adam", model.parameters(), lr=1e-3)
-    scheduler = build_schedule(schedule, optimizer, settings.steps, 256 / settings.batch_size)
+    optimizer_name, optimizer_options = optimizer
+    built_optimizer = build_optimizer(optimizer_name, model.parameters(), **optimizer_options)
+    scheduler = build_schedule(schedule, built_optimizer, settings.steps,
+                               256 / settings.batch_size)
     ema = WeightAverage(model, ema_decay) if ema_decay is not None else None
-    sink = ListSink()
-    result = train(model, optimizer, scheduler, augmentation, data, settings, sink, ema)
+    sink = sink if sink is not None else ListSink()
+    result = train(model, built_optimizer, scheduler, augmentation, data, settings, sink, ema)
     return result, sink, model, ema
 
 
@@ -102,16 +105,11 @@ def test_console_line_matches_the_seed(slice_data, caplog):
 
 
 def test_non_finite_loss_stops_with_the_step_and_lr(slice_data):
-    torch.manual_seed(0)
-    augmentation = build_augmentation("tf_distort", slice_data.train_images)
-    model = build_model("tf_cnn", 10, augmentation.image_size)
-    optimizer = build_optimizer("sgd", model.parameters(), lr=1e6, momentum=0.0)
-    scheduler = build_schedule("constant", optimizer, 50, 8.0)
     sink = ListSink()
     settings = TrainSettings(steps=50, batch_size=32, log_every=10, eval_every=50,
                              progress=False)
     with pytest.raises(NonFiniteLoss) as error:
-        train(model, optimizer, scheduler, augmentation, slice_data, settings, sink)
+        run(slice_data, settings, optimizer=("sgd", {"lr": 1e6, "momentum": 0.0}), sink=sink)
     diverged = error.value
     assert 1 <= diverged.step <= 10 and not math.isfinite(diverged.loss)
     assert diverged.lr == 1e6
