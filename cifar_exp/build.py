@@ -29,12 +29,15 @@ class Experiment:
     settings: TrainSettings
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when a GPU is visible, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, job_number: int | None = None) -> torch.device:
+    """auto -> cuda when a GPU is visible, else cpu. Jobs of a sweep (numbered 0, 1, ...)
+    take the visible GPUs in turn, so parallel jobs each get their own."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and job_number is not None:
+        return torch.device("cuda", job_number % torch.cuda.device_count())
     return torch.device(name)
 
 

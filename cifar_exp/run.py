@@ -7,19 +7,29 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.build import build_experiment, resolve_device
 from cifar_exp.config import register_schema, validate
 from cifar_exp.data import load_cifar
 from cifar_exp.errors import NonFiniteLoss, UserError
-from cifar_exp.tracking import RunTracker, check_tracking_uri, flatten, git_tags
+from cifar_exp.tracking import (
+    PARENT_RUN_ENV,
+    RunTracker,
+    check_tracking_uri,
+    command_line,
+    flatten,
+    git_tags,
+)
 from cifar_exp.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -29,12 +39,27 @@ register_schema()
 git_tags(PROJECT_ROOT)  # read once, when the code that will run is imported
 
 
+def sweep_job_number() -> int | None:
+    """This job's number within a multirun, None for a single run."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return HydraConfig.get().job.num
+
+
 def run_name(cfg: DictConfig) -> str:
-    """model-optimizer-steps, with the optimizer as chosen on the command line (sgd_decay)."""
+    """model-optimizer-steps, with the optimizer as chosen on the command line (sgd_decay);
+    a sweep's jobs add their number: tf_cnn-sgd-3000 #2."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     model = choices.get("model", cfg.model.name)
     optimizer = choices.get("optimizer", cfg.optimizer.name)
-    return f"{model}-{optimizer}-{cfg.steps}"
+    job_number = sweep_job_number()
+    suffix = f" #{job_number}" if job_number is not None else ""
+    return f"{model}-{optimizer}-{cfg.steps}{suffix}"
+
+
+def task_overrides() -> list[str]:
+    """The overrides that made this job (a sweep's job gets its own values)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def run_experiment(cfg: DictConfig) -> TrainResult:
@@ -42,24 +67,28 @@ def run_experiment(cfg: DictConfig) -> TrainResult:
     run in MLflow. Bad input fails before a run is opened, so none is left RUNNING."""
     validate(cfg)
     check_tracking_uri(cfg.tracking.uri)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, sweep_job_number())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download).to(device)
     experiment = build_experiment(cfg, data)
 
-    tags = {"command": " ".join(["python -m cifar_exp.run", *sys.argv[1:]]),
+    tags = {"command": command_line(),
+            "overrides": " ".join(task_overrides()),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             # What `auto` became on this device (the params hold the config as written).
             "precision": experiment.settings.precision,
             "compile": experiment.settings.compile,
             **git_tags(PROJECT_ROOT)}
     name = run_name(cfg)
-    with RunTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags) as tracker:
+    parent_run_id = os.environ.get(PARENT_RUN_ENV)
+    with RunTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags,
+                    parent_run_id=parent_run_id) as tracker:
         log.info("MLflow run %s (%s) in %s", tracker.run_id, name, cfg.tracking.uri)
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         if HydraConfig.initialized():
-            tracker.log_text("\n".join(HydraConfig.get().overrides.task) + "\n",
-                             "overrides.txt")
+            tracker.log_text("\n".join(task_overrides()) + "\n", "overrides.txt")
         result = train(experiment.model, experiment.optimizer, experiment.scheduler,
                        experiment.augmentation, data, experiment.settings, tracker,
                        experiment.ema)
@@ -84,6 +113,8 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
+        if sweep_job_number() is not None:
+            return math.nan  # one diverged job (its run marked FAILED) does not end the sweep
         sys.exit(1)
 
 

@@ -6,11 +6,12 @@ import copy
 import functools
 import logging
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 import requests
@@ -24,6 +25,14 @@ from cifar_exp.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+# A sweep's parent run id, set by the sweep callback for the jobs it launches.
+PARENT_RUN_ENV = "CIFAR_EXP_PARENT_RUN_ID"
+T = TypeVar("T")
+
+
+def command_line() -> str:
+    """The command as the user typed it, for the runs' `command` tag."""
+    return " ".join(["python -m cifar_exp.run", *sys.argv[1:]])
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -88,15 +97,47 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                           f"create it or choose another path")
 
 
+def with_retries(action: Callable[[], T], what: str, tries: int = 6, pause: float = 0.5) -> T:
+    """Run `action`, retrying with doubling pauses while SQLite reports its lock busy:
+    parallel jobs writing to one database file take turns."""
+    for attempt in range(tries):
+        try:
+            return action()
+        except Exception as error:
+            if "database is locked" not in str(error) or attempt == tries - 1:
+                raise
+            log.warning("MLflow: %s: database is locked, retrying in %.1f s", what, pause)
+            time.sleep(pause)
+            pause *= 2
+    raise AssertionError("unreachable")
+
+
+def open_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name` in the store at `uri`, creating the store's schema and the
+    experiment if needed. A sweep calls this once before its jobs start, so parallel jobs
+    never race to migrate a new database or to create the same experiment."""
+    client = MlflowClient(uri)
+    found = with_retries(lambda: client.get_experiment_by_name(name), "read experiment")
+    if found is not None:
+        return found.experiment_id
+    # The UI then opens on the runs table, not on its GenAI overview.
+    tags = {"mlflow.experimentKind": "custom_model_development"}
+    return with_retries(lambda: client.create_experiment(name, default_artifact_location(uri),
+                                                         tags), "create experiment")
+
+
 class RunTracker:
     """An MLflow run used as a context manager: it ends FINISHED, or FAILED when the body
     raises (KILLED on Ctrl-C). Metrics are buffered and written with log_batch, at most
     every `flush_seconds`, so logging costs no time on the training steps in between."""
 
     def __init__(self, uri: str, experiment: str, run_name: str,
-                 tags: Mapping[str, str] | None = None, flush_seconds: float = 10.0) -> None:
+                 tags: Mapping[str, str] | None = None, flush_seconds: float = 10.0,
+                 parent_run_id: str | None = None) -> None:
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self.tags = dict(tags or {})
+        if parent_run_id:  # a job of a sweep: shown nested under the sweep's run
+            self.tags["mlflow.parentRunId"] = parent_run_id
         self.flush_seconds = flush_seconds
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
@@ -107,10 +148,10 @@ class RunTracker:
     def __enter__(self) -> RunTracker:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
-        if self.client.get_experiment_by_name(self.experiment) is None:
-            self.client.create_experiment(self.experiment, default_artifact_location(self.uri))
-        mlflow.set_experiment(self.experiment)
-        run = mlflow.start_run(run_name=self.run_name, tags=self.tags)
+        experiment_id = open_experiment(self.uri, self.experiment)
+        run = with_retries(lambda: mlflow.start_run(experiment_id=experiment_id,
+                                                    run_name=self.run_name, tags=self.tags),
+                           "start run")
         self.run_id = run.info.run_id
         return self
 
@@ -131,7 +172,7 @@ class RunTracker:
         try:
             if self.failed_writes:
                 mlflow.set_tag("metric_write_failures", str(self.failed_writes))
-            mlflow.end_run(RunStatus.to_string(status))
+            with_retries(lambda: mlflow.end_run(RunStatus.to_string(status)), "end run")
         except Exception as error:  # the training itself is done: report, don't crash
             log.error("MLflow: could not close run %s (%s)", self.run_id, error)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def cli(cwd: Path, *args: str, data_root: Path, timeout: float = 600
+        ) -> subprocess.CompletedProcess:
+    """`python -m cifar_exp.run ARGS` in folder `cwd`, on the real data."""
+    env = {**os.environ, "CIFAR_EXP_DATA": str(data_root)}
+    return subprocess.run([sys.executable, "-m", "cifar_exp.run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +92,19 @@ def tiny_cifar10_python(tmp_path: Path) -> Path:
     names = [f"class{i}".encode() for i in range(10)]
     write_pickle(folder / "batches.meta", {"label_names": names})
     return tmp_path
+
+
+SWEEP_JOB = ("steps=10", "log_every=5", "eval_every=10", "tracking.log_model=false")
+
+
+@pytest.fixture(scope="session")
+def sweep_store(tmp_path_factory: pytest.TempPathFactory, data_root: Path
+                ) -> tuple[Path, str, subprocess.CompletedProcess]:
+    """A 2 x 2 sweep (optimizer x seed, 10 steps a job) run by the joblib launcher with 2
+    parallel jobs into one fresh SQLite store: (folder, tracking URI, the finished command)."""
+    folder = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    result = cli(folder, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                 "optimizer=adam,sgd", "seed=0,1", *SWEEP_JOB, f"tracking.uri={uri}",
+                 data_root=data_root)
+    return folder, uri, result

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from mlflow.tracking import MlflowClient
 
 from cifar_exp import run as run_module
 from cifar_exp.config import compose_config
+from tests.conftest import cli
 
 METRICS = ("loss", "lr", "examples_per_sec", "sec_per_batch", "precision", "test_loss")
-
-
-def cli(tmp_path: Path, *args: str, data_root: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CIFAR_EXP_DATA": str(data_root)}
-    return subprocess.run([sys.executable, "-m", "cifar_exp.run", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 def runs_in(store: str, experiment: str = "cifar_exp") -> list:
@@ -66,17 +56,6 @@ def test_task_function_returns_the_final_precision(tmp_path, data_root):
     [run] = runs_in(store)
     assert precision == run.data.metrics["precision"]
     assert run.info.run_name == "tf_cnn-adam-10"
-
-
-def test_multirun_gives_each_job_its_own_run(tmp_path, data_root):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = cli(tmp_path, "-m", "optimizer=adam,sgd", "steps=20", f"tracking.uri={store}",
-                 "tracking.log_model=false", data_root=data_root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = runs_in(store)
-    assert sorted(r.info.run_name for r in runs) == ["tf_cnn-adam-20", "tf_cnn-sgd-20"]
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    assert all("precision" in r.data.metrics for r in runs)
 
 
 @pytest.mark.parametrize("args,message", [
