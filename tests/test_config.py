@@ -115,3 +115,12 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device=cuda but no CUDA GPU is visible"):
             resolve_device("cuda")
+
+
+def test_sweep_jobs_take_the_visible_gpus_in_turn(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert [resolve_device("auto", job) for job in range(4)] == [
+        torch.device("cuda", index) for index in (0, 1, 2, 0)]
+    assert resolve_device("cuda") == torch.device("cuda")  # a single run: the current GPU
+    assert resolve_device("cpu", 5) == torch.device("cpu")
