@@ -66,11 +66,12 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
-def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """The run configuration for command-line style overrides, outside a Hydra app."""
+def compose_config(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConfig:
+    """The run configuration for command-line style overrides, outside a Hydra app;
+    `with_hydra` keeps Hydra's own node (sweeper, launcher, callbacks)."""
     register_schema()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def split_name(group: DictConfig) -> tuple[str, dict[str, Any]]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from cifar_exp.build import build_experiment, resolve_device
@@ -124,3 +126,16 @@ def test_sweep_jobs_take_the_visible_gpus_in_turn(monkeypatch):
         torch.device("cuda", index) for index in (0, 1, 2, 0)]
     assert resolve_device("cuda") == torch.device("cuda")  # a single run: the current GPU
     assert resolve_device("cpu", 5) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("option", options("hparams_search"))
+def test_every_search_space_composes_and_names_real_keys(option):
+    cfg = compose_config([f"hparams_search={option}"], with_hydra=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert sweeper.sampler.seed is not None  # a search that can be repeated
+    parsed = OverridesParser.create().parse_overrides(
+        [f"{key}={value}" for key, value in sweeper.params.items()])
+    for override in parsed:
+        assert override.is_sweep_override(), override.input_line
+        assert OmegaConf.select(cfg, override.key_or_group) is not None, override.key_or_group
