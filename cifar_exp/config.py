@@ -23,6 +23,8 @@ class DataConfig:
     name: str = "cifar10"
     root: str = "${oc.env:CIFAR_EXP_DATA,./data}"
     download: bool = False
+    verify: bool = False  # check the files' MD5s (the official ones, or `manifest`'s)
+    manifest: str | None = None  # a file of `md5  path` lines; given, it implies verify
 
 
 @dataclass

@@ -43,7 +43,8 @@ def run_experiment(cfg: DictConfig) -> TrainResult:
     validate(cfg)
     check_tracking_uri(cfg.tracking.uri)
     device = resolve_device(cfg.device)
-    data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download).to(device)
+    data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.verify,
+                      cfg.data.manifest).to(device)
     experiment = build_experiment(cfg, data)
 
     tags = {"command": " ".join(["python -m cifar_exp.run", *sys.argv[1:]]),
