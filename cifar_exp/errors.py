@@ -20,3 +20,7 @@ class NonFiniteLoss(Exception):
         super().__init__(f"loss became {loss} at step {step} (lr {lr:g}); training stopped, "
                          f"the run is marked FAILED: try a lower optimizer.lr")
         self.step, self.loss, self.lr = step, loss, lr
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, untrusted, or from another run."""
