@@ -2,24 +2,32 @@
 
     python -m cifar_exp.run [overrides]          one run
     python -m cifar_exp.run -m key=a,b [...]     a sweep, one MLflow run per job
+    python -m cifar_exp.run [the same overrides] hydra.run.dir=<its folder> resume=true
+
+Exit codes: 0 done, 1 the loss diverged, 2 bad input, 130 / 143 stopped by SIGINT /
+SIGTERM (after a checkpoint: resume=true goes on).
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_exp import checkpoint
 from cifar_exp.build import build_experiment, resolve_device
 from cifar_exp.config import register_schema, validate
 from cifar_exp.data import load_cifar
-from cifar_exp.errors import NonFiniteLoss, UserError
-from cifar_exp.tracking import RunTracker, check_tracking_uri, flatten, git_tags
+from cifar_exp.errors import CheckpointError, NonFiniteLoss, Stopped, UserError
+from cifar_exp.stop import StopRequest
+from cifar_exp.tracking import RunTracker, check_tracking_uri, flatten, git_tags, resumable_run
 from cifar_exp.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -37,15 +45,68 @@ def run_name(cfg: DictConfig) -> str:
     return f"{model}-{optimizer}-{cfg.steps}"
 
 
+def output_dir() -> Path:
+    """The job's Hydra output folder (the current folder outside a Hydra app)."""
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+
+
+def checkpoint_path(cfg: DictConfig, resumed_from: Path | None) -> Path:
+    """Where this job writes its checkpoint: checkpoint.path if set, else the file it
+    resumed from, else checkpoint.pt in its output folder."""
+    if cfg.checkpoint.path:
+        return Path(cfg.checkpoint.path).expanduser()
+    return resumed_from or output_dir() / checkpoint.FILENAME
+
+
+def resume_command(path: Path) -> str:
+    """The command that continues this job from `path`."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    kept = [o for o in overrides if not o.startswith(("resume=", "hydra.run.dir="))]
+    default = output_dir() / checkpoint.FILENAME
+    single_run = HydraConfig.initialized() and HydraConfig.get().mode.name == "RUN"
+    where = ([f"hydra.run.dir={output_dir()}", "resume=true"] if single_run and path == default
+             else [f"resume={path}"])
+    return shlex.join(["python", "-m", "cifar_exp.run", *kept, *where])
+
+
+class Resumed(NamedTuple):
+    path: Path
+    state: dict[str, Any]
+
+
+def load_resumed(cfg: DictConfig, config: dict[str, Any]) -> Resumed | None:
+    """The checkpoint `resume` names, read and checked against this config and the MLflow
+    store before any data is read; None for a new run."""
+    path = checkpoint.find_checkpoint(cfg.resume, output_dir() / checkpoint.FILENAME)
+    if path is None:
+        return None
+    state = checkpoint.load_checkpoint(path)
+    checkpoint.check_config(state, config, path)
+    run = resumable_run(cfg.tracking.uri, state["tracking"]["run_id"])
+    if state["step"] >= cfg.steps and run.info.status == "FINISHED":
+        raise CheckpointError(f"{path}: run {run.info.run_id} already finished all "
+                              f"{cfg.steps} steps; nothing to resume")
+    return Resumed(path, state)
+
+
 def run_experiment(cfg: DictConfig) -> TrainResult:
     """Check `cfg`, load the data onto the device, build every part, train, and track the
-    run in MLflow. Bad input fails before a run is opened, so none is left RUNNING."""
+    run in MLflow. Bad input fails before a run is opened, so none is left RUNNING. With
+    `resume`, the parts and the MLflow run continue from a checkpoint."""
     validate(cfg)
     check_tracking_uri(cfg.tracking.uri)
+    config = flatten(OmegaConf.to_container(cfg, resolve=True))
+    resumed = load_resumed(cfg, config)
+    path = checkpoint_path(cfg, resumed.path if resumed else None)
+    if resumed is None and path.exists():
+        raise CheckpointError(f"{path} exists: resume=true continues that run; to start "
+                              f"afresh remove it or choose another hydra.run.dir")
     device = resolve_device(cfg.device)
     data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.verify,
                       cfg.data.manifest).to(device)
     experiment = build_experiment(cfg, data)
+    parts = (experiment.model, experiment.optimizer, experiment.scheduler, experiment.ema)
+    loop_state = checkpoint.restore(resumed.state, resumed.path, *parts) if resumed else None
 
     tags = {"command": " ".join(["python -m cifar_exp.run", *sys.argv[1:]]),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -53,26 +114,49 @@ def run_experiment(cfg: DictConfig) -> TrainResult:
             "precision": experiment.settings.precision,
             "compile": experiment.settings.compile,
             **git_tags(PROJECT_ROOT)}
+    tracking: dict[str, Any] = {}
+    if resumed is not None:
+        tracking = {"run_id": resumed.state["tracking"]["run_id"],
+                    "pending": resumed.state["tracking"]["pending"]}
+        # The run keeps the tags it started with; this one says where it was taken up.
+        tags = {"resumed_from_step": str(resumed.state["step"])}
     name = run_name(cfg)
-    with RunTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags) as tracker:
-        log.info("MLflow run %s (%s) in %s", tracker.run_id, name, cfg.tracking.uri)
-        tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        if HydraConfig.initialized():
-            tracker.log_text("\n".join(HydraConfig.get().overrides.task) + "\n",
-                             "overrides.txt")
-        result = train(experiment.model, experiment.optimizer, experiment.scheduler,
-                       experiment.augmentation, data, experiment.settings, tracker,
-                       experiment.ema)
-        tracker.log_state_dict(experiment.model, "weights.pt")
-        evaluated = experiment.model
-        if experiment.ema is not None:
-            evaluated = experiment.ema.model
-            tracker.log_state_dict(evaluated, "ema_weights.pt")
-        if cfg.tracking.log_model:
-            tracker.log_model(evaluated, experiment.augmentation.eval(data.test_images[:8]))
-    log.info("final precision @ 1 = %.4f (%.0f examples/sec, %.1f s training)",
-             result.precision, result.examples_per_sec, result.train_seconds)
+    try:
+        with StopRequest() as stop, RunTracker(cfg.tracking.uri, cfg.tracking.experiment, name,
+                                               tags, cfg.tracking.flush_seconds,
+                                               **tracking) as tracker:
+            if resumed is not None:
+                log.info("MLflow run %s resumed from step %d of %s", tracker.run_id,
+                         resumed.state["step"], resumed.path)
+            else:
+                log.info("MLflow run %s (%s) in %s", tracker.run_id, name, cfg.tracking.uri)
+                tracker.log_params(config)
+                tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+                if HydraConfig.initialized():
+                    tracker.log_text("\n".join(HydraConfig.get().overrides.task) + "\n",
+                                     "overrides.txt")
+            every = cfg.checkpoint.every or 0
+            checkpointer = checkpoint.Checkpointer(path, every, *parts, config,
+                                                   tracker.checkpoint_state)
+            log.info("checkpoints to %s %s", path,
+                     f"every {every} steps and at the end" if every else "at the end")
+            result = train(experiment.model, experiment.optimizer, experiment.scheduler,
+                           experiment.augmentation, data, experiment.settings, tracker,
+                           experiment.ema, checkpointer, loop_state, stop)
+            tracker.log_state_dict(experiment.model, "weights.pt")
+            evaluated = experiment.model
+            if experiment.ema is not None:
+                evaluated = experiment.ema.model
+                tracker.log_state_dict(evaluated, "ema_weights.pt")
+            if cfg.tracking.log_model:
+                tracker.log_model(evaluated, experiment.augmentation.eval(data.test_images[:8]))
+    except Stopped as stopped:
+        if stopped.step is not None:
+            stopped.hint = f"checkpoint {path}; continue with: {resume_command(path)}"
+        raise
+    log.info("final precision @ 1 = %.4f (%.0f examples/sec, %.1f s training, %.1f s "
+             "writing checkpoints)", result.precision, result.examples_per_sec,
+             result.train_seconds, checkpointer.seconds)
     return result
 
 
@@ -86,6 +170,13 @@ def main(cfg: DictConfig) -> float:
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except Stopped as stopped:
+        print(f"{stopped}; the MLflow run is marked KILLED"
+              + (f"; {stopped.hint}" if stopped.hint else ""), file=sys.stderr)
+        sys.exit(stopped.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+        print("stopped by SIGINT before training started", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
