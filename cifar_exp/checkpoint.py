@@ -152,12 +152,12 @@ class Checkpointer:
         self.seconds = 0.0  # spent writing checkpoints, for the log and the cost figures
 
     def save(self, loop: LoopState) -> None:
+        start = time.perf_counter()  # the whole cost: checks, store flush and file write
         if not self._weights_finite():
             log.warning("step %d, weights are not finite: checkpoint not written, %s keeps "
                         "the last good one", loop.step, self.path)
             return
         tracking = self.tracking_state()  # first: the store gets every point up to this step
-        start = time.perf_counter()
         atomic_save({
             "format": FORMAT,
             "step": loop.step,
@@ -175,7 +175,7 @@ class Checkpointer:
         }, self.path)
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        log.info("step %d, checkpoint saved to %s (%.2f s)", loop.step, self.path, seconds)
+        log.info("step %d, checkpoint saved to %s (%.3f s)", loop.step, self.path, seconds)
 
     def _weights_finite(self) -> bool:
         models = [self.model] + ([self.ema.model] if self.ema is not None else [])
