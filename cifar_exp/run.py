@@ -126,8 +126,9 @@ def run_experiment(cfg: DictConfig) -> TrainResult:
                                                tags, cfg.tracking.flush_seconds,
                                                **tracking) as tracker:
             if resumed is not None:
-                log.info("MLflow run %s resumed from step %d of %s", tracker.run_id,
-                         resumed.state["step"], resumed.path)
+                log.info("MLflow run %s resumed from step %d of %s (the store holds points up "
+                         "to step %d: none is written twice)", tracker.run_id,
+                         resumed.state["step"], resumed.path, tracker.stored_up_to)
             else:
                 log.info("MLflow run %s (%s) in %s", tracker.run_id, name, cfg.tracking.uri)
                 tracker.log_params(config)

@@ -125,6 +125,7 @@ class RunTracker:
         self._buffer: list[Metric] = []
         self._pending = list(pending)
         self._written: set[tuple[str, int]] = set()  # (key, step) already in a resumed run
+        self.stored_up_to = 0  # the last step with a point in the store (a resumed run)
         self._last_flush = time.monotonic()
         self.failed_writes = 0
         self._failing = self._recovery_logged = False
@@ -139,6 +140,7 @@ class RunTracker:
             mlflow.start_run(run_id=self.run_id, tags=self.tags)
             self._written = {(key, point.step) for key in existing.data.metrics
                              for point in self.client.get_metric_history(self.run_id, key)}
+            self.stored_up_to = max((step for _, step in self._written), default=0)
             for key, value, timestamp, step in self._pending:
                 self._add(Metric(key, value, timestamp, step))
             return self

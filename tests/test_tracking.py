@@ -136,7 +136,7 @@ def test_resumed_run_records_each_point_once(store):
                     pending=pending) as second:
         for step in range(3, 7):  # steps 3 and 4 again, as the resumed job redoes them
             second.log_metrics({"loss": float(step), "lr": 0.5}, step)
-    assert second.run_id == first.run_id
+    assert second.run_id == first.run_id and second.stored_up_to == 4
     client = MlflowClient(store)
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "resumable"
