@@ -91,6 +91,10 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 
 def resumable_run(uri: str, run_id: str) -> Run:
     """The run a checkpoint continues, checked before any work: it must be in the store."""
+    if (database := sqlite_path(uri)) is not None and not database.is_file():
+        # Checked first: opening a SQLite store that is not there would create it.
+        raise CheckpointError(f"the checkpoint's MLflow run {run_id} is not in {uri} (no such "
+                              f"file); resume with the tracking.uri the run was started with")
     try:
         run = MlflowClient(uri).get_run(run_id)
     except MlflowException as error:

@@ -17,6 +17,7 @@ from cifar_exp.tracking import (
     default_artifact_location,
     flatten,
     git_tags,
+    resumable_run,
 )
 
 
@@ -163,7 +164,11 @@ def test_checkpoint_state_keeps_the_points_a_failing_store_did_not_take(store, m
         monkeypatch.undo()
 
 
-def test_resuming_a_run_that_is_not_in_the_store_is_refused(store):
+def test_resuming_a_run_that_is_not_in_the_store_is_refused(store, tmp_path):
     tracker = RunTracker(store, "unit", "x", run_id="0123abcd")
     with pytest.raises(CheckpointError, match="MLflow run 0123abcd is not in sqlite:///"):
         tracker.__enter__()
+    elsewhere = tmp_path / "other.db"
+    with pytest.raises(CheckpointError, match=r"other.db \(no such file\); resume with the "):
+        resumable_run(f"sqlite:///{elsewhere}", "0123abcd")
+    assert not elsewhere.exists()  # looking did not create an empty store
