@@ -77,7 +77,7 @@ class Resumed(NamedTuple):
 def load_resumed(cfg: DictConfig, config: dict[str, Any]) -> Resumed | None:
     """The checkpoint `resume` names, read and checked against this config and the MLflow
     store before any data is read; None for a new run."""
-    path = checkpoint.find_checkpoint(cfg.resume, output_dir() / checkpoint.FILENAME)
+    path = checkpoint.find_checkpoint(cfg.resume, checkpoint_path(cfg, None))
     if path is None:
         return None
     state = checkpoint.load_checkpoint(path)

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_exp import run as run_module
 from cifar_exp.config import compose_config
+from cifar_exp.errors import CheckpointError
 
 METRICS = ("loss", "lr", "examples_per_sec", "sec_per_batch", "precision", "test_loss")
 
@@ -97,6 +98,12 @@ def test_task_function_returns_the_final_precision(tmp_path, data_root):
     [run] = runs_in(store)
     assert precision == run.data.metrics["precision"]
     assert run.info.run_name == "tf_cnn-adam-10"
+
+
+def test_resume_true_looks_where_checkpoint_path_points(tmp_path):
+    cfg = compose_config([f"checkpoint.path={tmp_path / 'kept.pt'}", "resume=true"])
+    with pytest.raises(CheckpointError, match=f"no checkpoint at {tmp_path / 'kept.pt'}"):
+        run_module.load_resumed(cfg, {})
 
 
 def test_multirun_gives_each_job_its_own_run(tmp_path, data_root):
