@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -31,3 +33,15 @@ class EpochSampler:
         indices = self._order[self._position : self._position + self.batch_size]
         self._position += self.batch_size
         return indices
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the walk stands: this epoch's permutation, the position in it, the epoch.
+        (The generator's own state is saved by whoever owns the generator.)"""
+        return {"order": self._order.cpu(), "position": self._position, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        order = state["order"]
+        if order.shape != (self.num_items,):
+            raise ValueError(f"sampler state walks {order.numel()} items, not {self.num_items}")
+        self._order = order.to(self.device)
+        self._position, self.epoch = int(state["position"]), int(state["epoch"])

@@ -23,6 +23,8 @@ class DataConfig:
     name: str = "cifar10"
     root: str = "${oc.env:CIFAR_EXP_DATA,./data}"
     download: bool = False
+    verify: bool = False  # check the files' MD5s (the official ones, or `manifest`'s)
+    manifest: str | None = None  # a file of `md5  path` lines; given, it implies verify
 
 
 @dataclass
@@ -35,6 +37,13 @@ class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "cifar_exp"
     log_model: bool = True
+    flush_seconds: float = 10.0  # metric points are written at most this often
+
+
+@dataclass
+class CheckpointConfig:
+    every: int | None = 1000  # steps between checkpoints; 0 or null: only at the end
+    path: str | None = None  # null: checkpoint.pt in the run's Hydra output folder
 
 
 @dataclass
@@ -48,6 +57,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # false: a new run; true: continue from the checkpoint in the run folder; or a file.
+    resume: Any = False
     steps: int = 3000
     batch_size: int = 128
     eval_batch_size: int = 500
@@ -98,3 +110,13 @@ def validate(cfg: DictConfig) -> None:
     decay = cfg.ema.decay
     if decay is not None and not 0 <= decay < 1:
         raise ConfigError(f"ema.decay={decay} must lie in [0, 1), or be null to turn EMA off")
+    every = cfg.checkpoint.every
+    if every is not None and every < 0:
+        raise ConfigError(f"checkpoint.every={every} must be a number of steps, or 0 (or null) "
+                          f"for a checkpoint only at the end")
+    if cfg.tracking.flush_seconds < 0:
+        raise ConfigError(f"tracking.flush_seconds={cfg.tracking.flush_seconds} must be >= 0")
+    resume = cfg.resume
+    if not isinstance(resume, bool) and not (isinstance(resume, str) and resume):
+        raise ConfigError(f"resume={resume} must be true, false or the path of a checkpoint "
+                          f"file")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cifar_exp import checksums
 from cifar_exp.errors import DataError
 
 IMAGE_SHAPE = (3, 32, 32)
@@ -37,6 +38,14 @@ class CifarSpec:
     python_meta: str
     python_meta_key: str
     torchvision_class: str
+
+    def files(self, folder: Path) -> list[Path]:
+        """The files of the layout in `folder` (training batches, test batch, class names)."""
+        if folder.name == self.binary_folder:
+            names = (*self.binary_train, self.binary_test, self.binary_meta)
+        else:
+            names = (*self.python_train, self.python_test, self.python_meta)
+        return [folder / name for name in names]
 
 
 SPECS = {
@@ -106,20 +115,45 @@ def default_root() -> str:
 
 
 def load_cifar(name: str = "cifar10", root: str | os.PathLike | None = None,
-               download: bool = False) -> CifarData:
+               download: bool = False, verify: bool = False,
+               manifest: str | os.PathLike | None = None) -> CifarData:
     """Load data set `name` (cifar10 | cifar100) from `root`, the folder that holds
-    its binary or python layout; with `download`, fetch the official archive if absent."""
+    its binary or python layout; with `download`, fetch the official archive if absent.
+    With `verify`, check the files' MD5s first: against `manifest` (which implies
+    `verify`), else against the official archive's."""
+    spec = _spec(name)
+    root = _root(root)
+    binary, python = root / spec.binary_folder, root / spec.python_folder
+    if download and not binary.is_dir() and not python.is_dir():
+        _download(spec, root)
+    folder = _locate(spec, root)
+    if verify or manifest is not None:
+        files = [_require(path, spec) for path in spec.files(folder)]
+        checksums.verify(root, files, Path(manifest).expanduser() if manifest else None)
+    return _load_binary(spec, folder) if folder == binary else _load_python(spec, folder)
+
+
+def data_files(name: str = "cifar10", root: str | os.PathLike | None = None) -> list[Path]:
+    """The files load_cifar reads from `root` (the binary layout where both are there)."""
+    spec = _spec(name)
+    return spec.files(_locate(spec, _root(root)))
+
+
+def _spec(name: str) -> CifarSpec:
     if name not in SPECS:
         raise DataError(f"unknown data set {name!r}; choose one of {sorted(SPECS)}")
-    spec = SPECS[name]
-    root = Path(root if root is not None else default_root()).expanduser().resolve()
-    binary, python = root / spec.binary_folder, root / spec.python_folder
-    if not binary.is_dir() and not python.is_dir() and download:
-        _download(spec, root)
-    if binary.is_dir():
-        return _load_binary(spec, binary)
-    if python.is_dir():
-        return _load_python(spec, python)
+    return SPECS[name]
+
+
+def _root(root: str | os.PathLike | None) -> Path:
+    return Path(root if root is not None else default_root()).expanduser().resolve()
+
+
+def _locate(spec: CifarSpec, root: Path) -> Path:
+    """The layout folder under `root`: binary where both are present."""
+    for folder in (root / spec.binary_folder, root / spec.python_folder):
+        if folder.is_dir():
+            return folder
     raise DataError(
         f"{spec.title} not found: no {spec.binary_folder}/ or {spec.python_folder}/ in {root}; "
         f"set data.root (or CIFAR_EXP_DATA) to the folder that holds one, "
@@ -259,23 +293,35 @@ def _assemble(train: list[tuple[np.ndarray, np.ndarray]], test: tuple[np.ndarray
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m cifar_exp.data [--download]`: check (or fetch) a data set and time its load."""
+    """`python -m cifar_exp.data [--download] [--verify] [--manifest FILE]`: check (or
+    fetch) a data set and time its load; `--write-manifest FILE` writes its files' MD5s."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--name", choices=sorted(SPECS), default="cifar10")
     parser.add_argument("--root", default=None, help="default: $CIFAR_EXP_DATA, else ./data")
     parser.add_argument("--download", action="store_true", help="fetch the archive if absent")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the files' MD5s (the official ones, or --manifest's)")
+    parser.add_argument("--manifest", default=None, help="check against this manifest")
+    parser.add_argument("--write-manifest", metavar="FILE", default=None,
+                        help="write the MD5s of the data files found to FILE, then stop")
     args = parser.parse_args(argv)
+    root = _root(args.root)
     start = time.perf_counter()
     try:
-        data = load_cifar(args.name, args.root, args.download)
+        if args.write_manifest:
+            files = [_require(path, SPECS[args.name]) for path in data_files(args.name, root)]
+            checksums.write_manifest(root, files, Path(args.write_manifest))
+            print(f"wrote the MD5s of {len(files)} files under {root} to {args.write_manifest}")
+            return
+        data = load_cifar(args.name, root, args.download, args.verify, args.manifest)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     seconds = time.perf_counter() - start
-    root = Path(args.root or default_root()).resolve()
+    checked = ", files verified" if args.verify or args.manifest else ""
     print(f"{SPECS[args.name].title} in {root}: {len(data.train_labels):,} training and "
           f"{len(data.test_labels):,} test images, {data.num_classes} classes, "
-          f"loaded in {seconds:.2f} s")
+          f"loaded in {seconds:.2f} s{checked}")
 
 
 if __name__ == "__main__":

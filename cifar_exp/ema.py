@@ -5,6 +5,7 @@ are not dominated by the random initialisation."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,3 +28,10 @@ class WeightAverage:
         torch._foreach_lerp_(self._shadow, list(model.parameters()), 1.0 - decay)
         for shadow, current in zip(self._shadow_buffers, model.buffers(), strict=True):
             shadow.copy_(current)  # e.g. batch-norm statistics follow the live model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])

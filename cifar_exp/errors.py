@@ -1,5 +1,7 @@
 """Errors that reach the user as one line: what is wrong and how to fix it."""
 
+import signal
+
 
 class UserError(Exception):
     """Bad input (config, data, environment) that the user can fix; printed without traceback."""
@@ -20,3 +22,25 @@ class NonFiniteLoss(Exception):
         super().__init__(f"loss became {loss} at step {step} (lr {lr:g}); training stopped, "
                          f"the run is marked FAILED: try a lower optimizer.lr")
         self.step, self.loss, self.lr = step, loss, lr
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, untrusted, or from another run."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training; `step` is the step boundary where it stopped
+    (None: a second signal stopped it at once, without a checkpoint). A KeyboardInterrupt,
+    so that code catching Exception lets it through and the MLflow run ends KILLED."""
+
+    def __init__(self, signum: int, step: int | None) -> None:
+        self.signal_name = signal.Signals(signum).name
+        where = f"at step {step}" if step is not None else "at once"
+        super().__init__(f"stopped by {self.signal_name} {where}")
+        self.signum, self.step = signum, step
+        self.hint = ""  # how to continue, filled in by whoever knows the checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 130 SIGINT, 143 SIGTERM."""
+        return 128 + self.signum

@@ -2,6 +2,10 @@
 
     python -m cifar_exp.run [overrides]          one run
     python -m cifar_exp.run -m key=a,b [...]     a sweep, one MLflow run per job
+    python -m cifar_exp.run [the same overrides] hydra.run.dir=<its folder> resume=true
+
+Exit codes: 0 done, 1 the loss diverged, 2 bad input, 130 / 143 stopped by SIGINT /
+SIGTERM (after a checkpoint: resume=true goes on).
 """
 
 from __future__ import annotations
@@ -9,8 +13,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import hydra
 import torch
@@ -18,10 +24,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_exp import checkpoint
 from cifar_exp.build import build_experiment, resolve_device
 from cifar_exp.config import register_schema, validate
 from cifar_exp.data import load_cifar
-from cifar_exp.errors import NonFiniteLoss, UserError
+from cifar_exp.errors import CheckpointError, NonFiniteLoss, Stopped, UserError
+from cifar_exp.stop import StopRequest
 from cifar_exp.tracking import (
     PARENT_RUN_ENV,
     RunTracker,
@@ -29,6 +37,7 @@ from cifar_exp.tracking import (
     command_line,
     flatten,
     git_tags,
+    resumable_run,
 )
 from cifar_exp.train import TrainResult, train
 
@@ -62,16 +71,69 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def output_dir() -> Path:
+    """The job's Hydra output folder (the current folder outside a Hydra app)."""
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+
+
+def checkpoint_path(cfg: DictConfig, resumed_from: Path | None) -> Path:
+    """Where this job writes its checkpoint: checkpoint.path if set, else the file it
+    resumed from, else checkpoint.pt in its output folder."""
+    if cfg.checkpoint.path:
+        return Path(cfg.checkpoint.path).expanduser()
+    return resumed_from or output_dir() / checkpoint.FILENAME
+
+
+def resume_command(path: Path) -> str:
+    """The command that continues this job from `path`."""
+    kept = [o for o in task_overrides() if not o.startswith(("resume=", "hydra.run.dir="))]
+    default = output_dir() / checkpoint.FILENAME
+    single_run = HydraConfig.initialized() and HydraConfig.get().mode.name == "RUN"
+    where = ([f"hydra.run.dir={output_dir()}", "resume=true"] if single_run and path == default
+             else [f"resume={path}"])
+    return shlex.join(["python", "-m", "cifar_exp.run", *kept, *where])
+
+
+class Resumed(NamedTuple):
+    path: Path
+    state: dict[str, Any]
+
+
+def load_resumed(cfg: DictConfig, config: dict[str, Any]) -> Resumed | None:
+    """The checkpoint `resume` names, read and checked against this config and the MLflow
+    store before any data is read; None for a new run."""
+    path = checkpoint.find_checkpoint(cfg.resume, checkpoint_path(cfg, None))
+    if path is None:
+        return None
+    state = checkpoint.load_checkpoint(path)
+    checkpoint.check_config(state, config, path)
+    run = resumable_run(cfg.tracking.uri, state["tracking"]["run_id"])
+    if state["step"] >= cfg.steps and run.info.status == "FINISHED":
+        raise CheckpointError(f"{path}: run {run.info.run_id} already finished all "
+                              f"{cfg.steps} steps; nothing to resume")
+    return Resumed(path, state)
+
+
 def run_experiment(cfg: DictConfig) -> TrainResult:
     """Check `cfg`, load the data onto the device, build every part, train, and track the
-    run in MLflow. Bad input fails before a run is opened, so none is left RUNNING."""
+    run in MLflow. Bad input fails before a run is opened, so none is left RUNNING. With
+    `resume`, the parts and the MLflow run continue from a checkpoint."""
     validate(cfg)
     check_tracking_uri(cfg.tracking.uri)
+    config = flatten(OmegaConf.to_container(cfg, resolve=True))
+    resumed = load_resumed(cfg, config)
+    path = checkpoint_path(cfg, resumed.path if resumed else None)
+    if resumed is None and path.exists():
+        raise CheckpointError(f"{path} exists: resume=true continues that run; to start "
+                              f"afresh remove it or choose another hydra.run.dir")
     device = resolve_device(cfg.device, sweep_job_number())
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download).to(device)
+    data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.verify,
+                      cfg.data.manifest).to(device)
     experiment = build_experiment(cfg, data)
+    parts = (experiment.model, experiment.optimizer, experiment.scheduler, experiment.ema)
+    loop_state = checkpoint.restore(resumed.state, resumed.path, *parts) if resumed else None
 
     tags = {"command": command_line(),
             "overrides": " ".join(task_overrides()),
@@ -80,27 +142,50 @@ def run_experiment(cfg: DictConfig) -> TrainResult:
             "precision": experiment.settings.precision,
             "compile": experiment.settings.compile,
             **git_tags(PROJECT_ROOT)}
+    tracking: dict[str, Any] = {}
+    if resumed is not None:
+        tracking = {"run_id": resumed.state["tracking"]["run_id"],
+                    "pending": resumed.state["tracking"]["pending"]}
+        # The run keeps the tags it started with; this one says where it was taken up.
+        tags = {"resumed_from_step": str(resumed.state["step"])}
     name = run_name(cfg)
-    parent_run_id = os.environ.get(PARENT_RUN_ENV)
-    with RunTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags,
-                    parent_run_id=parent_run_id) as tracker:
-        log.info("MLflow run %s (%s) in %s", tracker.run_id, name, cfg.tracking.uri)
-        tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        if HydraConfig.initialized():
-            tracker.log_text("\n".join(task_overrides()) + "\n", "overrides.txt")
-        result = train(experiment.model, experiment.optimizer, experiment.scheduler,
-                       experiment.augmentation, data, experiment.settings, tracker,
-                       experiment.ema)
-        tracker.log_state_dict(experiment.model, "weights.pt")
-        evaluated = experiment.model
-        if experiment.ema is not None:
-            evaluated = experiment.ema.model
-            tracker.log_state_dict(evaluated, "ema_weights.pt")
-        if cfg.tracking.log_model:
-            tracker.log_model(evaluated, experiment.augmentation.eval(data.test_images[:8]))
-    log.info("final precision @ 1 = %.4f (%.0f examples/sec, %.1f s training)",
-             result.precision, result.examples_per_sec, result.train_seconds)
+    try:
+        with StopRequest() as stop, RunTracker(cfg.tracking.uri, cfg.tracking.experiment, name,
+                                               tags, cfg.tracking.flush_seconds,
+                                               os.environ.get(PARENT_RUN_ENV),
+                                               **tracking) as tracker:
+            if resumed is not None:
+                log.info("MLflow run %s resumed from step %d of %s (the store holds points up "
+                         "to step %d: none is written twice)", tracker.run_id,
+                         resumed.state["step"], resumed.path, tracker.stored_up_to)
+            else:
+                log.info("MLflow run %s (%s) in %s", tracker.run_id, name, cfg.tracking.uri)
+                tracker.log_params(config)
+                tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+                if HydraConfig.initialized():
+                    tracker.log_text("\n".join(task_overrides()) + "\n", "overrides.txt")
+            every = cfg.checkpoint.every or 0
+            checkpointer = checkpoint.Checkpointer(path, every, *parts, config,
+                                                   tracker.checkpoint_state)
+            log.info("checkpoints to %s %s", path,
+                     f"every {every} steps and at the end" if every else "at the end")
+            result = train(experiment.model, experiment.optimizer, experiment.scheduler,
+                           experiment.augmentation, data, experiment.settings, tracker,
+                           experiment.ema, checkpointer, loop_state, stop)
+            tracker.log_state_dict(experiment.model, "weights.pt")
+            evaluated = experiment.model
+            if experiment.ema is not None:
+                evaluated = experiment.ema.model
+                tracker.log_state_dict(evaluated, "ema_weights.pt")
+            if cfg.tracking.log_model:
+                tracker.log_model(evaluated, experiment.augmentation.eval(data.test_images[:8]))
+    except Stopped as stopped:
+        if stopped.step is not None:
+            stopped.hint = f"checkpoint {path}; continue with: {resume_command(path)}"
+        raise
+    log.info("final precision @ 1 = %.4f (%.0f examples/sec, %.1f s training, %.1f s "
+             "writing checkpoints)", result.precision, result.examples_per_sec,
+             result.train_seconds, checkpointer.seconds)
     return result
 
 
@@ -116,6 +201,13 @@ def main(cfg: DictConfig) -> float:
         if sweep_job_number() is not None:
             return math.nan  # one diverged job (its run marked FAILED) does not end the sweep
         sys.exit(1)
+    except Stopped as stopped:
+        print(f"{stopped}; the MLflow run is marked KILLED"
+              + (f"; {stopped.hint}" if stopped.hint else ""), file=sys.stderr)
+        sys.exit(stopped.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+        print("stopped by SIGINT before training started", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import mlflow
 import requests
 import torch
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, Run, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from cifar_exp.errors import ConfigError
+from cifar_exp.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -126,28 +127,69 @@ def open_experiment(uri: str, name: str) -> str:
                                                          tags), "create experiment")
 
 
+def resumable_run(uri: str, run_id: str) -> Run:
+    """The run a checkpoint continues, checked before any work: it must be in the store."""
+    if (database := sqlite_path(uri)) is not None and not database.is_file():
+        # Checked first: opening a SQLite store that is not there would create it.
+        raise CheckpointError(f"the checkpoint's MLflow run {run_id} is not in {uri} (no such "
+                              f"file); resume with the tracking.uri the run was started with")
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException as error:
+        raise CheckpointError(f"the checkpoint's MLflow run {run_id} is not in {uri}; resume "
+                              f"with the tracking.uri the run was started with") from error
+    if run.info.lifecycle_stage == "deleted":
+        raise CheckpointError(f"the checkpoint's MLflow run {run_id} was deleted from {uri}; "
+                              f"restore it (mlflow runs restore) or start a new run")
+    return run
+
+
+# A metric point as a checkpoint stores it: (key, value, timestamp in ms, step).
+PointTuple = tuple[str, float, int, int]
+
+
 class RunTracker:
     """An MLflow run used as a context manager: it ends FINISHED, or FAILED when the body
-    raises (KILLED on Ctrl-C). Metrics are buffered and written with log_batch, at most
-    every `flush_seconds`, so logging costs no time on the training steps in between."""
+    raises (KILLED on Ctrl-C or a stop signal). Metrics are buffered and written with
+    log_batch, at most every `flush_seconds`, so logging costs no time on the training
+    steps in between.
+
+    With `run_id` it reopens that run instead of starting one (a resumed job): the points
+    `pending` from its checkpoint are written first, and any point whose (key, step) is
+    already in the store is dropped, so a step redone after a kill is not recorded twice."""
 
     def __init__(self, uri: str, experiment: str, run_name: str,
                  tags: Mapping[str, str] | None = None, flush_seconds: float = 10.0,
-                 parent_run_id: str | None = None) -> None:
+                 parent_run_id: str | None = None, run_id: str | None = None,
+                 pending: Sequence[PointTuple] = ()) -> None:
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self.tags = dict(tags or {})
         if parent_run_id:  # a job of a sweep: shown nested under the sweep's run
             self.tags["mlflow.parentRunId"] = parent_run_id
         self.flush_seconds = flush_seconds
         self._buffer: list[Metric] = []
+        self._pending = list(pending)
+        self._written: set[tuple[str, int]] = set()  # (key, step) already in a resumed run
+        self.stored_up_to = 0  # the last step with a point in the store (a resumed run)
         self._last_flush = time.monotonic()
         self.failed_writes = 0
         self._failing = self._recovery_logged = False
-        self.run_id = ""
+        self.run_id = run_id or ""
 
     def __enter__(self) -> RunTracker:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
+        if self.run_id:
+            existing = resumable_run(self.uri, self.run_id)
+            mlflow.set_experiment(experiment_id=existing.info.experiment_id)
+            with_retries(lambda: mlflow.start_run(run_id=self.run_id, tags=self.tags),
+                         "reopen run")
+            self._written = {(key, point.step) for key in existing.data.metrics
+                             for point in self.client.get_metric_history(self.run_id, key)}
+            self.stored_up_to = max((step for _, step in self._written), default=0)
+            for key, value, timestamp, step in self._pending:
+                self._add(Metric(key, value, timestamp, step))
+            return self
         experiment_id = open_experiment(self.uri, self.experiment)
         run = with_retries(lambda: mlflow.start_run(experiment_id=experiment_id,
                                                     run_name=self.run_name, tags=self.tags),
@@ -165,7 +207,7 @@ class RunTracker:
                       len(self._buffer), self.failed_writes)
         if exc_type is None:
             status = RunStatus.FINISHED
-        elif issubclass(exc_type, KeyboardInterrupt):
+        elif issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C, or cifar_exp's Stopped
             status = RunStatus.KILLED
         else:
             status = RunStatus.FAILED
@@ -181,10 +223,24 @@ class RunTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         timestamp = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), timestamp, step) for k, v in metrics.items())
+        for key, value in metrics.items():
+            self._add(Metric(key, float(value), timestamp, step))
         full = len(self._buffer) >= MAX_METRICS_PER_BATCH and not self._failing
         if full or time.monotonic() - self._last_flush >= self.flush_seconds:
             self._failing = not self.flush()  # while failing, retry every flush_seconds
+
+    def _add(self, point: Metric) -> None:
+        if (point.key, point.step) not in self._written:
+            self._buffer.append(point)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Write the buffered points, then return what a checkpoint must hold for a resumed
+        job to continue this run: its id, and the points the store did not take (if it is
+        failing), so that no point up to the checkpoint's step is lost."""
+        self._failing = not self.flush()
+        pending: list[PointTuple] = [(m.key, m.value, m.timestamp, m.step)
+                                     for m in self._buffer]
+        return {"run_id": self.run_id, "pending": pending}
 
     def flush(self) -> bool:
         """Write the buffered points. A failed write keeps them for the next try, so a

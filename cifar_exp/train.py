@@ -1,14 +1,18 @@
-"""The generic training loop: steps, periodic logging and evaluation, optional EMA.
+"""The generic training loop: steps, periodic logging and evaluation, optional EMA,
+checkpoints at step boundaries, and a stop on request (SIGINT/SIGTERM).
 
-It knows nothing of Hydra or MLflow: it takes built parts, plain settings and a metric sink."""
+It knows nothing of Hydra or MLflow: it takes built parts, plain settings, a metric sink
+and, optionally, a checkpoint saver, the state to resume from and a stop request."""
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -19,7 +23,7 @@ from cifar_exp.augment import Augmentation
 from cifar_exp.batches import EpochSampler
 from cifar_exp.data import CifarData
 from cifar_exp.ema import WeightAverage
-from cifar_exp.errors import NonFiniteLoss
+from cifar_exp.errors import NonFiniteLoss, Stopped
 from cifar_exp.evaluate import evaluate
 from cifar_exp.step import TrainingStep, memory_format
 
@@ -28,6 +32,39 @@ log = logging.getLogger(__name__)
 
 class MetricSink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+@dataclass
+class LoopState:
+    """What the loop itself holds at a step boundary, beyond the state of the parts it is
+    given (model, optimizer, scheduler, EMA): enough to continue exactly where it stopped."""
+
+    step: int  # the last step done
+    generator: torch.Tensor  # the training generator: batch order and augmentation draws
+    sampler: dict[str, Any]
+    window: dict[str, Any]  # losses and time of the log window in progress
+    train_seconds: float
+    scaler: dict[str, Any]  # fp16 loss scaling (empty otherwise)
+    precision: float  # the last evaluation's: a run resumed at its last step reports it
+    test_loss: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> LoopState:
+        return cls(**state)
+
+
+class CheckpointSaver(Protocol):
+    """Saves the parts' state with the loop's; the loop decides when."""
+
+    every: int  # steps between checkpoints; 0: only at the end (and when stopped)
+
+    def save(self, loop: LoopState) -> None: ...
+
+
+StopCheck = Callable[[], int | None]  # the number of a signal that asked to stop, or None
 
 
 @dataclass
@@ -55,8 +92,14 @@ class TrainResult:
 def train(model: nn.Module, optimizer: torch.optim.Optimizer,
           scheduler: torch.optim.lr_scheduler.LRScheduler, augmentation: Augmentation,
           data: CifarData, settings: TrainSettings, sink: MetricSink,
-          ema: WeightAverage | None = None) -> TrainResult:
-    """Train for `settings.steps` steps on `data` (already on the model's device)."""
+          ema: WeightAverage | None = None, checkpoints: CheckpointSaver | None = None,
+          resume: LoopState | None = None, stop: StopCheck | None = None) -> TrainResult:
+    """Train for `settings.steps` steps on `data` (already on the model's device).
+
+    With `resume` (and the parts already loaded from the same checkpoint) the loop goes on
+    from the step after `resume.step`, exactly as if it had never stopped. `checkpoints`
+    saves every `checkpoints.every` steps, at the end, and when `stop` reports a signal,
+    after which the loop raises Stopped."""
     device = data.train_images.device
     generator = torch.Generator(device).manual_seed(settings.seed)
     sampler = EpochSampler(data.train_labels.numel(), settings.batch_size, generator, device)
@@ -70,10 +113,30 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
     window = _SpeedWindow(settings.batch_size, settings.log_every, device)
     train_seconds = 0.0
     precision = test_loss = float("nan")
-    bar = tqdm(total=settings.steps, unit="step", disable=not settings.progress or None,
-               dynamic_ncols=True)
+    first_step = 1
+    if resume is not None:
+        generator.set_state(resume.generator)
+        sampler.load_state_dict(resume.sampler)
+        window.load_state_dict(resume.window)
+        if resume.scaler:
+            training_step.scaler.load_state_dict(resume.scaler)
+        train_seconds = resume.train_seconds
+        precision, test_loss = resume.precision, resume.test_loss
+        first_step = resume.step + 1
+
+    def save_checkpoint(step: int) -> None:
+        assert checkpoints is not None
+        window.pause()
+        window.check_finite()  # never replace the last good checkpoint by a diverged state
+        checkpoints.save(LoopState(step, generator.get_state(), sampler.state_dict(),
+                                   window.state_dict(), train_seconds,
+                                   training_step.scaler.state_dict(), precision, test_loss))
+        window.resume()
+
+    bar = tqdm(total=settings.steps, initial=first_step - 1, unit="step",
+               disable=not settings.progress or None, dynamic_ncols=True)
     with logging_redirect_tqdm(), bar:
-        for step in range(1, settings.steps + 1):
+        for step in range(first_step, settings.steps + 1):
             indices = sampler.next()
             inputs = augmentation.train(data.train_images[indices], generator)
             inputs = inputs.contiguous(memory_format=layout)
@@ -106,6 +169,17 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
                 log.info("step %d, precision @ 1 = %.4f, test loss = %.4f",
                          step, precision, test_loss)
                 window.resume()
+            signum = stop() if stop is not None else None
+            if signum is not None:
+                log.warning("step %d, %s received: stopping here", step,
+                            signal.Signals(signum).name)
+            due = checkpoints is not None and (
+                last or signum is not None
+                or (checkpoints.every > 0 and step % checkpoints.every == 0))
+            if due:
+                save_checkpoint(step)
+            if signum is not None:
+                raise Stopped(signum, step)
     examples = settings.steps * settings.batch_size
     return TrainResult(precision, test_loss, examples / max(train_seconds, 1e-9), train_seconds)
 
@@ -132,10 +206,7 @@ class _SpeedWindow:
         """(mean loss, examples/sec, sec/batch) of the window, then start a new one."""
         steps = len(self.lrs)
         losses = self.losses[:steps].tolist()  # waits for the device
-        for offset, loss in enumerate(losses):
-            if not math.isfinite(loss):
-                self.diverged = NonFiniteLoss(self.first_step + offset, loss, self.lrs[offset])
-                break
+        self.diverged = self._first_non_finite(losses)
         mean_loss = math.fsum(losses) / steps
         self.seconds = time.perf_counter() - self._start
         examples_per_sec = steps * self.batch_size / self.seconds
@@ -145,6 +216,18 @@ class _SpeedWindow:
         self._start = time.perf_counter()
         return mean_loss, examples_per_sec, sec_per_batch
 
+    def _first_non_finite(self, losses: list[float]) -> NonFiniteLoss | None:
+        for offset, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                return NonFiniteLoss(self.first_step + offset, loss, self.lrs[offset])
+        return None
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss if a loss of the window so far is inf or nan."""
+        diverged = self._first_non_finite(self.losses[: len(self.lrs)].tolist())
+        if diverged is not None:
+            raise diverged
+
     def pause(self) -> None:
         """Stop the clock (for evaluation) once queued training work has finished."""
         if self.losses.device.type == "cuda":
@@ -153,3 +236,16 @@ class _SpeedWindow:
 
     def resume(self) -> None:
         self._start += time.perf_counter() - self._paused_at
+
+    def state_dict(self) -> dict[str, Any]:
+        """The window in progress; call while paused (the clock stands at the pause)."""
+        steps = len(self.lrs)
+        return {"losses": self.losses[:steps].cpu(), "lrs": list(self.lrs),
+                "first_step": self.first_step, "seconds": self._paused_at - self._start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        losses = state["losses"]
+        self.losses[: losses.numel()].copy_(losses)
+        self.lrs = list(state["lrs"])
+        self.first_step = int(state["first_step"])
+        self._start = time.perf_counter() - float(state["seconds"])

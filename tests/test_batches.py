@@ -36,3 +36,21 @@ def test_same_seed_same_batches():
 def test_batch_larger_than_the_data_is_refused():
     with pytest.raises(ValueError, match="batch_size 11 exceeds the 10 training images"):
         make(10, 11)
+
+
+def test_state_continues_the_walk_across_epochs():
+    walked = make(50, 8, seed=3)
+    for _ in range(7):  # into the second epoch
+        walked.next()
+    state, generator_state = walked.state_dict(), walked.generator.get_state()
+    resumed = make(50, 8, seed=99)
+    resumed.load_state_dict(state)
+    resumed.generator.set_state(generator_state)
+    assert resumed.epoch == walked.epoch == 1
+    for _ in range(20):
+        assert torch.equal(resumed.next(), walked.next())
+
+
+def test_state_of_another_data_set_is_refused():
+    with pytest.raises(ValueError, match="sampler state walks 50 items, not 60"):
+        make(60, 8).load_state_dict(make(50, 8).state_dict())

@@ -34,6 +34,24 @@ def test_defaults_are_the_seed_experiment():
     assert cfg.augmentation.name == "tf_distort" and cfg.schedule.name == "constant"
     assert cfg.log_every == 10 and cfg.ema.decay is None
     assert cfg.tracking.uri == "sqlite:///mlflow.db"
+    assert cfg.checkpoint.every == 1000 and cfg.checkpoint.path is None
+    assert cfg.resume is False and cfg.data.verify is False and cfg.data.manifest is None
+
+
+@pytest.mark.parametrize("override,value", [
+    ("resume=true", True), ("resume=false", False), ("resume=outputs/x/checkpoint.pt",
+                                                     "outputs/x/checkpoint.pt")])
+def test_resume_takes_a_flag_or_a_file(override, value):
+    cfg = compose_config([override])
+    validate(cfg)
+    assert cfg.resume == value
+
+
+def test_checkpoint_every_zero_or_null_is_accepted():
+    for value, expected in (("0", 0), ("null", None)):
+        cfg = compose_config([f"checkpoint.every={value}"])
+        validate(cfg)
+        assert cfg.checkpoint.every == expected
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -95,6 +113,9 @@ def test_schema_rejects_wrong_types():
     ("ema.decay=1.0", r"ema.decay=1.0 must lie in \[0, 1\)"),
     ("precision=fp8", "precision=fp8 is unknown; use auto or one of fp32, bf16, fp16"),
     ("compile=fastest", "compile=fastest is unknown"),
+    ("checkpoint.every=-1", r"checkpoint.every=-1 must be a number of steps, or 0 \(or null\)"),
+    ("resume=3", "resume=3 must be true, false or the path of a checkpoint file"),
+    ("tracking.flush_seconds=-1", r"tracking.flush_seconds=-1.0 must be >= 0"),
 ])
 def test_bad_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torchvision.datasets
 
-from cifar_exp.data import load_cifar
+from cifar_exp import checksums
+from cifar_exp.data import data_files, load_cifar, main
 from cifar_exp.errors import DataError
 from tests.conftest import synthetic_images, write_binary_batch, write_pickle
 
@@ -174,17 +175,79 @@ def test_to_moves_every_tensor(tiny_cifar10_binary):
 
 
 def test_data_command_reports_the_set(data_root, capsys):
-    from cifar_exp.data import main
-
     main(["--root", str(data_root)])
     printed = capsys.readouterr().out
     assert "CIFAR-10 in" in printed and "50,000 training and 10,000 test images" in printed
 
 
 def test_data_command_fails_with_one_line(tmp_path, capsys):
-    from cifar_exp.data import main
-
     with pytest.raises(SystemExit) as exit_info:
         main(["--root", str(tmp_path)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: CIFAR-10 not found")
+
+
+def test_manifest_written_for_a_copy_verifies_it(tiny_cifar10_binary, tmp_path, capsys):
+    manifest = tmp_path / "manifest.md5"
+    main(["--root", str(tiny_cifar10_binary), "--write-manifest", str(manifest)])
+    assert "wrote the MD5s of 7 files" in capsys.readouterr().out
+    lines = manifest.read_text().splitlines()
+    assert len(lines) == 7 and lines[0].endswith("  cifar-10-batches-bin/data_batch_1.bin")
+    data = load_cifar("cifar10", tiny_cifar10_binary, manifest=manifest)
+    assert data.train_images.shape[0] == 20
+
+
+def test_manifest_mismatch_names_the_file(tiny_cifar10_binary, tmp_path):
+    manifest = tmp_path / "manifest.md5"
+    main(["--root", str(tiny_cifar10_binary), "--write-manifest", str(manifest)])
+    changed = tiny_cifar10_binary / "cifar-10-batches-bin" / "data_batch_4.bin"
+    content = bytearray(changed.read_bytes())
+    content[100] ^= 1  # one bit: the size and the labels stay valid
+    changed.write_bytes(bytes(content))
+    load_cifar("cifar10", tiny_cifar10_binary)  # unchecked, it still loads
+    with pytest.raises(DataError) as error:
+        load_cifar("cifar10", tiny_cifar10_binary, verify=True, manifest=manifest)
+    message = str(error.value)
+    assert message.startswith(f"{changed}: MD5 {checksums.md5(changed)} differs from ")
+    assert f"in {manifest}; the file is corrupt or another copy" in message
+
+
+def test_manifest_without_the_file_or_malformed_is_refused(tiny_cifar10_binary, tmp_path):
+    manifest = tmp_path / "manifest.md5"
+    manifest.write_text("# only one file\n" + "0" * 32 + "  cifar-10-batches-bin/other.bin\n")
+    missing = tiny_cifar10_binary / "cifar-10-batches-bin" / "data_batch_1.bin"
+    with pytest.raises(DataError, match=f"{missing}: not listed in {manifest}"):
+        load_cifar("cifar10", tiny_cifar10_binary, manifest=manifest)
+    manifest.write_text("abc data_batch_1.bin\n")
+    with pytest.raises(DataError, match=r"manifest.md5:1: not an 'md5  path' line"):
+        load_cifar("cifar10", tiny_cifar10_binary, manifest=manifest)
+    with pytest.raises(DataError, match="data.manifest=/nowhere.md5: no such file"):
+        load_cifar("cifar10", tiny_cifar10_binary, manifest="/nowhere.md5")
+
+
+def test_python_layout_verifies_against_the_official_md5s(tiny_cifar10_python, monkeypatch):
+    folder = tiny_cifar10_python / "cifar-10-batches-py"
+    # The synthetic files are not the official ones: refused, naming the first file.
+    with pytest.raises(DataError, match=f"{folder / 'data_batch_1'}: MD5 .* differs from "
+                                        f"c99cafc152244af753f735de768cd75f in the official"):
+        load_cifar("cifar10", tiny_cifar10_python, verify=True)
+    official = {f"cifar-10-batches-py/{path.name}": checksums.md5(path)
+                for path in folder.iterdir()}
+    monkeypatch.setattr(checksums, "KNOWN_MD5", official)  # as if they were the official
+    assert load_cifar("cifar10", tiny_cifar10_python, verify=True).train_images.shape[0] == 20
+
+
+def test_binary_layout_needs_a_manifest_to_verify(tiny_cifar10_binary):
+    with pytest.raises(DataError, match="no official MD5 is known for cifar-10-batches-bin/ .* "
+                                        "give data.manifest=<file>"):
+        load_cifar("cifar10", tiny_cifar10_binary, verify=True)
+
+
+def test_real_data_verifies_against_its_own_manifest(data_root, tmp_path, capsys):
+    manifest = tmp_path / "manifest.md5"
+    main(["--root", str(data_root), "--write-manifest", str(manifest)])
+    names = [path.relative_to(data_root).as_posix() for path in data_files("cifar10", data_root)]
+    assert [line.split("  ")[1] for line in manifest.read_text().splitlines()] == names
+    main(["--root", str(data_root), "--manifest", str(manifest)])
+    printed = capsys.readouterr().out
+    assert "50,000 training and 10,000 test images" in printed and "files verified" in printed

@@ -2,14 +2,50 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from cifar_exp import run as run_module
 from cifar_exp.config import compose_config
+from cifar_exp.errors import CheckpointError
 from tests.conftest import cli
 
 METRICS = ("loss", "lr", "examples_per_sec", "sec_per_batch", "precision", "test_loss")
+
+
+def start(tmp_path: Path, *args: str, data_root: Path) -> tuple[subprocess.Popen, Path]:
+    """The command running in the background, its stdout and stderr going to a file."""
+    env = {**os.environ, "CIFAR_EXP_DATA": str(data_root)}
+    output = tmp_path / "output.txt"
+    with open(output, "w") as file:
+        process = subprocess.Popen([sys.executable, "-m", "cifar_exp.run", *args],
+                                   cwd=tmp_path, env=env, stdout=file, stderr=subprocess.STDOUT)
+    return process, output
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen,
+             timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (exit code {process.returncode}) before the condition")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the condition was not met in time")
+        time.sleep(0.1)
 
 
 def runs_in(store: str, experiment: str = "cifar_exp") -> list:
@@ -51,11 +87,18 @@ def test_twenty_step_run_logs_everything(tmp_path, data_root):
 def test_task_function_returns_the_final_precision(tmp_path, data_root):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = compose_config(["steps=10", "log_every=5", f"tracking.uri={store}",
-                          f"data.root={data_root}", "tracking.log_model=false"])
+                          f"data.root={data_root}", "tracking.log_model=false",
+                          f"checkpoint.path={tmp_path / 'checkpoint.pt'}"])
     precision = run_module.main.__wrapped__(cfg)
     [run] = runs_in(store)
     assert precision == run.data.metrics["precision"]
     assert run.info.run_name == "tf_cnn-adam-10"
+
+
+def test_resume_true_looks_where_checkpoint_path_points(tmp_path):
+    cfg = compose_config([f"checkpoint.path={tmp_path / 'kept.pt'}", "resume=true"])
+    with pytest.raises(CheckpointError, match=f"no checkpoint at {tmp_path / 'kept.pt'}"):
+        run_module.load_resumed(cfg, {})
 
 
 @pytest.mark.parametrize("args,message", [
@@ -63,13 +106,19 @@ def test_task_function_returns_the_final_precision(tmp_path, data_root):
     (["steps=0"], "error: steps=0 must be a positive integer"),
     (["optimizer.lr=-1"], "error: optimizer.lr=-1 must be a positive number"),
     (["augmentation.crop_size=40"], "error: augmentation.crop_size=40 must lie in 1..32"),
+    (["checkpoint.every=-5"], "error: checkpoint.every=-5 must be a number of steps"),
+    (["resume=/nonexistent/checkpoint.pt"],
+     "error: resume=/nonexistent/checkpoint.pt: no such checkpoint file"),
+    # The JPEG copy has no official MD5s: verifying it needs a manifest.
+    (["data.verify=true"], "error: <data>/cifar-10-batches-bin/data_batch_1.bin: no official "
+                           "MD5 is known for cifar-10-batches-bin/"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, data_root, args, message):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = cli(tmp_path, *args, f"tracking.uri={store}", data_root=data_root)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith(message)
+    assert result.stderr.startswith(message.replace("<data>", str(data_root)))
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow.db").exists()  # failed before any run was opened
 
@@ -91,3 +140,143 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, data_root):
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: MLflow tracking server http://127.0.0.1:9 does not answer")
     assert "step 10" not in result.stdout
+
+
+# 60 steps, checkpoints at 20 and 40 (and 60), evaluations at 30 and 60; every log line is
+# written to the store at once, so points past the last checkpoint reach it before a kill.
+RESUMABLE = ("steps=60", "eval_every=30", "tracking.log_model=false", "tracking.flush_seconds=0")
+
+
+def histories(store: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    client = MlflowClient(store)
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            for key in METRICS}
+
+
+def logged_weights(store: str, run_id: str, folder: Path) -> dict[str, torch.Tensor]:
+    mlflow.set_tracking_uri(store)
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="weights.pt",
+                                               dst_path=str(folder))
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_run(store: str, reference: dict, folder: Path) -> None:
+    """One FINISHED run whose metric histories hold each step once, with the uninterrupted
+    run's values (timings aside), and whose final weights are the same to the bit."""
+    [run] = runs_in(store)
+    assert run.info.status == "FINISHED"
+    logged = histories(store, run.info.run_id)
+    for key in METRICS:
+        steps = [step for step, _ in logged[key]]
+        assert steps == [step for step, _ in reference["histories"][key]], key
+    for key in ("loss", "lr", "precision", "test_loss"):
+        assert logged[key] == reference["histories"][key], key
+    weights = logged_weights(store, run.info.run_id, folder)
+    assert weights.keys() == reference["weights"].keys()
+    for name, tensor in reference["weights"].items():
+        assert torch.equal(weights[name], tensor), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_root) -> dict:
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    result = cli(folder, *RESUMABLE, f"tracking.uri={store}", f"hydra.run.dir={folder / 'run'}",
+                 data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run] = runs_in(store)
+    return {"histories": histories(store, run.info.run_id),
+            "weights": logged_weights(store, run.info.run_id, folder)}
+
+
+def max_logged_step(database: Path, key: str) -> int:
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+            [(step,)] = connection.execute("SELECT MAX(step) FROM metrics WHERE key = ?", (key,))
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+    return step or 0
+
+
+def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, data_root, uninterrupted):
+    database = tmp_path / "mlflow.db"
+    args = (*RESUMABLE, "checkpoint.every=20", f"tracking.uri=sqlite:///{database}",
+            f"hydra.run.dir={tmp_path / 'run'}")
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    process, _ = start(tmp_path, *args, data_root=data_root)
+
+    def points_past_the_checkpoint() -> bool:
+        if not checkpoint.exists():
+            return False
+        saved_at = torch.load(checkpoint, weights_only=True)["step"]
+        return max_logged_step(database, "loss") > saved_at
+
+    wait_for(points_past_the_checkpoint, process)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
+    assert killed_at in (20, 40)
+    assert max_logged_step(database, "loss") > killed_at  # to be redone, not logged twice
+    [run] = runs_in(f"sqlite:///{database}")
+    assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
+
+    result = cli(tmp_path, *args, "resume=true", data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from step {killed_at} of {checkpoint}" in result.stdout + result.stderr
+    assert_same_run(f"sqlite:///{database}", uninterrupted, tmp_path)
+    assert runs_in(f"sqlite:///{database}")[0].info.run_id == run.info.run_id
+
+
+def test_sigterm_saves_a_checkpoint_marks_the_run_killed_and_resume_finishes(
+        tmp_path, data_root, uninterrupted):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = (*RESUMABLE, "checkpoint.every=0", f"tracking.uri={store}",
+            f"hydra.run.dir={tmp_path / 'run'}")
+    process, output = start(tmp_path, *args, data_root=data_root)
+    wait_for(lambda: "step 10, loss = " in output.read_text(), process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 143
+    last_line = output.read_text().strip().splitlines()[-1]
+    stopped = re.match(r"stopped by SIGTERM at step (\d+); the MLflow run is marked KILLED; "
+                       r"checkpoint (\S+); continue with: python -m cifar_exp.run (.*)",
+                       last_line)
+    assert stopped, last_line
+    step, checkpoint = int(stopped[1]), Path(stopped[2])
+    assert checkpoint == tmp_path / "run" / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=True)["step"] == step < 60
+    assert stopped[3].endswith(f"hydra.run.dir={tmp_path / 'run'} resume=true")
+    [run] = runs_in(store)
+    assert run.info.status == "KILLED"
+
+    # Resuming under a config that trains something else is refused before any work.
+    other = cli(tmp_path, *args, "steps=80", "resume=true", data_root=data_root)
+    assert other.returncode == 2
+    assert other.stderr.strip() == (
+        f"error: {checkpoint} was written with another config (steps=60 there, 80 here); "
+        f"resume with the run's own overrides (its .hydra/overrides.yaml)")
+
+    result = cli(tmp_path, *args, "resume=true", data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(store, uninterrupted, tmp_path)
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_malicious_checkpoint_is_refused_before_any_work(tmp_path, data_root):
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "checkpoint.pt"
+    evil.write_bytes(pickle.dumps({"format": 1, "model": _Payload(marker)}, protocol=2))
+    result = cli(tmp_path, f"resume={evil}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+                 data_root=data_root)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: {evil}: refused to load (Trying to load unsupported GLOBAL posix.mkdir whose "
+        f"module posix is blocked.); a cifar_exp checkpoint holds only tensors and plain "
+        f"values, so this file is not one: do not trust it")
+    assert not marker.exists()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cifar_exp.errors import ConfigError
+from cifar_exp.errors import CheckpointError, ConfigError
 from cifar_exp.models import build_model
 from cifar_exp.tracking import (
     RunTracker,
@@ -17,6 +17,7 @@ from cifar_exp.tracking import (
     default_artifact_location,
     flatten,
     git_tags,
+    resumable_run,
 )
 
 
@@ -122,3 +123,52 @@ def test_unreachable_tracking_is_reported_up_front(tmp_path):
     with pytest.raises(ConfigError, match="does not exist; create it"):
         check_tracking_uri(f"sqlite:///{tmp_path}/missing/mlflow.db")
     check_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # a new file in a real folder is fine
+
+
+def test_resumed_run_records_each_point_once(store):
+    with pytest.raises(KeyboardInterrupt), \
+            RunTracker(store, "unit", "resumable", flush_seconds=0) as first:
+        for step in range(1, 5):
+            first.log_metrics({"loss": float(step)}, step)
+        raise KeyboardInterrupt  # killed after step 4; say its checkpoint is from step 2
+    assert MlflowClient(store).get_run(first.run_id).info.status == "KILLED"
+    pending = [("lr", 0.5, 1000, 2)]  # a point the store had not taken at the checkpoint
+    with RunTracker(store, "unit", "ignored", {"resumed_from_step": "2"}, run_id=first.run_id,
+                    pending=pending) as second:
+        for step in range(3, 7):  # steps 3 and 4 again, as the resumed job redoes them
+            second.log_metrics({"loss": float(step), "lr": 0.5}, step)
+    assert second.run_id == first.run_id and second.stored_up_to == 4
+    client = MlflowClient(store)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "resumable"
+    assert run.data.tags["resumed_from_step"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == \
+        [1, 2, 3, 4, 5, 6]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "lr")) == \
+        [2, 3, 4, 5, 6]
+
+
+def test_checkpoint_state_keeps_the_points_a_failing_store_did_not_take(store, monkeypatch):
+    with RunTracker(store, "unit", "failing", flush_seconds=3600) as run:
+        run.log_metrics({"loss": 1.0}, 1)
+        assert run.checkpoint_state() == {"run_id": run.run_id, "pending": []}
+
+        def down(*args, **kwargs):
+            raise ConnectionError("store went away")
+
+        monkeypatch.setattr(run.client, "log_batch", down)
+        run.log_metrics({"loss": 2.0}, 2)
+        state = run.checkpoint_state()
+        assert [(key, value, step) for key, value, _, step in state["pending"]] == \
+            [("loss", 2.0, 2)]
+        monkeypatch.undo()
+
+
+def test_resuming_a_run_that_is_not_in_the_store_is_refused(store, tmp_path):
+    tracker = RunTracker(store, "unit", "x", run_id="0123abcd")
+    with pytest.raises(CheckpointError, match="MLflow run 0123abcd is not in sqlite:///"):
+        tracker.__enter__()
+    elsewhere = tmp_path / "other.db"
+    with pytest.raises(CheckpointError, match=r"other.db \(no such file\); resume with the "):
+        resumable_run(f"sqlite:///{elsewhere}", "0123abcd")
+    assert not elsewhere.exists()  # looking did not create an empty store

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import math
+import signal
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
-from cifar_exp.augment import build_augmentation
+from cifar_exp.augment import Augmentation, build_augmentation
+from cifar_exp.checkpoint import Checkpointer, load_checkpoint, restore
 from cifar_exp.data import CifarData
 from cifar_exp.ema import WeightAverage
-from cifar_exp.errors import NonFiniteLoss
+from cifar_exp.errors import NonFiniteLoss, Stopped
 from cifar_exp.evaluate import evaluate
 from cifar_exp.models import build_model
 from cifar_exp.optim import build_optimizer
 from cifar_exp.schedules import build_schedule
-from cifar_exp.train import TrainSettings, train
+from cifar_exp.train import LoopState, TrainResult, TrainSettings, train
 
 
 class ListSink:
@@ -38,9 +42,26 @@ def slice_data(cifar10) -> CifarData:
                      cifar10.test_images[:300], cifar10.test_labels[:300], cifar10.classes)
 
 
-def run(data: CifarData, settings: TrainSettings, ema_decay: float | None = None,
-        schedule: str = "constant", optimizer: tuple[str, dict] = ("adam", {"lr": 1e-3}),
-        sink: ListSink | None = None):
+@dataclass
+class Parts:
+    augmentation: Augmentation
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: WeightAverage | None
+
+    def saved_by(self, path: Path, every: int = 0) -> Checkpointer:
+        return Checkpointer(path, every, self.model, self.optimizer, self.scheduler, self.ema,
+                            {"steps": 1})
+
+    def restore(self, path: Path) -> LoopState:
+        return restore(load_checkpoint(path), path, self.model, self.optimizer,
+                       self.scheduler, self.ema)
+
+
+def build_parts(data: CifarData, settings: TrainSettings, ema_decay: float | None = None,
+                schedule: str = "constant",
+                optimizer: tuple[str, dict] = ("adam", {"lr": 1e-3})) -> Parts:
     torch.manual_seed(0)
     augmentation = build_augmentation("tf_distort", data.train_images)
     model = build_model("tf_cnn", 10, augmentation.image_size)
@@ -49,9 +70,23 @@ def run(data: CifarData, settings: TrainSettings, ema_decay: float | None = None
     scheduler = build_schedule(schedule, built_optimizer, settings.steps,
                                256 / settings.batch_size)
     ema = WeightAverage(model, ema_decay) if ema_decay is not None else None
+    return Parts(augmentation, model, built_optimizer, scheduler, ema)
+
+
+def train_parts(parts: Parts, data: CifarData, settings: TrainSettings,
+                sink: ListSink | None = None, **options) -> tuple[TrainResult, ListSink]:
     sink = sink if sink is not None else ListSink()
-    result = train(model, built_optimizer, scheduler, augmentation, data, settings, sink, ema)
-    return result, sink, model, ema
+    result = train(parts.model, parts.optimizer, parts.scheduler, parts.augmentation, data,
+                   settings, sink, parts.ema, **options)
+    return result, sink
+
+
+def run(data: CifarData, settings: TrainSettings, ema_decay: float | None = None,
+        schedule: str = "constant", optimizer: tuple[str, dict] = ("adam", {"lr": 1e-3}),
+        sink: ListSink | None = None):
+    parts = build_parts(data, settings, ema_decay, schedule, optimizer)
+    result, sink = train_parts(parts, data, settings, sink)
+    return result, sink, parts.model, parts.ema
 
 
 def test_logs_every_metric_on_schedule(slice_data):
@@ -117,3 +152,96 @@ def test_non_finite_loss_stops_with_the_step_and_lr(slice_data):
                                     f"(lr 1e+06)")
     assert sink.steps("loss") == [10]  # the diverged window is logged, then training stops
     assert sink.steps("precision") == []
+
+
+def assert_identical(actual, expected) -> None:
+    """Equal to the bit: tensors by torch.equal, containers item by item, the rest by ==."""
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(actual, expected)
+    elif isinstance(expected, dict):
+        assert actual.keys() == expected.keys()
+        for key in expected:
+            assert_identical(actual[key], expected[key])
+    elif isinstance(expected, list | tuple):
+        assert len(actual) == len(expected)
+        for a, b in zip(actual, expected, strict=True):
+            assert_identical(a, b)
+    else:
+        assert actual == expected
+
+
+def stop_after(calls: int, signum: int = signal.SIGTERM):
+    """A stop check that reports `signum` from its `calls`-th call on (one call per step)."""
+    count = 0
+
+    def check() -> int | None:
+        nonlocal count
+        count += 1
+        return signum if count >= calls else None
+
+    return check
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(slice_data, tmp_path):
+    # A stop mid log window (log_every 4, stop at step 7), with EMA and a schedule whose
+    # state changes every step: everything the loop holds must come back.
+    settings = TrainSettings(steps=12, batch_size=32, log_every=4, eval_every=6,
+                             eval_batch_size=150, progress=False)
+    options = {"ema_decay": 0.99, "schedule": "onecycle"}
+    whole = build_parts(slice_data, settings, **options)
+    whole_result, whole_sink = train_parts(whole, slice_data, settings)
+
+    path = tmp_path / "checkpoint.pt"
+    first = build_parts(slice_data, settings, **options)
+    first_sink = ListSink()
+    with pytest.raises(Stopped) as stopped:
+        train_parts(first, slice_data, settings, first_sink,
+                    checkpoints=first.saved_by(path), stop=stop_after(7))
+    assert stopped.value.step == 7 and stopped.value.exit_code == 143
+    assert load_checkpoint(path)["step"] == 7
+
+    second = build_parts(slice_data, settings, **options)
+    torch.manual_seed(123)  # the checkpoint restores the global RNG too
+    loop = second.restore(path)
+    assert loop.step == 7
+    result, second_sink = train_parts(second, slice_data, settings,
+                                      checkpoints=second.saved_by(path), resume=loop)
+
+    for name in ("model", "optimizer", "scheduler", "ema"):
+        assert_identical(getattr(second, name).state_dict(), getattr(whole, name).state_dict())
+    assert result.precision == whole_result.precision
+    # Every point is logged once, by one of the two jobs, with the uninterrupted values.
+    for key in ("loss", "lr", "precision", "test_loss"):
+        points = sorted(zip(first_sink.steps(key) + second_sink.steps(key),
+                            first_sink.values(key) + second_sink.values(key), strict=True))
+        assert points == list(zip(whole_sink.steps(key), whole_sink.values(key),
+                                  strict=True)), key
+    assert load_checkpoint(path)["step"] == 12  # the final checkpoint
+
+
+@pytest.mark.parametrize("every,saved_at", [(4, [4, 8, 11]), (0, [11])])
+def test_checkpoints_on_schedule_and_at_the_end(slice_data, tmp_path, caplog, every, saved_at):
+    settings = TrainSettings(steps=11, batch_size=32, log_every=5, eval_every=100,
+                             eval_batch_size=150, progress=False)
+    parts = build_parts(slice_data, settings)
+    with caplog.at_level("INFO", logger="cifar_exp.checkpoint"):
+        train_parts(parts, slice_data, settings,
+                    checkpoints=parts.saved_by(tmp_path / "c.pt", every=every))
+    saved = [m.split(",")[0] for m in caplog.messages if "checkpoint saved" in m]
+    assert saved == [f"step {step}" for step in saved_at]
+
+
+def test_diverged_run_keeps_the_last_good_checkpoint(slice_data, tmp_path):
+    settings = TrainSettings(steps=30, batch_size=32, log_every=10, eval_every=100,
+                             eval_batch_size=150, progress=False)
+    parts = build_parts(slice_data, settings, optimizer=("sgd", {"lr": 0.01, "momentum": 0.0}))
+    # lr 0.01 for 10 steps, then 1e6: the loss turns inf/nan within a few steps.
+    parts.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        parts.optimizer, lambda step: 1.0 if step < 10 else 1e8)
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(NonFiniteLoss) as error:
+        train_parts(parts, slice_data, settings, checkpoints=parts.saved_by(path, every=5))
+    assert error.value.step > 10
+    kept = load_checkpoint(path)
+    assert kept["step"] == 10
+    assert all(torch.isfinite(tensor).all() for tensor in kept["model"].values())

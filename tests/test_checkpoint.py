@@ -1,0 +1,223 @@
+"""Checkpoint files: atomic writes, what they hold, and the refusals on resume."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_exp.checkpoint import (
+    FORMAT,
+    Checkpointer,
+    atomic_save,
+    check_config,
+    find_checkpoint,
+    load_checkpoint,
+    restore,
+)
+from cifar_exp.ema import WeightAverage
+from cifar_exp.errors import CheckpointError, ConfigError
+from cifar_exp.models import build_model
+from cifar_exp.optim import build_optimizer
+from cifar_exp.schedules import build_schedule
+from cifar_exp.train import LoopState
+from tests.test_config import options
+
+
+def make_parts(schedule: str = "constant", ema: bool = True):
+    torch.manual_seed(0)
+    model = build_model("tf_cnn", 10, 24)
+    optimizer = build_optimizer("adam", model.parameters(), lr=1e-3)
+    scheduler = build_schedule(schedule, optimizer, 100, 390.625)
+    return model, optimizer, scheduler, WeightAverage(model, 0.99) if ema else None
+
+
+def loop_state(step: int = 5) -> LoopState:
+    return LoopState(step=step, generator=torch.Generator().manual_seed(1).get_state(),
+                     sampler={"order": torch.arange(10), "position": 4, "epoch": 2},
+                     window={"losses": torch.tensor([2.5]), "lrs": [1e-3], "first_step": 5,
+                             "seconds": 0.25},
+                     train_seconds=1.5, scaler={}, precision=0.25, test_loss=2.0)
+
+
+def take_steps(model, optimizer, scheduler, ema, steps: int = 2) -> None:
+    for _ in range(steps):
+        loss = model(torch.randn(4, 3, 24, 24)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update(model)
+
+
+def test_atomic_save_replaces_the_file_whole(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"step": 1}, path)
+    atomic_save({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 2}
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+def test_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"step": 1}, path)
+
+    def disk_full(content, file):
+        file.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_checkpoint_round_trips_every_state(tmp_path):
+    parts = make_parts("onecycle")
+    take_steps(*parts)
+    torch.manual_seed(42)
+    rng = torch.get_rng_state()
+    path = tmp_path / "sub" / "checkpoint.pt"
+    tracking = {"run_id": "abc", "pending": [("loss", 2.0, 1000, 5)]}
+    saver = Checkpointer(path, 10, *parts, {"steps": 100, "seed": 0}, lambda: tracking)
+    saver.save(loop_state())
+    state = load_checkpoint(path)
+    assert state["format"] == FORMAT and state["step"] == 5
+    assert state["config"] == {"steps": 100, "seed": 0} and state["tracking"] == tracking
+    assert saver.seconds > 0
+
+    fresh = make_parts("onecycle")
+    torch.manual_seed(7)
+    loop = restore(state, path, *fresh)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert loop.step == 5 and loop.window["lrs"] == [1e-3] and loop.sampler["epoch"] == 2
+    assert torch.equal(loop.generator, loop_state().generator)
+    for name, tensor in parts[0].state_dict().items():
+        assert torch.equal(fresh[0].state_dict()[name], tensor), name
+    for name, tensor in parts[3].model.state_dict().items():
+        assert torch.equal(fresh[3].model.state_dict()[name], tensor), name
+    assert fresh[3].updates == parts[3].updates == 2
+    assert fresh[2].state_dict() == parts[2].state_dict()
+    # The optimizer goes on exactly: one more step from both lands on the same weights.
+    torch.manual_seed(3)
+    take_steps(*parts, steps=1)
+    torch.manual_seed(3)
+    take_steps(*fresh, steps=1)
+    for a, b in zip(parts[0].parameters(), fresh[0].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("schedule", options("schedule"))
+def test_every_schedule_state_loads_as_plain_data(tmp_path, schedule):
+    model, optimizer, scheduler, _ = make_parts(schedule, ema=False)
+    take_steps(model, optimizer, scheduler, None)
+    atomic_save(scheduler.state_dict(), tmp_path / "s.pt")
+    fresh = make_parts(schedule, ema=False)[2]
+    fresh.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert fresh.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_non_finite_weights_never_replace_the_last_good_checkpoint(tmp_path, caplog):
+    parts = make_parts()
+    path = tmp_path / "checkpoint.pt"
+    saver = Checkpointer(path, 10, *parts, {})
+    saver.save(loop_state(step=10))
+    with torch.no_grad():
+        next(parts[0].parameters())[0] = float("nan")
+    saver.save(loop_state(step=20))
+    assert load_checkpoint(path)["step"] == 10
+    assert any("weights are not finite: checkpoint not written" in m for m in caplog.messages)
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("writer", ["torch.save", "pickle protocol 2", "pickle protocol 5"])
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, writer):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "checkpoint.pt"
+    content = {"format": FORMAT, "step": 1, "model": _Payload(marker)}
+    if writer == "torch.save":
+        torch.save(content, path)
+    else:
+        path.write_bytes(pickle.dumps(content, protocol=int(writer[-1])))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert "\n" not in message
+    if writer == "pickle protocol 5":  # opcodes the safe unpickler does not even parse
+        assert message.startswith(f"{path}: not a readable checkpoint (Unsupported operand")
+    else:
+        assert message.startswith(f"{path}: refused to load (Trying to load unsupported "
+                                  f"GLOBAL posix.mkdir")
+        assert message.endswith("do not trust it")
+    assert not marker.exists()
+
+
+def test_unreadable_checkpoints_are_one_line(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pt: not a readable checkpoint"):
+        load_checkpoint(garbage)
+    truncated = tmp_path / "truncated.pt"
+    atomic_save({"format": FORMAT, "weights": torch.zeros(10_000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:20_000])
+    with pytest.raises(CheckpointError, match="truncated.pt: not a readable checkpoint"):
+        load_checkpoint(truncated)
+    other = tmp_path / "other.pt"
+    atomic_save({"weights": torch.zeros(1)}, other)
+    with pytest.raises(CheckpointError, match="not a cifar_exp checkpoint of format 1"):
+        load_checkpoint(other)
+
+
+def test_find_checkpoint_says_where_it_looked(tmp_path):
+    default = tmp_path / "checkpoint.pt"
+    assert find_checkpoint(False, default) is None
+    with pytest.raises(CheckpointError, match=f"resume=true: no checkpoint at {default}; "
+                                              f"pass the interrupted run's folder"):
+        find_checkpoint(True, default)
+    with pytest.raises(CheckpointError, match="resume=/nowhere/c.pt: no such checkpoint file"):
+        find_checkpoint("/nowhere/c.pt", default)
+    default.write_bytes(b"")
+    assert find_checkpoint(True, default) == default
+    assert find_checkpoint(str(default), tmp_path / "elsewhere.pt") == default
+
+
+def test_config_must_match_except_where_things_live(tmp_path):
+    saved = {"steps": 60, "optimizer.lr": 0.001, "data.root": "/a", "tracking.uri": "x",
+             "checkpoint.every": 20, "resume": False}
+    state = {"config": saved}
+    moved = {**saved, "data.root": "/b", "tracking.uri": "y", "checkpoint.every": 0,
+             "resume": True}
+    check_config(state, moved, tmp_path / "c.pt")
+    changed = {**saved, "steps": 80, "optimizer.lr": 0.01}
+    with pytest.raises(ConfigError, match=r"c.pt was written with another config "
+                                          r"\(optimizer.lr=0.001 there, 0.01 here, "
+                                          r"steps=60 there, 80 here\)"):
+        check_config(state, changed, tmp_path / "c.pt")
+
+
+def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
+    parts = make_parts()
+    path = tmp_path / "checkpoint.pt"
+    Checkpointer(path, 10, *parts, {}).save(loop_state())
+    state = load_checkpoint(path)
+    state["model"]["local4.weight"] = torch.zeros(100, 384)
+    with pytest.raises(ConfigError, match=r"checkpoint.pt does not fit the model built from "
+                                          r"this config \(.*size mismatch for local4.weight"):
+        restore(state, path, *make_parts())
+    without_ema = make_parts(ema=False)
+    with pytest.raises(ConfigError, match="trained with EMA; resume with the same ema.decay"):
+        restore(load_checkpoint(path), path, *without_ema)
