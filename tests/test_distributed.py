@@ -4,8 +4,10 @@ one MLflow run; and the helpers that make it so."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,44 @@ def test_a_sweep_under_torchrun_is_refused(tmp_path, data_root):
     assert result.returncode != 0
     assert "error: a sweep (-m) under torchrun would run once per process" in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing started, nothing created
+
+
+@pytest.mark.slow  # three 2-process jobs of 30 steps
+def test_killed_two_process_job_resumes_to_the_uninterrupted_weights(tmp_path, data_root):
+    job = ("optimizer=sgd", "optimizer.lr=0.01", "steps=30", "log_every=10", "eval_every=30",
+           "checkpoint.every=10", "tracking.log_model=false")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for folder in (whole, cut):
+        folder.mkdir()
+    args = (*job, f"tracking.uri=sqlite:///{whole / 'mlflow.db'}",
+            f"hydra.run.dir={whole / 'run'}")
+    assert torchrun(whole, 2, *args, data_root=data_root).returncode == 0
+
+    args = (*job, f"tracking.uri=sqlite:///{cut / 'mlflow.db'}", f"hydra.run.dir={cut / 'run'}")
+    checkpoint = cut / "run" / "checkpoint.pt"
+    env = {**os.environ, "CIFAR_EXP_DATA": str(data_root)}
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                "--nproc_per_node=2", "-m", "cifar_exp.run", *args],
+                               cwd=cut, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():  # a first checkpoint (step 10 or 20): kill every process
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(0.5)  # the file is renamed into place whole: let torch.load read it
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
+    assert killed_at in (10, 20)
+
+    result = torchrun(cut, 2, *args, "resume=true", data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{cut / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("cifar_exp").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [
+        10, 20, 30]
+    resumed = torch.load(checkpoint, weights_only=True)["model"]
+    for name, weight in torch.load(whole / "run" / "checkpoint.pt",
+                                   weights_only=True)["model"].items():
+        torch.testing.assert_close(resumed[name], weight, rtol=0, atol=0)
