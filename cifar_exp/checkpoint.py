@@ -28,6 +28,7 @@ from cifar_exp.train import LoopState
 
 log = logging.getLogger(__name__)
 
+RESUME_AUTO = "auto"  # resume=auto: continue if this job has a checkpoint, else start
 FORMAT = 1  # bumped when the layout of the saved dict changes
 FILENAME = "checkpoint.pt"
 # Config keys that say where things live, not what is trained: they may differ between a
@@ -85,9 +86,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def find_checkpoint(resume: bool | str, default: Path) -> Path | None:
     """The checkpoint file `resume` names: None for false, `default` for true, else the
-    path given. A file that is not there is an error that says where to look."""
+    path given. A file that is not there is an error that says where to look. `auto`:
+    `default` if it is there, else None (a job resubmitted by a cluster after a time-out
+    or preemption goes on where it stopped, a first submission starts)."""
     if resume is False or resume is None:
         return None
+    if resume == RESUME_AUTO:
+        return default if default.is_file() else None
     path = default if resume is True else Path(str(resume)).expanduser()
     if path.is_file():
         return path

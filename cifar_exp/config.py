@@ -118,5 +118,5 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"tracking.flush_seconds={cfg.tracking.flush_seconds} must be >= 0")
     resume = cfg.resume
     if not isinstance(resume, bool) and not (isinstance(resume, str) and resume):
-        raise ConfigError(f"resume={resume} must be true, false or the path of a checkpoint "
-                          f"file")
+        raise ConfigError(f"resume={resume} must be true, false, auto or the path of a "
+                          f"checkpoint file")

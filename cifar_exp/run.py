@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import checkpoint
+from cifar_exp import checkpoint, distributed
 from cifar_exp.build import build_experiment, resolve_device
 from cifar_exp.config import register_schema, validate
 from cifar_exp.data import load_cifar
@@ -32,6 +32,7 @@ from cifar_exp.errors import CheckpointError, NonFiniteLoss, Stopped, UserError
 from cifar_exp.stop import StopRequest
 from cifar_exp.tracking import (
     PARENT_RUN_ENV,
+    NoTracking,
     RunTracker,
     check_tracking_uri,
     command_line,
@@ -76,12 +77,12 @@ def output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
 
 
-def checkpoint_path(cfg: DictConfig, resumed_from: Path | None) -> Path:
+def checkpoint_path(cfg: DictConfig, resumed_from: Path | None, folder: Path) -> Path:
     """Where this job writes its checkpoint: checkpoint.path if set, else the file it
-    resumed from, else checkpoint.pt in its output folder."""
+    resumed from, else checkpoint.pt in its output folder `folder`."""
     if cfg.checkpoint.path:
         return Path(cfg.checkpoint.path).expanduser()
-    return resumed_from or output_dir() / checkpoint.FILENAME
+    return resumed_from or folder / checkpoint.FILENAME
 
 
 def resume_command(path: Path) -> str:
@@ -99,10 +100,10 @@ class Resumed(NamedTuple):
     state: dict[str, Any]
 
 
-def load_resumed(cfg: DictConfig, config: dict[str, Any]) -> Resumed | None:
+def load_resumed(cfg: DictConfig, config: dict[str, Any], folder: Path) -> Resumed | None:
     """The checkpoint `resume` names, read and checked against this config and the MLflow
     store before any data is read; None for a new run."""
-    path = checkpoint.find_checkpoint(cfg.resume, checkpoint_path(cfg, None))
+    path = checkpoint.find_checkpoint(cfg.resume, checkpoint_path(cfg, None, folder))
     if path is None:
         return None
     state = checkpoint.load_checkpoint(path)
@@ -117,21 +118,34 @@ def load_resumed(cfg: DictConfig, config: dict[str, Any]) -> Resumed | None:
 def run_experiment(cfg: DictConfig) -> TrainResult:
     """Check `cfg`, load the data onto the device, build every part, train, and track the
     run in MLflow. Bad input fails before a run is opened, so none is left RUNNING. With
-    `resume`, the parts and the MLflow run continue from a checkpoint."""
+    `resume`, the parts and the MLflow run continue from a checkpoint. Under torchrun,
+    every rank trains its slice of each batch and rank 0 alone tracks and checkpoints."""
     validate(cfg)
+    world = distributed.current_world()
+    distributed.check_batch_size(cfg.batch_size, world)
+    device = resolve_device(distributed.device_for(cfg.device, world), sweep_job_number())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    with distributed.process_group(world, device):
+        return train_job(cfg, device, world)
+
+
+def train_job(cfg: DictConfig, device: torch.device,
+              world: distributed.World = distributed.SINGLE) -> TrainResult:
+    """run_experiment's work once the device (and process group) are set up."""
     check_tracking_uri(cfg.tracking.uri)
     config = flatten(OmegaConf.to_container(cfg, resolve=True))
-    resumed = load_resumed(cfg, config)
-    path = checkpoint_path(cfg, resumed.path if resumed else None)
+    # Rank 0's output folder holds the job's checkpoint, for every rank.
+    folder = distributed.from_main(output_dir()) if world.distributed else output_dir()
+    resumed = load_resumed(cfg, config, folder)
+    path = checkpoint_path(cfg, resumed.path if resumed else None, folder)
     if resumed is None and path.exists():
         raise CheckpointError(f"{path} exists: resume=true continues that run; to start "
                               f"afresh remove it or choose another hydra.run.dir")
-    device = resolve_device(cfg.device, sweep_job_number())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.verify,
                       cfg.data.manifest).to(device)
     experiment = build_experiment(cfg, data)
+    experiment.settings.progress &= world.is_main
     parts = (experiment.model, experiment.optimizer, experiment.scheduler, experiment.ema)
     loop_state = checkpoint.restore(resumed.state, resumed.path, *parts) if resumed else None
 
@@ -149,11 +163,12 @@ def run_experiment(cfg: DictConfig) -> TrainResult:
         # The run keeps the tags it started with; this one says where it was taken up.
         tags = {"resumed_from_step": str(resumed.state["step"])}
     name = run_name(cfg)
+    tracker_of_rank = (RunTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags,
+                                  cfg.tracking.flush_seconds, os.environ.get(PARENT_RUN_ENV),
+                                  **tracking)
+                       if world.is_main else NoTracking())
     try:
-        with StopRequest() as stop, RunTracker(cfg.tracking.uri, cfg.tracking.experiment, name,
-                                               tags, cfg.tracking.flush_seconds,
-                                               os.environ.get(PARENT_RUN_ENV),
-                                               **tracking) as tracker:
+        with StopRequest() as stop, tracker_of_rank as tracker:
             if resumed is not None:
                 log.info("MLflow run %s resumed from step %d of %s (the store holds points up "
                          "to step %d: none is written twice)", tracker.run_id,
@@ -171,7 +186,8 @@ def run_experiment(cfg: DictConfig) -> TrainResult:
                      f"every {every} steps and at the end" if every else "at the end")
             result = train(experiment.model, experiment.optimizer, experiment.scheduler,
                            experiment.augmentation, data, experiment.settings, tracker,
-                           experiment.ema, checkpointer, loop_state, stop)
+                           experiment.ema, checkpointer if world.is_main else None,
+                           loop_state, stop, world)
             tracker.log_state_dict(experiment.model, "weights.pt")
             evaluated = experiment.model
             if experiment.ema is not None:
@@ -211,4 +227,12 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    world = distributed.current_world()
+    if world.distributed and {"-m", "--multirun"} & set(sys.argv):
+        print("error: a sweep (-m) under torchrun would run once per process; run its jobs "
+              "one by one under torchrun", file=sys.stderr)
+        sys.exit(2)
+    # Under torchrun, ranks other than 0 run without an output folder of their own (Hydra
+    # would otherwise create one per process).
+    sys.argv += distributed.hydra_overrides(world)
     main()

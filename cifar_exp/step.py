@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifar_exp import distributed
 from cifar_exp.errors import ConfigError
 from cifar_exp.models import regularization_loss
 
@@ -64,10 +65,14 @@ class TrainingStep:
     """Callable `step(inputs, labels) -> loss` (detached, still on the device)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, precision: str = "fp32", compile_mode: str = "none") -> None:
+                 device: torch.device, precision: str = "fp32", compile_mode: str = "none",
+                 data_parallel: bool = False) -> None:
         self.model, self.optimizer = model, optimizer
         self.device, self.precision = device, precision
-        self.forward = model if compile_mode == "none" else torch.compile(model, mode=compile_mode)
+        # Under torchrun the forward goes through DDP, whose backward averages gradients.
+        forward = distributed.data_parallel(model, device) if data_parallel else model
+        self.forward = (forward if compile_mode == "none"
+                        else torch.compile(forward, mode=compile_mode))
         # fp16 needs loss scaling to keep small gradients; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 

@@ -288,3 +288,35 @@ class RunTracker:
             input_example=inputs,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
+
+
+class NoTracking:
+    """RunTracker's interface, doing nothing: the tracker of a distributed job's ranks other
+    than 0, so that one training job makes exactly one MLflow run."""
+
+    run_id = ""
+    stored_up_to = 0
+
+    def __enter__(self) -> NoTracking:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        return None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        return None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        return None
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {}
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        return None
+
+    def log_state_dict(self, model: torch.nn.Module, filename: str) -> None:
+        return None
+
+    def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
+        return None

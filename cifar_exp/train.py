@@ -22,6 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from cifar_exp.augment import Augmentation
 from cifar_exp.batches import EpochSampler
 from cifar_exp.data import CifarData
+from cifar_exp.distributed import SINGLE, World, agree_on_stop, mean_over_ranks
 from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import NonFiniteLoss, Stopped
 from cifar_exp.evaluate import evaluate
@@ -93,13 +94,18 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
           scheduler: torch.optim.lr_scheduler.LRScheduler, augmentation: Augmentation,
           data: CifarData, settings: TrainSettings, sink: MetricSink,
           ema: WeightAverage | None = None, checkpoints: CheckpointSaver | None = None,
-          resume: LoopState | None = None, stop: StopCheck | None = None) -> TrainResult:
+          resume: LoopState | None = None, stop: StopCheck | None = None,
+          world: World = SINGLE) -> TrainResult:
     """Train for `settings.steps` steps on `data` (already on the model's device).
 
     With `resume` (and the parts already loaded from the same checkpoint) the loop goes on
     from the step after `resume.step`, exactly as if it had never stopped. `checkpoints`
     saves every `checkpoints.every` steps, at the end, and when `stop` reports a signal,
-    after which the loop raises Stopped."""
+    after which the loop raises Stopped.
+
+    In a distributed `world` each rank trains on its slice of the same global batch; the
+    logged loss is the global batch's, rank 0 alone evaluates (other ranks get nan) and
+    the caller gives only rank 0 a `checkpoints` saver and a real `sink`."""
     device = data.train_images.device
     generator = torch.Generator(device).manual_seed(settings.seed)
     sampler = EpochSampler(data.train_labels.numel(), settings.batch_size, generator, device)
@@ -108,7 +114,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
     evaluated = ema.model if ema is not None else model
     evaluated.to(memory_format=layout)
     model.train()
-    training_step = TrainingStep(model, optimizer, device, settings.precision, settings.compile)
+    training_step = TrainingStep(model, optimizer, device, settings.precision, settings.compile,
+                                 data_parallel=world.distributed)
 
     window = _SpeedWindow(settings.batch_size, settings.log_every, device)
     train_seconds = 0.0
@@ -139,9 +146,14 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
         for step in range(first_step, settings.steps + 1):
             indices = sampler.next()
             inputs = augmentation.train(data.train_images[indices], generator)
+            labels = data.train_labels[indices]
+            if world.distributed:  # the global batch was drawn whole: keep this rank's slice
+                inputs, labels = world.shard(inputs), world.shard(labels)
             inputs = inputs.contiguous(memory_format=layout)
             lr = optimizer.param_groups[0]["lr"]
-            loss = training_step(inputs, data.train_labels[indices])
+            loss = training_step(inputs, labels)
+            if world.distributed:
+                loss = mean_over_ranks(loss)
             scheduler.step()
             if ema is not None:
                 ema.update(model)
@@ -160,7 +172,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
                 log.info("step %d, loss = %.2f (%.1f examples/sec; %.3f sec/batch)",
                          step, mean_loss, examples_per_sec, sec_per_batch)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
-            if step % settings.eval_every == 0 or last:
+            if (step % settings.eval_every == 0 or last) and world.is_main:
                 window.pause()
                 precision, test_loss = evaluate(evaluated, augmentation, data.test_images,
                                                 data.test_labels, settings.eval_batch_size,
@@ -170,6 +182,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
                          step, precision, test_loss)
                 window.resume()
             signum = stop() if stop is not None else None
+            if world.distributed:  # every rank stops at the same step
+                signum = agree_on_stop(signum, device)
             if signum is not None:
                 log.warning("step %d, %s received: stopping here", step,
                             signal.Signals(signum).name)

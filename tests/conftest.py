@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
+import requests
 import torch
 
 from cifar_exp.data import CifarData, load_cifar
@@ -108,3 +116,56 @@ def sweep_store(tmp_path_factory: pytest.TempPathFactory, data_root: Path
                  "optimizer=adam,sgd", "seed=0,1", *SWEEP_JOB, f"tracking.uri={uri}",
                  data_root=data_root)
     return folder, uri, result
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process and every process it started (its own session), then wait."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, cwd: Path, *options: str, timeout: float = 180
+                  ) -> Iterator[str]:
+    """`mlflow server` on a free port of 127.0.0.1 over `backend_uri`, for the block; its
+    base URL. The server and its workers are stopped at the end."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # Its log goes to a file, not a pipe: a full pipe would block the server.
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *options],
+            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_healthy(server, url, log, timeout)
+            yield url
+        finally:
+            stop_process_group(server)
+
+
+def wait_until_healthy(server: subprocess.Popen, url: str, log: IO[bytes],
+                       timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"mlflow server exited: {log.read().decode()[-2000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    pytest.fail(f"mlflow server did not answer within {timeout:.0f} s")

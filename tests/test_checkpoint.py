@@ -195,6 +195,13 @@ def test_find_checkpoint_says_where_it_looked(tmp_path):
     assert find_checkpoint(str(default), tmp_path / "elsewhere.pt") == default
 
 
+def test_resume_auto_continues_only_where_a_checkpoint_is(tmp_path):
+    default = tmp_path / "checkpoint.pt"
+    assert find_checkpoint("auto", default) is None  # a first submission starts
+    default.write_bytes(b"")
+    assert find_checkpoint("auto", default) == default  # a resubmitted one goes on
+
+
 def test_config_must_match_except_where_things_live(tmp_path):
     saved = {"steps": 60, "optimizer.lr": 0.001, "data.root": "/a", "tracking.uri": "x",
              "checkpoint.every": 20, "resume": False}

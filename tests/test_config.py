@@ -114,7 +114,7 @@ def test_schema_rejects_wrong_types():
     ("precision=fp8", "precision=fp8 is unknown; use auto or one of fp32, bf16, fp16"),
     ("compile=fastest", "compile=fastest is unknown"),
     ("checkpoint.every=-1", r"checkpoint.every=-1 must be a number of steps, or 0 \(or null\)"),
-    ("resume=3", "resume=3 must be true, false or the path of a checkpoint file"),
+    ("resume=3", "resume=3 must be true, false, auto or the path of a checkpoint file"),
     ("tracking.flush_seconds=-1", r"tracking.flush_seconds=-1.0 must be >= 0"),
 ])
 def test_bad_values_are_refused(override, message):

@@ -98,7 +98,7 @@ def test_task_function_returns_the_final_precision(tmp_path, data_root):
 def test_resume_true_looks_where_checkpoint_path_points(tmp_path):
     cfg = compose_config([f"checkpoint.path={tmp_path / 'kept.pt'}", "resume=true"])
     with pytest.raises(CheckpointError, match=f"no checkpoint at {tmp_path / 'kept.pt'}"):
-        run_module.load_resumed(cfg, {})
+        run_module.load_resumed(cfg, {}, tmp_path)
 
 
 @pytest.mark.parametrize("args,message", [

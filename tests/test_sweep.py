@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_exp.sweep import log_study_result
 from tests.conftest import SWEEP_JOB, cli
+from tests.conftest import mlflow_server as start_mlflow_server
 
 STEP_METRICS = {"loss": [5, 10], "lr": [5, 10], "examples_per_sec": [5, 10],
                 "sec_per_batch": [5, 10], "precision": [10], "test_loss": [10]}
@@ -133,40 +129,12 @@ def test_study_result_is_logged_on_the_parent(tmp_path):
 
 # Browsing: a tracking server over the sweep's store, its REST API and its web UI.
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(sweep_store) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1 over the sweep's store; its base URL."""
     folder, uri, _ = sweep_store
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited: {server.stderr.read().decode()[-2000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not answer within 90 s")
+    with start_mlflow_server(uri, folder, timeout=90) as url:
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_tracking_server_serves_the_parent_children_and_histories(mlflow_server):

@@ -1,0 +1,44 @@
+"""The submitit launchers: the SLURM preset's settings, and a sweep run through submitit
+(locally) that tracks like any other."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import SWEEP_JOB, cli
+from tests.test_sweep import STEP_METRICS, parent_and_children
+
+
+def test_slurm_preset_reads_partition_and_account_from_the_environment(
+        tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("SLURM_PARTITION", "gpu")
+    monkeypatch.setenv("SLURM_ACCOUNT", "cifar")
+    result = cli(tmp_path, "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4",
+                 "--cfg", "hydra", "-p", "hydra.launcher", "--resolve", data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    launcher = yaml.safe_load(result.stdout)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["partition"], launcher["account"]) == ("gpu", "cifar")
+    assert launcher["gpus_per_node"] == 4 and launcher["timeout_min"] == 240
+    assert launcher["max_num_timeout"] > 0 and launcher["additional_parameters"]["requeue"]
+
+
+@pytest.mark.slow  # submitit starts each job in its own Python process
+def test_submitit_sweep_leaves_one_parent_and_two_finished_children(tmp_path, data_root):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = cli(tmp_path, "-m", "hydra/launcher=submitit_local", "seed=0,1", *SWEEP_JOB,
+                 f"tracking.uri={uri}", data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    [parent], children = parent_and_children(uri)
+    assert parent.info.status == "FINISHED" and parent.data.tags["launcher"] == "LocalLauncher"
+    assert {run.info.run_name for run in children} == {"tf_cnn-adam-10 #0", "tf_cnn-adam-10 #1"}
+    assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
+    assert {run.info.status for run in children} == {"FINISHED"}
+    client = MlflowClient(uri)
+    for run in children:
+        for key, steps in STEP_METRICS.items():
+            history = client.get_metric_history(run.info.run_id, key)
+            assert sorted(m.step for m in history) == steps, (run.info.run_name, key)

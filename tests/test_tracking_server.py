@@ -1,0 +1,105 @@
+"""The tracking topology of docker/compose.yaml without Docker: PostgreSQL, an MLflow
+server on it, and a parallel sweep logging to the server over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import SWEEP_JOB, cli, free_port, mlflow_server, stop_process_group
+from tests.test_sweep import STEP_METRICS, parent_and_children
+
+# PostgreSQL refuses to run as root: as root, the server runs as this user.
+UNPRIVILEGED_USER = "nobody"
+
+
+def postgres_bin() -> Path:
+    """The folder of initdb and postgres: on the PATH, or Debian's versioned folder."""
+    found = shutil.which("initdb")
+    candidates = [found] if found else sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not candidates:
+        message = "needs PostgreSQL (initdb, postgres): apt-get install postgresql"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs it: never skip there
+        pytest.skip(message)
+    return Path(candidates[-1]).parent
+
+
+def as_server_user(command: list[str]) -> list[str]:
+    return ["runuser", "-u", UNPRIVILEGED_USER, "--", *command] if os.geteuid() == 0 else command
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL on a free port of 127.0.0.1 with database `mlflow`; its URI."""
+    bin_dir = postgres_bin()
+    folder = Path(tempfile.mkdtemp(prefix="cifar_exp_pg_"))  # not under pytest's root-only tmp
+    if os.geteuid() == 0:
+        user = pwd.getpwnam(UNPRIVILEGED_USER)
+        os.chown(folder, user.pw_uid, user.pw_gid)
+    data, port = folder / "data", free_port()
+    server = None
+    try:
+        subprocess.run(as_server_user([str(bin_dir / "initdb"), "-D", str(data), "-U", "mlflow",
+                                       "--auth=trust", "--no-sync"]),
+                       check=True, capture_output=True, timeout=120)
+        server = subprocess.Popen(
+            as_server_user([str(bin_dir / "postgres"), "-D", str(data), "-p", str(port),
+                            "-h", "127.0.0.1", "-k", str(folder), "-F"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                connection = psycopg2.connect(host="127.0.0.1", port=port, user="mlflow",
+                                              dbname="postgres")
+                break
+            except psycopg2.OperationalError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE DATABASE mlflow")
+        connection.close()
+        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        if server is not None:
+            stop_process_group(server)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow  # PostgreSQL's and MLflow's start (schema migrations), then a sweep
+def test_parallel_sweep_logs_everything_to_a_server_on_postgresql(tmp_path, data_root):
+    with postgres_server() as database, mlflow_server(
+            database, tmp_path, "--artifacts-destination", str(tmp_path / "artifacts")) as url:
+        result = cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     "seed=0,1", *SWEEP_JOB, f"tracking.uri={url}", data_root=data_root)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+        [parent], children = parent_and_children(url)
+        assert parent.info.status == "FINISHED" and parent.data.metrics["jobs_finished"] == 2
+        assert {run.info.run_name for run in children} == {"tf_cnn-adam-10 #0",
+                                                           "tf_cnn-adam-10 #1"}
+        assert {run.data.tags["mlflow.parentRunId"] for run in children} == {
+            parent.info.run_id}
+        assert {run.info.status for run in children} == {"FINISHED"}
+        client = MlflowClient(url)
+        for run in children:  # every point of both jobs reached the server, once
+            for key, steps in STEP_METRICS.items():
+                history = client.get_metric_history(run.info.run_id, key)
+                assert sorted(m.step for m in history) == steps, (run.info.run_name, key)
+            # Artifacts went through the server into its artifact store.
+            assert any(a.path == "weights.pt" for a in client.list_artifacts(run.info.run_id))
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
