@@ -14,10 +14,10 @@ from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import ConfigError
 from cifar_exp.models import build_model
 from cifar_exp.optim import build_optimizer
+from cifar_exp.optim.groups import parameter_groups
 from cifar_exp.schedules import build_schedule
 from cifar_exp.step import resolve_compile, resolve_precision
 from cifar_exp.train import TrainSettings
-
 
 @dataclass
 class Experiment:
@@ -54,7 +54,7 @@ def build_experiment(cfg: DictConfig, data: CifarData) -> Experiment:
     name, options = split_name(cfg.model)
     model = build_model(name, data.num_classes, augmentation.image_size, **options).to(device)
     name, options = split_name(cfg.optimizer)
-    optimizer = build_optimizer(name, model.parameters(), **options)
+    optimizer = build_optimizer(name, parameter_groups(model), **options)
     name, options = split_name(cfg.schedule)
     scheduler = build_schedule(name, optimizer, cfg.steps, num_train / cfg.batch_size, **options)
     ema = WeightAverage(model, cfg.ema.decay) if cfg.ema.decay is not None else None
