@@ -69,4 +69,5 @@ def build_settings(cfg: DictConfig, device: torch.device) -> TrainSettings:
                          log_every=cfg.log_every, eval_every=cfg.eval_every,
                          eval_batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
                          precision=resolve_precision(cfg.precision, device),
-                         compile=resolve_compile(cfg.compile, device))
+                         compile=resolve_compile(cfg.compile, device),
+                         label_smoothing=cfg.label_smoothing, tta=cfg.tta)

@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.errors import ConfigError
+from cifar_exp.evaluate import TTA_MODES
 from cifar_exp.step import check_speed_names
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,6 +68,8 @@ class Config:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: str = "auto"  # auto | none | a torch.compile mode
     cudnn_benchmark: bool = True
+    label_smoothing: float = 0.0  # of the training loss; test_loss stays plain cross-entropy
+    tta: str = "none"  # test-time augmentation at evaluation: none | flip | flip_translate
     seed: int = 0
     device: str = "auto"
     log_every: int = 10
@@ -107,6 +110,10 @@ def validate(cfg: DictConfig) -> None:
     if lr is None or lr <= 0:
         raise ConfigError(f"optimizer.lr={lr} must be a positive number")
     check_speed_names(cfg.precision, cfg.compile)
+    if not 0 <= cfg.label_smoothing < 1:
+        raise ConfigError(f"label_smoothing={cfg.label_smoothing} must lie in [0, 1)")
+    if cfg.tta not in TTA_MODES:
+        raise ConfigError(f"tta={cfg.tta} is unknown; use one of {', '.join(TTA_MODES)}")
     decay = cfg.ema.decay
     if decay is not None and not 0 <= decay < 1:
         raise ConfigError(f"ema.decay={decay} must lie in [0, 1), or be null to turn EMA off")

@@ -64,9 +64,11 @@ class TrainingStep:
     """Callable `step(inputs, labels) -> loss` (detached, still on the device)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, precision: str = "fp32", compile_mode: str = "none") -> None:
+                 device: torch.device, precision: str = "fp32", compile_mode: str = "none",
+                 label_smoothing: float = 0.0) -> None:
         self.model, self.optimizer = model, optimizer
         self.device, self.precision = device, precision
+        self.label_smoothing = label_smoothing
         self.forward = model if compile_mode == "none" else torch.compile(model, mode=compile_mode)
         # fp16 needs loss scaling to keep small gradients; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -74,7 +76,8 @@ class TrainingStep:
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
             logits = self.forward(inputs)
-        loss = F.cross_entropy(logits.float(), labels) + regularization_loss(self.model)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        loss = loss + regularization_loss(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

@@ -78,6 +78,8 @@ class TrainSettings:
     channels_last: bool = True  # NHWC activations: faster convolutions and pooling
     precision: str = "fp32"  # fp32 | bf16 | fp16 autocast; the weights stay fp32
     compile: str = "none"  # a torch.compile mode, or none
+    label_smoothing: float = 0.0  # of the training loss
+    tta: str = "none"  # test-time augmentation at evaluation (evaluate.TTA_MODES)
     progress: bool = True
 
 
@@ -108,7 +110,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
     evaluated = ema.model if ema is not None else model
     evaluated.to(memory_format=layout)
     model.train()
-    training_step = TrainingStep(model, optimizer, device, settings.precision, settings.compile)
+    training_step = TrainingStep(model, optimizer, device, settings.precision, settings.compile,
+                                 settings.label_smoothing)
 
     window = _SpeedWindow(settings.batch_size, settings.log_every, device)
     train_seconds = 0.0
@@ -164,7 +167,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
                 window.pause()
                 precision, test_loss = evaluate(evaluated, augmentation, data.test_images,
                                                 data.test_labels, settings.eval_batch_size,
-                                                layout, settings.precision)
+                                                layout, settings.precision, settings.tta)
                 sink.log_metrics({"precision": precision, "test_loss": test_loss}, step)
                 log.info("step %d, precision @ 1 = %.4f, test loss = %.4f",
                          step, precision, test_loss)

@@ -116,6 +116,8 @@ def test_schema_rejects_wrong_types():
     ("checkpoint.every=-1", r"checkpoint.every=-1 must be a number of steps, or 0 \(or null\)"),
     ("resume=3", "resume=3 must be true, false or the path of a checkpoint file"),
     ("tracking.flush_seconds=-1", r"tracking.flush_seconds=-1.0 must be >= 0"),
+    ("label_smoothing=1.0", r"label_smoothing=1.0 must lie in \[0, 1\)"),
+    ("tta=mirror", "tta=mirror is unknown; use one of none, flip, flip_translate"),
 ])
 def test_bad_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
