@@ -141,7 +141,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
     with logging_redirect_tqdm(), bar:
         for step in range(first_step, settings.steps + 1):
             indices = sampler.next()
-            inputs = augmentation.train(data.train_images[indices], generator)
+            inputs = augmentation.train(data.train_images[indices], generator, indices,
+                                        sampler.epoch)
             inputs = inputs.contiguous(memory_format=layout)
             lr = optimizer.param_groups[0]["lr"]
             loss = training_step(inputs, data.train_labels[indices])
