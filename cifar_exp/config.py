@@ -76,9 +76,18 @@ class Config:
     eval_every: int = 1000
 
 
+def batch_scaled(value: float, reference: int, *, _root_: DictConfig) -> float:
+    """`${batch_scaled:VALUE,REFERENCE}`: VALUE, given for batches of REFERENCE examples,
+    scaled linearly to the run's `batch_size` (the linear scaling rule for lr and decay)."""
+    return value * _root_.batch_size / reference
+
+
 def register_schema() -> None:
-    """Make the schema available to conf/config.yaml as `base_config`."""
+    """Make the schema available to conf/config.yaml as `base_config`, and the config's
+    resolvers to OmegaConf."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("batch_scaled"):
+        OmegaConf.register_new_resolver("batch_scaled", batch_scaled)
 
 
 def compose_config(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConfig:
