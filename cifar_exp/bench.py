@@ -68,7 +68,8 @@ def _training_step(cfg: DictConfig, data: CifarData) -> tuple[TrainingStep, Expe
     settings = experiment.settings
     experiment.model.to(memory_format=memory_format(settings.channels_last)).train()
     step = TrainingStep(experiment.model, experiment.optimizer, data.train_images.device,
-                        settings.precision, settings.compile)
+                        settings.precision, settings.compile,
+                        label_smoothing=settings.label_smoothing)
     return step, experiment
 
 

@@ -12,11 +12,16 @@ from cifar_exp.config import split_name
 from cifar_exp.data import CifarData
 from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import ConfigError
-from cifar_exp.models import build_model
+from cifar_exp.models import build_model, initialize_from_data, wants_data
 from cifar_exp.optim import build_optimizer
+from cifar_exp.optim.groups import parameter_groups
 from cifar_exp.schedules import build_schedule
 from cifar_exp.step import resolve_compile, resolve_precision
 from cifar_exp.train import TrainSettings
+
+# Models that initialize from data (e.g. a whitening layer) see this many training images,
+# as airbench's whitening does: plenty for a 12 x 12 patch covariance.
+DATA_INIT_IMAGES = 5000
 
 
 @dataclass
@@ -53,8 +58,10 @@ def build_experiment(cfg: DictConfig, data: CifarData) -> Experiment:
     augmentation = build_augmentation(name, data.train_images, **options)
     name, options = split_name(cfg.model)
     model = build_model(name, data.num_classes, augmentation.image_size, **options).to(device)
+    if wants_data(model):
+        initialize_from_data(model, augmentation.eval(data.train_images[:DATA_INIT_IMAGES]))
     name, options = split_name(cfg.optimizer)
-    optimizer = build_optimizer(name, model.parameters(), **options)
+    optimizer = build_optimizer(name, parameter_groups(model), **options)
     name, options = split_name(cfg.schedule)
     scheduler = build_schedule(name, optimizer, cfg.steps, num_train / cfg.batch_size, **options)
     ema = WeightAverage(model, cfg.ema.decay) if cfg.ema.decay is not None else None
@@ -69,4 +76,5 @@ def build_settings(cfg: DictConfig, device: torch.device) -> TrainSettings:
                          log_every=cfg.log_every, eval_every=cfg.eval_every,
                          eval_batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
                          precision=resolve_precision(cfg.precision, device),
-                         compile=resolve_compile(cfg.compile, device))
+                         compile=resolve_compile(cfg.compile, device),
+                         label_smoothing=cfg.label_smoothing, tta=cfg.tta)

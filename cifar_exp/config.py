@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.errors import ConfigError
+from cifar_exp.evaluate import TTA_MODES
 from cifar_exp.step import check_speed_names
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,15 +68,26 @@ class Config:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: str = "auto"  # auto | none | a torch.compile mode
     cudnn_benchmark: bool = True
+    label_smoothing: float = 0.0  # of the training loss; test_loss stays plain cross-entropy
+    tta: str = "none"  # test-time augmentation at evaluation: none | flip | flip_translate
     seed: int = 0
     device: str = "auto"
     log_every: int = 10
     eval_every: int = 1000
 
 
+def batch_scaled(value: float, reference: int, *, _root_: DictConfig) -> float:
+    """`${batch_scaled:VALUE,REFERENCE}`: VALUE, given for batches of REFERENCE examples,
+    scaled linearly to the run's `batch_size` (the linear scaling rule for lr and decay)."""
+    return value * _root_.batch_size / reference
+
+
 def register_schema() -> None:
-    """Make the schema available to conf/config.yaml as `base_config`."""
+    """Make the schema available to conf/config.yaml as `base_config`, and the config's
+    resolvers to OmegaConf."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("batch_scaled"):
+        OmegaConf.register_new_resolver("batch_scaled", batch_scaled)
 
 
 def compose_config(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConfig:
@@ -107,6 +119,10 @@ def validate(cfg: DictConfig) -> None:
     if lr is None or lr <= 0:
         raise ConfigError(f"optimizer.lr={lr} must be a positive number")
     check_speed_names(cfg.precision, cfg.compile)
+    if not 0 <= cfg.label_smoothing < 1:
+        raise ConfigError(f"label_smoothing={cfg.label_smoothing} must lie in [0, 1)")
+    if cfg.tta not in TTA_MODES:
+        raise ConfigError(f"tta={cfg.tta} is unknown; use one of {', '.join(TTA_MODES)}")
     decay = cfg.ema.decay
     if decay is not None and not 0 <= decay < 1:
         raise ConfigError(f"ema.decay={decay} must lie in [0, 1), or be null to turn EMA off")

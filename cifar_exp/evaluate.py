@@ -1,4 +1,5 @@
-"""Precision@1 and loss over a whole test set, in large batches, with one host sync."""
+"""Precision@1 and loss over a whole test set, in large batches, with one host sync;
+optionally with test-time augmentation (logits averaged over flipped and shifted views)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,55 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifar_exp.augment import Augmentation
+from cifar_exp.augment.ops import crop
 from cifar_exp.step import autocast
+
+TTA_MODES = ("none", "flip", "flip_translate")
+
+
+def _shifted(inputs: torch.Tensor, offset: int) -> torch.Tensor:
+    """Each image moved by `offset` pixels down and right (negative: up and left), the
+    border filled by reflection."""
+    count, size = inputs.shape[0], inputs.shape[-1]
+    corner = torch.full((count,), -offset, device=inputs.device)
+    return crop(inputs, corner, corner, size)
+
+
+def tta_views(inputs: torch.Tensor, mode: str) -> list[tuple[float, torch.Tensor]]:
+    """(weight, view) pairs whose weighted logits make the prediction, weights summing to 1.
+
+    flip: the image and its mirror, 1/2 each. flip_translate (airbench's level 2): half on
+    those two, half on the same pair for the image shifted by one pixel up-left and by one
+    down-right (1/8 each)."""
+    if mode == "none":
+        return [(1.0, inputs)]
+    views = [(0.5, inputs), (0.5, inputs.flip(-1))]
+    if mode == "flip":
+        return views
+    if mode != "flip_translate":
+        raise ValueError(f"unknown test-time augmentation {mode!r}; use one of {TTA_MODES}")
+    shifted = [_shifted(inputs, -1), _shifted(inputs, 1)]
+    return ([(0.25, view) for _, view in views]
+            + [(0.125, view) for image in shifted for view in (image, image.flip(-1))])
+
+
+def predict(model: nn.Module, inputs: torch.Tensor, tta: str = "none",
+            memory_format: torch.memory_format = torch.contiguous_format,
+            precision: str = "fp32") -> torch.Tensor:
+    """The model's fp32 logits for `inputs`, averaged over the views of `tta`."""
+    logits = None
+    for weight, view in tta_views(inputs, tta):
+        with autocast(inputs.device, precision):
+            out = model(view.contiguous(memory_format=memory_format)).float()
+        logits = weight * out if logits is None else logits + weight * out
+    return logits
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
              labels: torch.Tensor, batch_size: int = 500,
              memory_format: torch.memory_format = torch.contiguous_format,
-             precision: str = "fp32") -> tuple[float, float]:
+             precision: str = "fp32", tta: str = "none") -> tuple[float, float]:
     """Return (precision@1, mean cross-entropy) over every image exactly once."""
     was_training = model.training
     model.eval()
@@ -22,9 +64,7 @@ def evaluate(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
     loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
     for image_batch, label_batch in zip(images.split(batch_size), labels.split(batch_size),
                                         strict=True):
-        inputs = augmentation.eval(image_batch).contiguous(memory_format=memory_format)
-        with autocast(labels.device, precision):
-            logits = model(inputs).float()
+        logits = predict(model, augmentation.eval(image_batch), tta, memory_format, precision)
         correct += (logits.argmax(1) == label_batch).sum()
         loss_sum += F.cross_entropy(logits, label_batch, reduction="sum").double()
     model.train(was_training)

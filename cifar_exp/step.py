@@ -66,9 +66,10 @@ class TrainingStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, precision: str = "fp32", compile_mode: str = "none",
-                 data_parallel: bool = False) -> None:
+                 data_parallel: bool = False, label_smoothing: float = 0.0) -> None:
         self.model, self.optimizer = model, optimizer
         self.device, self.precision = device, precision
+        self.label_smoothing = label_smoothing
         # Under torchrun the forward goes through DDP, whose backward averages gradients.
         forward = distributed.data_parallel(model, device) if data_parallel else model
         self.forward = (forward if compile_mode == "none"
@@ -79,7 +80,8 @@ class TrainingStep:
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
             logits = self.forward(inputs)
-        loss = F.cross_entropy(logits.float(), labels) + regularization_loss(self.model)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        loss = loss + regularization_loss(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

@@ -79,6 +79,8 @@ class TrainSettings:
     channels_last: bool = True  # NHWC activations: faster convolutions and pooling
     precision: str = "fp32"  # fp32 | bf16 | fp16 autocast; the weights stay fp32
     compile: str = "none"  # a torch.compile mode, or none
+    label_smoothing: float = 0.0  # of the training loss
+    tta: str = "none"  # test-time augmentation at evaluation (evaluate.TTA_MODES)
     progress: bool = True
 
 
@@ -115,7 +117,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
     evaluated.to(memory_format=layout)
     model.train()
     training_step = TrainingStep(model, optimizer, device, settings.precision, settings.compile,
-                                 data_parallel=world.distributed)
+                                 data_parallel=world.distributed,
+                                 label_smoothing=settings.label_smoothing)
 
     window = _SpeedWindow(settings.batch_size, settings.log_every, device)
     train_seconds = 0.0
@@ -145,7 +148,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
     with logging_redirect_tqdm(), bar:
         for step in range(first_step, settings.steps + 1):
             indices = sampler.next()
-            inputs = augmentation.train(data.train_images[indices], generator)
+            inputs = augmentation.train(data.train_images[indices], generator, indices,
+                                        sampler.epoch)
             labels = data.train_labels[indices]
             if world.distributed:  # the global batch was drawn whole: keep this rank's slice
                 inputs, labels = world.shard(inputs), world.shard(labels)
@@ -176,7 +180,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
                 window.pause()
                 precision, test_loss = evaluate(evaluated, augmentation, data.test_images,
                                                 data.test_labels, settings.eval_batch_size,
-                                                layout, settings.precision)
+                                                layout, settings.precision, settings.tta)
                 sink.log_metrics({"precision": precision, "test_loss": test_loss}, step)
                 log.info("step %d, precision @ 1 = %.4f, test loss = %.4f",
                          step, precision, test_loss)

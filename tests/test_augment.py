@@ -1,4 +1,5 @@
-"""Batched augmentations: crop geometry, flip rate, distortion ranges, normalization."""
+"""Batched augmentations: crop geometry, flip rate and alternation, cutout, distortion ranges,
+normalization."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from cifar_exp.augment import AUGMENTATIONS, build_augmentation
-from cifar_exp.augment.ops import channel_stats, crop, per_image_standardization
+from cifar_exp.augment.ops import channel_stats, crop, cutout, per_image_standardization
 from cifar_exp.errors import ConfigError
 
 COLUMNS = torch.arange(32, dtype=torch.uint8).mul(8).repeat(32, 1)  # value = 8 * column
@@ -145,7 +146,77 @@ def test_per_image_torchvision_equivalent(name, cifar10):
     ("tf_distort", {"crop_size": 40}, "augmentation.crop_size=40 must lie in 1..32"),
     ("tf_distort", {"contrast_lower": 2.0}, "must satisfy 0 <= lower <= upper"),
     ("crop_flip", {"padding": -1}, "augmentation.padding=-1 must lie in 0..31"),
+    ("crop_flip", {"cutout": 33}, "augmentation.cutout=33 must lie in 0..32"),
+    ("crop_flip", {"flip": False, "alternating_flip": True}, "alternating_flip=true needs"),
 ])
 def test_impossible_options_are_refused(name, options, message):
     with pytest.raises(ConfigError, match=message):
         build_augmentation(name, column_images(2), **options)
+
+
+def mirrored(out: torch.Tensor) -> torch.Tensor:
+    """Which outputs of column_images() are mirrored: their ramp falls."""
+    return out[:, 0, 16, 10] > out[:, 0, 16, 20]
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    torch.manual_seed(0)
+    augmentation = build_augmentation("crop_flip", column_images(4000), padding=2,
+                                      alternating_flip=True)
+    images, indices = column_images(4000), torch.arange(4000)
+    generator = torch.Generator().manual_seed(5)
+    by_epoch = [mirrored(augmentation.train(images, generator, indices, epoch))
+                for epoch in range(4)]
+    assert 0.45 < by_epoch[0].float().mean() < 0.55  # a seeded coin per image, once
+    assert torch.equal(by_epoch[1], ~by_epoch[0])  # then each image the other way round
+    assert torch.equal(by_epoch[2], by_epoch[0]) and torch.equal(by_epoch[3], by_epoch[1])
+    # The pattern belongs to the image, not to its place in the batch.
+    shuffled = torch.randperm(4000)
+    again = mirrored(augmentation.train(images[shuffled], generator, shuffled, 1))
+    assert torch.equal(again, by_epoch[1][shuffled])
+    # The run's seed decides the first flips.
+    torch.manual_seed(1)
+    other = build_augmentation("crop_flip", column_images(4000), alternating_flip=True)
+    assert not torch.equal(other.first_flips, augmentation.first_flips)
+
+
+def test_translate_moves_by_up_to_padding_pixels():
+    augmentation = build_augmentation("crop_flip", column_images(1), padding=2, flip=False,
+                                      mean=[0.0] * 3, std=[1 / 255] * 3)
+    out = augmentation.train(column_images(3000), torch.Generator().manual_seed(6))
+    # Column 10 of the output is column 10 + dx of the image (value 8 * column).
+    shift = (out[:, 0, 16, 10] / 8 - 10).round().long()
+    assert sorted(shift.unique().tolist()) == [-2, -1, 0, 1, 2]
+    counts = torch.bincount(shift + 2).float()
+    assert counts.min() > 0.8 * counts.mean()  # uniform over the 5 positions
+
+
+def test_cutout_zeroes_one_square_inside_each_image():
+    augmentation = build_augmentation("crop_flip", column_images(1), padding=0, flip=False,
+                                      cutout=12, mean=[0.0] * 3, std=[1.0] * 3)
+    white = torch.full((2000, 3, 32, 32), 255, dtype=torch.uint8)
+    out = augmentation.train(white, torch.Generator().manual_seed(7))
+    zeroed = out == 0
+    assert torch.equal(zeroed.sum(dim=(1, 2, 3)), torch.full((2000,), 3 * 12 * 12))
+    rows, cols = zeroed[:, 0].any(2), zeroed[:, 0].any(1)  # N x 32: the square's extent
+    assert torch.equal(rows.sum(1), torch.full((2000,), 12))
+    assert torch.equal(cols.sum(1), torch.full((2000,), 12))
+    tops = rows.float().argmax(1)
+    assert sorted(tops.unique().tolist()) == list(range(21))  # every corner, inside only
+
+
+def test_cutout_op_matches_slicing():
+    images = torch.randn(3, 2, 10, 10)
+    top, left = torch.tensor([0, 3, 6]), torch.tensor([6, 0, 2])
+    expected = images.clone()
+    for i in range(3):
+        expected[i, :, top[i] : top[i] + 4, left[i] : left[i] + 4] = 0
+    torch.testing.assert_close(cutout(images, top, left, 4), expected)
+
+
+def test_per_image_cutout_equivalent(cifar10):
+    augmentation = build_augmentation("crop_flip", cifar10.train_images, cutout=8,
+                                      mean=[0.0] * 3, std=[1.0] * 3)
+    transform = augmentation.per_image_transform()
+    white = torch.full((3, 32, 32), 255, dtype=torch.uint8)
+    assert (transform(white) == 0).sum() == 3 * 8 * 8

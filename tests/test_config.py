@@ -23,7 +23,8 @@ def options(group: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def small_data(cifar10) -> CifarData:
-    return CifarData(cifar10.train_images[:512], cifar10.train_labels[:512],
+    # As many training images as the largest recipe's batch (fast94: 1024).
+    return CifarData(cifar10.train_images[:1024], cifar10.train_labels[:1024],
                      cifar10.test_images[:64], cifar10.test_labels[:64], cifar10.classes)
 
 
@@ -94,6 +95,31 @@ def test_sgd_decay_selects_its_schedule_and_ema(small_data):
     assert compose_config(["optimizer=sgd_decay", "ema.decay=0.99"]).ema.decay == 0.99
 
 
+def test_fast94_recipe_is_airbench94s():
+    cfg = compose_config(["+experiment=fast94"])
+    assert cfg.model.name == "airbench" and cfg.augmentation.padding == 2
+    assert cfg.augmentation.alternating_flip and cfg.schedule.name == "triangle"
+    assert cfg.steps == 476 and cfg.batch_size == 1024 and cfg.label_smoothing == 0.2
+    assert cfg.tta == "flip_translate" and cfg.optimizer.nesterov
+    assert cfg.optimizer.momentum == 0.85 and cfg.optimizer.norm_lr_scale == 64
+    # 11.5 and 0.0153 per 1024 examples of a summed loss, over 1 + 1 / (1 - 0.85).
+    assert cfg.optimizer.lr == pytest.approx(11.5 / (1 + 1 / 0.15), rel=1e-4)
+    assert cfg.optimizer.weight_decay == pytest.approx(0.0153 / (1 + 1 / 0.15), rel=1e-4)
+    assert compose_config(["+experiment=fast94", "steps=50"]).steps == 50
+
+
+def test_batch_scaled_values_follow_batch_size(small_data):
+    cfg = compose_config(["+experiment=fast94", "batch_size=512"])
+    assert cfg.optimizer.lr == pytest.approx(0.75)
+    assert cfg.optimizer.weight_decay == pytest.approx(0.0019957 / 2)
+    optimizer = build_experiment(cfg, small_data).optimizer
+    others, norms = optimizer.param_groups
+    assert others["lr"] == pytest.approx(0.75 * 0.2)  # the triangle starts at 0.2 x lr
+    assert norms["lr"] == pytest.approx(64 * 0.75 * 0.2)
+    assert cfg.optimizer.lr == compose_config(["+experiment=fast94", "optimizer.lr=0.75"]
+                                              ).optimizer.lr  # a plain value overrides it
+
+
 def test_every_optimizer_has_lr():
     for option in options("optimizer"):
         assert compose_config([f"optimizer={option}"]).optimizer.lr > 0, option
@@ -116,6 +142,8 @@ def test_schema_rejects_wrong_types():
     ("checkpoint.every=-1", r"checkpoint.every=-1 must be a number of steps, or 0 \(or null\)"),
     ("resume=3", "resume=3 must be true, false, auto or the path of a checkpoint file"),
     ("tracking.flush_seconds=-1", r"tracking.flush_seconds=-1.0 must be >= 0"),
+    ("label_smoothing=1.0", r"label_smoothing=1.0 must lie in \[0, 1\)"),
+    ("tta=mirror", "tta=mirror is unknown; use one of none, flip, flip_translate"),
 ])
 def test_bad_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -123,8 +151,8 @@ def test_bad_values_are_refused(override, message):
 
 
 def test_batch_larger_than_training_set_is_refused(small_data):
-    with pytest.raises(ConfigError, match="batch_size=1000 exceeds the 512 training images"):
-        build_experiment(compose_config(["batch_size=1000"]), small_data)
+    with pytest.raises(ConfigError, match="batch_size=2000 exceeds the 1024 training images"):
+        build_experiment(compose_config(["batch_size=2000"]), small_data)
 
 
 def test_unknown_builder_option_is_refused(small_data):

@@ -1,4 +1,4 @@
-"""Evaluation sees every test image exactly once."""
+"""Evaluation sees every test image exactly once; test-time augmentation averages logits."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cifar_exp.augment import build_augmentation
-from cifar_exp.evaluate import evaluate
+from cifar_exp.evaluate import evaluate, predict, tta_views
 
 
 class ConstantClassifier(torch.nn.Module):
@@ -37,3 +38,44 @@ def test_evaluation_restores_training_mode(cifar10):
     model.train()
     evaluate(model, augmentation, cifar10.test_images[:100], cifar10.test_labels[:100])
     assert model.training
+
+
+def small_convnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.LazyLinear(10)).eval()
+
+
+def test_tta_averages_the_flipped_and_shifted_logits():
+    model = small_convnet()
+    x = torch.randn(5, 3, 32, 32)
+    model(x)  # materialize the lazy layer
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    down_right, up_left = padded[:, :, :32, :32], padded[:, :, 2:, 2:]
+
+    def mirrored(images):
+        return (model(images) + model(images.flip(-1))) / 2
+
+    with torch.no_grad():
+        torch.testing.assert_close(predict(model, x, "none"), model(x))
+        torch.testing.assert_close(predict(model, x, "flip"), mirrored(x))
+        # airbench's level 2: half on the image and its mirror, half on the shifted pairs.
+        expected = mirrored(x) / 2 + (mirrored(down_right) + mirrored(up_left)) / 4
+        torch.testing.assert_close(predict(model, x, "flip_translate"), expected)
+        views = tta_views(x, "flip_translate")
+        assert len(views) == 6 and sum(weight for weight, _ in views) == 1.0
+    with pytest.raises(ValueError, match="unknown test-time augmentation 'mirror'"):
+        tta_views(x, "mirror")
+
+
+def test_evaluate_with_tta_scores_the_averaged_logits(cifar10):
+    model = small_convnet()
+    augmentation = build_augmentation("crop_flip", cifar10.train_images)
+    images, labels = cifar10.test_images[:200], cifar10.test_labels[:200]
+    with torch.no_grad():
+        logits = predict(model, augmentation.eval(images), "flip_translate")
+    precision, loss = evaluate(model, augmentation, images, labels, batch_size=64,
+                               tta="flip_translate")
+    assert precision == (logits.argmax(1) == labels).sum().item() / 200
+    assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert evaluate(model, augmentation, images, labels, tta="none") != (precision, loss)

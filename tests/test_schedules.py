@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +64,21 @@ def test_onecycle_peaks_at_the_optimizer_lr():
 @pytest.mark.parametrize("name", SCHEDULES.names())
 def test_every_schedule_runs_its_full_length(name):
     assert len(lrs(name, 30)) == 30
+
+
+def test_triangle_rises_to_the_peak_then_falls_to_the_end_factor():
+    steps = 476  # fast94's run: peak at int(0.23 * 476) = 109
+    seen = lrs("triangle", steps, lr=1.5, start_factor=0.2, peak_fraction=0.23,
+               end_factor=0.07)
+    assert seen[0] == pytest.approx(0.3)
+    assert max(seen) == pytest.approx(1.5) and seen.index(max(seen)) == 109
+    rising, falling = np.diff(seen[:110]), np.diff(seen[109:])
+    assert np.allclose(rising, rising[0]) and rising[0] > 0  # straight lines
+    assert np.allclose(falling, falling[0]) and falling[0] < 0
+    # The factor reaches end_factor at step `steps`, one past the last step taken.
+    assert seen[-1] == pytest.approx(1.5 * (0.07 + 0.93 / (steps - 109)))
+
+
+def test_triangle_without_warm_up_starts_at_the_peak():
+    seen = lrs("triangle", 10, start_factor=0.5, peak_fraction=0.0, end_factor=0.0)
+    assert seen[0] == pytest.approx(0.1) and seen[5] == pytest.approx(0.05)

@@ -71,3 +71,32 @@ def test_compiled_step_matches_eager():
     for _ in range(3):
         torch.testing.assert_close(compiled(inputs, labels), eager(inputs, labels),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_label_smoothing_mixes_in_the_uniform_target():
+    inputs, labels = batch()
+    model, optimizer = model_and_optimizer()
+    with torch.no_grad():
+        logits = model(inputs)
+        penalty = regularization_loss(model)
+    smoothed = TrainingStep(model, optimizer, CPU, label_smoothing=0.2)(inputs, labels)
+    log_probs = logits.log_softmax(1)
+    hard = F.nll_loss(log_probs, labels)
+    uniform = -log_probs.mean(1).mean()  # cross-entropy against 1/10 for every class
+    torch.testing.assert_close(smoothed, 0.8 * hard + 0.2 * uniform + penalty)
+    assert not torch.allclose(smoothed, hard + penalty)
+
+
+def test_label_smoothing_keeps_confident_logits_from_zero_loss():
+    logits = torch.tensor([[50.0] + [0.0] * 9])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1, 10))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(logits[0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    label = torch.tensor([0])
+    plain = TrainingStep(model, optimizer, CPU)(torch.zeros(1, 1), label)
+    smoothed = TrainingStep(model, optimizer, CPU, label_smoothing=0.1)(torch.zeros(1, 1), label)
+    assert plain < 1e-6
+    # 0.1 of the target spread over 10 classes: 9 of them cost ~50 nats each, x 0.01.
+    assert smoothed == pytest.approx(0.01 * 9 * 50, rel=1e-3)

@@ -245,3 +245,34 @@ def test_diverged_run_keeps_the_last_good_checkpoint(slice_data, tmp_path):
     kept = load_checkpoint(path)
     assert kept["step"] == 10
     assert all(torch.isfinite(tensor).all() for tensor in kept["model"].values())
+
+
+class RecordingAugmentation:
+    """crop_flip with alternating flip, noting which images each step drew in which epoch."""
+
+    def __init__(self, train_images: torch.Tensor) -> None:
+        self.inner = build_augmentation("crop_flip", train_images, alternating_flip=True)
+        self.image_size = self.inner.image_size
+        self.calls: list[tuple[torch.Tensor, int]] = []
+
+    def train(self, images, generator, indices=None, epoch=0):
+        self.calls.append((indices.clone(), epoch))
+        return self.inner.train(images, generator, indices, epoch)
+
+    def eval(self, images):
+        return self.inner.eval(images)
+
+
+def test_augmentation_sees_the_drawn_images_and_their_epoch(slice_data):
+    torch.manual_seed(0)
+    augmentation = RecordingAugmentation(slice_data.train_images)
+    model = build_model("tf_cnn", 10, 32)
+    optimizer = build_optimizer("sgd", model.parameters(), lr=0.01)
+    scheduler = build_schedule("constant", optimizer, 10, 4)
+    settings = TrainSettings(steps=10, batch_size=64, log_every=5, eval_every=10,
+                             progress=False, label_smoothing=0.1, tta="flip")
+    train(model, optimizer, scheduler, augmentation, slice_data, settings, ListSink())
+    assert [epoch for _, epoch in augmentation.calls] == [0] * 4 + [1] * 4 + [2] * 2
+    for epoch in (0, 1):  # 256 images in batches of 64: each epoch draws every image once
+        drawn = torch.cat([idx for idx, e in augmentation.calls if e == epoch])
+        assert torch.equal(drawn.sort().values, torch.arange(256))

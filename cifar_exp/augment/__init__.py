@@ -20,8 +20,11 @@ class Augmentation(Protocol):
 
     image_size: int
 
-    def train(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A randomly augmented float batch for training."""
+    def train(self, images: torch.Tensor, generator: torch.Generator,
+              indices: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
+        """A randomly augmented float batch for training. The trainer also passes which
+        training images these are (`indices`) and the epoch they were drawn in, for
+        augmentations that treat an image differently from one epoch to the next."""
         ...
 
     def eval(self, images: torch.Tensor) -> torch.Tensor:

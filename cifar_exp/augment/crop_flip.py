@@ -1,4 +1,6 @@
-"""The standard CIFAR recipe: reflect-pad, random crop back to full size, flip, normalize."""
+"""The standard CIFAR recipe: reflect-pad, random crop back to full size (a random
+translation by up to `padding` pixels), flip, normalize; optionally airbench's alternating
+flip and cutout."""
 
 from __future__ import annotations
 
@@ -6,40 +8,90 @@ import torch
 from torchvision.transforms import v2
 
 from cifar_exp.augment import AUGMENTATIONS
-from cifar_exp.augment.ops import channel_stats, crop, normalize, random_flags, random_offsets
+from cifar_exp.augment.ops import (
+    channel_stats,
+    crop,
+    cutout,
+    normalize,
+    random_flags,
+    random_offsets,
+)
 from cifar_exp.errors import ConfigError
 
 
 class CropFlip:
-    def __init__(self, padding: int, flip: bool, mean: list[float], std: list[float]) -> None:
+    def __init__(self, padding: int, flip: bool, mean: list[float], std: list[float],
+                 cutout: int = 0, first_flips: torch.Tensor | None = None) -> None:
         self.image_size = 32
         self.padding = padding
         self.flip = flip
         self.mean, self.std = mean, std
+        self.cutout = cutout
+        # Alternating flip: image i is mirrored in even epochs iff first_flips[i], and the
+        # other way round in odd epochs, so it is seen both ways in any two epochs in a row.
+        self.first_flips = first_flips
 
-    def train(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def flips(self, count: int, generator: torch.Generator, device: torch.device,
+              indices: torch.Tensor | None, epoch: int) -> torch.Tensor | None:
+        """Which images of the batch to mirror (None: none)."""
+        if not self.flip:
+            return None
+        if self.first_flips is None or indices is None:  # a batch the trainer did not draw
+            return random_flags(count, generator, device)
+        return self.first_flips[indices] ^ (epoch % 2 == 1)
+
+    def train(self, images: torch.Tensor, generator: torch.Generator,
+              indices: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
         count, device = images.shape[0], images.device
         top = random_offsets(count, self.padding, generator, device, low=-self.padding)
         left = random_offsets(count, self.padding, generator, device, low=-self.padding)
-        flip = random_flags(count, generator, device) if self.flip else None
-        return normalize(crop(images, top, left, self.image_size, flip), self.mean, self.std)
+        flip = self.flips(count, generator, device, indices, epoch)
+        out = normalize(crop(images, top, left, self.image_size, flip), self.mean, self.std)
+        if self.cutout:
+            limit = self.image_size - self.cutout
+            top = random_offsets(count, limit, generator, device)
+            left = random_offsets(count, limit, generator, device)
+            out = cutout(out, top, left, self.cutout)
+        return out
 
     def per_image_transform(self) -> v2.Compose:
+        # One image at a time there is no epoch to alternate with: a coin per image.
         steps = [v2.RandomCrop(self.image_size, padding=self.padding, padding_mode="reflect")]
         if self.flip:
             steps.append(v2.RandomHorizontalFlip())
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+        if self.cutout:
+            steps.append(_Cutout(self.cutout))
         return v2.Compose(steps)
 
     def eval(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.mean, self.std)
 
 
+class _Cutout:
+    """Per-image cutout for the DataLoader baseline: a square inside the image, zeroed."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        corner = torch.randint(0, image.shape[-1] - self.size + 1, (2,))
+        return cutout(image[None], corner[:1], corner[1:], self.size)[0]
+
+
 @AUGMENTATIONS.register("crop_flip")
 def build(train_images: torch.Tensor, padding: int = 4, flip: bool = True,
-          mean: list[float] | None = None, std: list[float] | None = None) -> CropFlip:
-    if not 0 <= padding < train_images.shape[-1]:
-        raise ConfigError(f"augmentation.padding={padding} must lie in "
-                          f"0..{train_images.shape[-1] - 1}")
+          alternating_flip: bool = False, cutout: int = 0, mean: list[float] | None = None,
+          std: list[float] | None = None) -> CropFlip:
+    side = train_images.shape[-1]
+    if not 0 <= padding < side:
+        raise ConfigError(f"augmentation.padding={padding} must lie in 0..{side - 1}")
+    if not 0 <= cutout <= side:
+        raise ConfigError(f"augmentation.cutout={cutout} must lie in 0..{side}")
+    if alternating_flip and not flip:
+        raise ConfigError("augmentation.alternating_flip=true needs augmentation.flip=true")
     mean, std = channel_stats(train_images, mean, std)
-    return CropFlip(padding, flip, mean, std)
+    first_flips = None
+    if alternating_flip:  # seeded by the run's seed (build_experiment seeds torch first)
+        first_flips = (torch.rand(train_images.shape[0]) < 0.5).to(train_images.device)
+    return CropFlip(padding, flip, mean, std, cutout, first_flips)

@@ -14,7 +14,8 @@ class NoAugmentation:
         self.image_size = 32
         self.mean, self.std = mean, std
 
-    def train(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def train(self, images: torch.Tensor, generator: torch.Generator,
+              indices: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
         return self.eval(images)
 
     def per_image_transform(self) -> v2.Compose:

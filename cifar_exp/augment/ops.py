@@ -40,6 +40,17 @@ def random_flags(count: int, generator: torch.Generator, device: torch.device) -
     return torch.rand(count, generator=generator, device=device) < 0.5
 
 
+def cutout(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
+           size: int) -> torch.Tensor:
+    """Zero a size x size square at (top, left) of each image: on normalized images, the
+    mean colour."""
+    height, width = images.shape[-2:]
+    rows = torch.arange(height, device=images.device) - top[:, None]
+    cols = torch.arange(width, device=images.device) - left[:, None]
+    inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None]
+    return images.masked_fill(inside[:, None], 0)
+
+
 def random_uniform(count: int, low: float, high: float, generator: torch.Generator,
                    device: torch.device) -> torch.Tensor:
     """One value per image in [low, high), shaped to broadcast over N x C x H x W."""

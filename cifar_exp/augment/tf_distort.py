@@ -24,7 +24,8 @@ class TfDistort:
         self.max_brightness = max_brightness
         self.contrast = (contrast_lower, contrast_upper)
 
-    def train(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def train(self, images: torch.Tensor, generator: torch.Generator,
+              indices: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
         return per_image_standardization(self.distort(images, generator))
 
     def distort(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Model registry: each module here registers a builder `f(num_classes, image_size, **options)`."""
+"""Model registry: each module here registers a builder `f(num_classes, image_size, **options)`.
+
+Two optional model methods are hooks for the rest of the framework:
+`regularization_loss()` (added to the training loss) and `initialize_from_data(images)`
+(called once, before training, with normalized training images)."""
 
 from __future__ import annotations
 
@@ -21,3 +25,17 @@ def regularization_loss(model: nn.Module) -> torch.Tensor | float:
     """The model's own penalty term (e.g. the seed's L2 on two layers), or 0 if it has none."""
     penalty = getattr(model, "regularization_loss", None)
     return penalty() if penalty is not None else 0.0
+
+
+def wants_data(model: nn.Module) -> bool:
+    """Whether `model` initializes part of itself from the training images."""
+    return callable(getattr(model, "initialize_from_data", None))
+
+
+@torch.no_grad()
+def initialize_from_data(model: nn.Module, images: torch.Tensor) -> None:
+    """Let `model` set weights from training images (float N x 3 x H x W, normalized as its
+    evaluation inputs are), e.g. a whitening layer from their patch covariance; models
+    without an `initialize_from_data` method are left as they are."""
+    if wants_data(model):
+        model.initialize_from_data(images)

@@ -1,15 +1,19 @@
-"""SGD, with optional (Nesterov) momentum."""
+"""SGD, with optional (Nesterov) momentum, a separate lr for normalization layers and
+weight decay decoupled from the lr (as airbench trains)."""
 
 from __future__ import annotations
 
 import torch
 
 from cifar_exp.optim import OPTIMIZERS
+from cifar_exp.optim.groups import scaled_groups
 
 
 @OPTIMIZERS.register("sgd")
 def build(params, lr: float = 0.1, momentum: float = 0.9, nesterov: bool = False,
-          weight_decay: float = 0.0, fused: bool | None = None,
+          weight_decay: float = 0.0, norm_lr_scale: float = 1.0,
+          decoupled_weight_decay: bool = False, fused: bool | None = None,
           foreach: bool | None = None) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov,
+    groups = scaled_groups(params, lr, weight_decay, norm_lr_scale, decoupled_weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
                            weight_decay=weight_decay, fused=fused, foreach=foreach)
