@@ -1,0 +1,57 @@
+"""The fast recipes end to end on the CPU, through run_experiment, on the real training
+data; the test set is cut to its first 250 images, as a full evaluation with test-time
+augmentation (six views of 10,000 images) takes minutes on a CPU."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cifar_exp import run as run_module
+from cifar_exp.config import compose_config
+
+
+def run_recipe(tmp_path, monkeypatch, cifar10, recipe: str, *overrides: str):
+    """Run `+experiment=<recipe>` with `overrides`; return the MLflow client and its run."""
+    short_test = replace(cifar10, test_images=cifar10.test_images[:250],
+                         test_labels=cifar10.test_labels[:250])
+    monkeypatch.setattr(run_module, "load_cifar", lambda *args, **kwargs: short_test)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_config([f"+experiment={recipe}", f"tracking.uri={store}",
+                          f"checkpoint.path={tmp_path / 'checkpoint.pt'}", *overrides])
+    result = run_module.run_experiment(cfg)
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name(recipe).experiment_id])
+    assert run.data.metrics["precision"] == result.precision
+    return client, run
+
+
+def test_fast94_trains_a_few_steps(tmp_path, monkeypatch, cifar10):
+    # The recipe as written, but 3 steps of 128 images.
+    client, run = run_recipe(tmp_path, monkeypatch, cifar10, "fast94", "steps=3",
+                             "batch_size=128", "log_every=1", "tracking.log_model=false")
+    assert run.info.status == "FINISHED" and run.info.run_name == "airbench-sgd-3"
+    params = run.data.params
+    assert params["model.name"] == "airbench" and params["label_smoothing"] == "0.2"
+    assert params["optimizer.lr"] == "0.1875"  # 1.5 per 1024 examples, at batch 128
+    assert params["augmentation.alternating_flip"] == "True"
+    assert params["tta"] == "flip_translate"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
+    # The triangle stretched to 3 steps: its peak, int(0.23 * 3) = 0, is the first step;
+    # then down towards 0.07 x lr at step 3.
+    assert lrs == pytest.approx([0.1875 * (1 - 0.93 * k / 3) for k in range(3)])
+    assert 0.0 <= run.data.metrics["precision"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["fast94", "fast96", "resnet18"])
+def test_every_recipe_runs_as_written_for_two_steps(tmp_path, monkeypatch, cifar10, recipe):
+    client, run = run_recipe(tmp_path, monkeypatch, cifar10, recipe, "steps=2")
+    assert run.info.status == "FINISHED"
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.name for m in logged] == ["model"]  # the model exports (torch.export)
