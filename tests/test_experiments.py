@@ -1,4 +1,4 @@
-"""The GPU benchmark script, smoke-tested on the CPU with tiny settings."""
+"""The GPU scripts (benchmark, fast recipes), smoke-tested on the CPU with tiny settings."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from cifar_exp import bench
 
@@ -29,4 +31,19 @@ def test_gpu_bench_script_prints_its_table(tmp_path, data_root):
     [summary] = [line for line in lines if line.startswith("optimizer=sgd_decay steps=20:")]
     assert "precision 0." in summary and " s end to end" in summary
     assert (tmp_path / "out" / "bench_32.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # writes nowhere else
+
+
+@pytest.mark.slow
+def test_fast_gpu_script_prints_its_table(tmp_path, data_root):
+    env = {**os.environ, "PYTHON": sys.executable, "CIFAR_EXP_DATA": str(data_root),
+           "OUT": str(tmp_path / "out"), "SEEDS": "0 1", "OTHERS": ""}
+    result = subprocess.run(["bash", str(REPO / "experiments" / "fast_gpu.sh"), "steps=2",
+                             "batch_size=64", "tta=none", "tracking.log_model=false"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| fast94 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["0", "1"]
+    assert all(0 <= float(row.split("|")[3]) <= 1 for row in rows)
+    assert "fast94 over 2 seeds: " in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # writes nowhere else
