@@ -3,6 +3,7 @@ one MLflow run; and the helpers that make it so."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -90,7 +91,7 @@ def test_two_processes_train_as_one_does(tmp_path, data_root):
     (single_runs, single_weights, _), (ddp_runs, ddp_weights, ddp_outputs) = runs[1], runs[2]
     assert len(ddp_runs) == 1 and len(ddp_outputs) == 1
     [single], [ddp] = single_runs, ddp_runs
-    assert ddp.info.status == "FINISHED"
+    assert ddp.info.status == "FINISHED" and ddp.data.tags["processes"] == "2"
     assert ddp.data.metrics["loss"] == pytest.approx(single.data.metrics["loss"], rel=1e-5)
     assert ddp.data.metrics["precision"] == pytest.approx(single.data.metrics["precision"],
                                                           abs=2e-3)
@@ -103,6 +104,18 @@ def test_a_sweep_under_torchrun_is_refused(tmp_path, data_root):
     assert result.returncode != 0
     assert "error: a sweep (-m) under torchrun would run once per process" in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing started, nothing created
+
+
+def kill_job(agent: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers at once, as a lost node would. torchrun starts each
+    worker in a session of its own, so killing torchrun's process group alone would leave
+    the workers training on (and writing the same MLflow run as the resumed job)."""
+    children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
+    os.killpg(agent.pid, signal.SIGKILL)
+    for pid in map(int, children):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    agent.wait()
 
 
 @pytest.mark.slow  # three 2-process jobs of 30 steps
@@ -128,8 +141,7 @@ def test_killed_two_process_job_resumes_to_the_uninterrupted_weights(tmp_path, d
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
     time.sleep(0.5)  # the file is renamed into place whole: let torch.load read it
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_job(process)
     killed_at = torch.load(checkpoint, weights_only=True)["step"]
     assert killed_at in (10, 20)
 
