@@ -5,12 +5,14 @@ generator a single process would use, and keeps its own slice of it; gradients a
 averaged by DistributedDataParallel. The sample order and augmentation randomness thus do
 not depend on the world size, and the loop's state (generator, sampler) is the same on
 every rank. Rank 0 alone writes the Hydra output folder, the checkpoints and the MLflow
-run; the other ranks log nowhere.
+run; the other ranks log nowhere. Evaluation is sharded: each rank scores its part of the test
+set and the sums are added over the ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +48,11 @@ class World:
         """This rank's contiguous slice of a global batch (its size divides by `size`)."""
         per_rank = batch.shape[0] // self.size
         return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def part(self, data: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous part of `data` of any length (e.g. the test set): the
+        parts differ by at most one row and together cover every row once."""
+        return torch.tensor_split(data, self.size)[self.rank]
 
 
 SINGLE = World()
@@ -109,6 +116,21 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     total = value.detach().clone()
     dist.all_reduce(total)
     return total / dist.get_world_size()
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """`values` added element-wise over all ranks (e.g. correct predictions and count)."""
+    total = values.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
+def share_buffers_of_main(module: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank. Each rank updates
+    them from its own slice of the batch; a sharded evaluation must use one set, rank 0's,
+    the one its checkpoint saves. DDP broadcasts them before each forward anyway."""
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def agree_on_stop(signum: int | None, device: torch.device) -> int | None:

@@ -9,6 +9,7 @@ from torch import nn
 
 from cifar_exp.augment import Augmentation
 from cifar_exp.augment.ops import crop
+from cifar_exp.distributed import SINGLE, World, share_buffers_of_main, sum_over_ranks
 from cifar_exp.step import autocast
 
 TTA_MODES = ("none", "flip", "flip_translate")
@@ -56,11 +57,18 @@ def predict(model: nn.Module, inputs: torch.Tensor, tta: str = "none",
 def evaluate(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
              labels: torch.Tensor, batch_size: int = 500,
              memory_format: torch.memory_format = torch.contiguous_format,
-             precision: str = "fp32", tta: str = "none") -> tuple[float, float]:
-    """Return (precision@1, mean cross-entropy) over every image exactly once."""
+             precision: str = "fp32", tta: str = "none",
+             world: World = SINGLE) -> tuple[float, float]:
+    """Return (precision@1, mean cross-entropy) over every image exactly once.
+
+    In a distributed `world` every rank must call it: each scores its part of the images
+    with rank 0's BatchNorm statistics, and all get the totals over the ranks."""
+    if world.distributed:
+        share_buffers_of_main(model)
+        images, labels = world.part(images), world.part(labels)
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=labels.device)
+    correct = torch.zeros((), dtype=torch.float64, device=labels.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
     for image_batch, label_batch in zip(images.split(batch_size), labels.split(batch_size),
                                         strict=True):
@@ -68,5 +76,10 @@ def evaluate(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
         correct += (logits.argmax(1) == label_batch).sum()
         loss_sum += F.cross_entropy(logits, label_batch, reduction="sum").double()
     model.train(was_training)
-    count = labels.numel()
-    return correct.item() / count, loss_sum.item() / count
+    # One tensor for the sums, so a distributed run adds them over the ranks at once.
+    totals = torch.stack([correct, loss_sum,
+                          torch.tensor(labels.numel(), dtype=torch.float64, device=labels.device)])
+    if world.distributed:
+        totals = sum_over_ranks(totals)
+    correct_total, loss_total, count = totals.tolist()
+    return correct_total / count, loss_total / count

@@ -106,8 +106,9 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
     after which the loop raises Stopped.
 
     In a distributed `world` each rank trains on its slice of the same global batch; the
-    logged loss is the global batch's, rank 0 alone evaluates (other ranks get nan) and
-    the caller gives only rank 0 a `checkpoints` saver and a real `sink`."""
+    logged loss is the global batch's, each rank evaluates its part of the test set (the
+    sums are added over the ranks) and the caller gives only rank 0 a `checkpoints` saver
+    and a real `sink`."""
     device = data.train_images.device
     generator = torch.Generator(device).manual_seed(settings.seed)
     sampler = EpochSampler(data.train_labels.numel(), settings.batch_size, generator, device)
@@ -176,11 +177,12 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
                 log.info("step %d, loss = %.2f (%.1f examples/sec; %.3f sec/batch)",
                          step, mean_loss, examples_per_sec, sec_per_batch)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
-            if (step % settings.eval_every == 0 or last) and world.is_main:
+            if step % settings.eval_every == 0 or last:  # every rank scores its part
                 window.pause()
                 precision, test_loss = evaluate(evaluated, augmentation, data.test_images,
                                                 data.test_labels, settings.eval_batch_size,
-                                                layout, settings.precision, settings.tta)
+                                                layout, settings.precision, settings.tta,
+                                                world)
                 sink.log_metrics({"precision": precision, "test_loss": test_loss}, step)
                 log.info("step %d, precision @ 1 = %.4f, test loss = %.4f",
                          step, precision, test_loss)

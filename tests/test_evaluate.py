@@ -1,4 +1,5 @@
-"""Evaluation sees every test image exactly once; test-time augmentation averages logits."""
+"""Evaluation sees every test image exactly once, also when sharded over processes;
+test-time augmentation averages logits."""
 
 from __future__ import annotations
 
@@ -79,3 +80,44 @@ def test_evaluate_with_tta_scores_the_averaged_logits(cifar10):
     assert precision == (logits.argmax(1) == labels).sum().item() / 200
     assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
     assert evaluate(model, augmentation, images, labels, tta="none") != (precision, loss)
+
+
+def _evaluate_as_rank(rank: int, world_size: int, folder: str, images: torch.Tensor,
+                      labels: torch.Tensor, augmentation) -> None:
+    """One process of a gloo group: evaluate its part, save what it got back."""
+    import torch.distributed as dist
+
+    from cifar_exp.distributed import World
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/group", rank=rank,
+                            world_size=world_size)
+    model = batchnorm_convnet()
+    if rank:  # this rank's running statistics drifted from its own slices of the batches
+        model[1].running_mean += 0.5
+    result = evaluate(model, augmentation, images, labels, batch_size=64, tta="flip",
+                      world=World(rank, world_size))
+    torch.save(result, f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def batchnorm_convnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 22 * 22, 10))
+    model[1].running_mean.uniform_(-0.2, 0.2)
+    return model
+
+
+def test_sharded_evaluation_over_two_processes_matches_one(cifar10, tmp_path):
+    # An odd count: the parts differ by one image, and every image is still scored once.
+    images, labels = cifar10.test_images[:301], cifar10.test_labels[:301]
+    augmentation = build_augmentation("tf_distort", cifar10.train_images)
+    torch.multiprocessing.spawn(_evaluate_as_rank, args=(2, str(tmp_path), images, labels,
+                                                         augmentation), nprocs=2)
+    alone = evaluate(batchnorm_convnet(), augmentation, images, labels, batch_size=64,
+                     tta="flip")
+    for rank in (0, 1):  # every rank gets the totals, with rank 0's BatchNorm statistics
+        precision, loss = torch.load(tmp_path / f"rank{rank}.pt")
+        assert precision == pytest.approx(alone[0], abs=1e-12)
+        assert loss == pytest.approx(alone[1], rel=1e-6)
