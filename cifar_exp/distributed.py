@@ -67,6 +67,23 @@ def current_world() -> World:
     return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def adopt_launcher_tasks() -> None:
+    """Under Hydra's submitit launcher with several tasks per job (SLURM's
+    `--ntasks-per-node`), make the tasks one data-parallel job: export the variables
+    torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from
+    submitit's job environment. Elsewhere, and for a single task, nothing changes."""
+    if "SUBMITIT_EXECUTOR" not in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().num_tasks > 1:
+        # Each rank picks its GPU by LOCAL_RANK (device_for), so all stay visible.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        if int(os.environ["RANK"]):  # one log of the job, rank 0's, in its output folder
+            logging.getLogger("cifar_exp").setLevel(logging.WARNING)
+
+
 def hydra_overrides(world: World) -> list[str]:
     """Overrides for a rank other than 0, so that Hydra creates no folder and no log file
     for it: rank 0's output folder is the job's only one."""

@@ -155,6 +155,7 @@ def train_job(cfg: DictConfig, device: torch.device,
             # What `auto` became on this device (the params hold the config as written).
             "precision": experiment.settings.precision,
             "compile": experiment.settings.compile,
+            "processes": str(world.size),  # 1, or the data-parallel ranks of the job
             **git_tags(PROJECT_ROOT)}
     tracking: dict[str, Any] = {}
     if resumed is not None:
@@ -207,6 +208,7 @@ def train_job(cfg: DictConfig, device: torch.device,
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    distributed.adopt_launcher_tasks()  # hydra.launcher.tasks_per_node > 1: one DDP job
     try:
         return run_experiment(cfg).precision
     except UserError as error:

@@ -42,3 +42,21 @@ def test_submitit_sweep_leaves_one_parent_and_two_finished_children(tmp_path, da
         for key, steps in STEP_METRICS.items():
             history = client.get_metric_history(run.info.run_id, key)
             assert sorted(m.step for m in history) == steps, (run.info.run_name, key)
+
+
+@pytest.mark.slow  # one job of two submitit tasks on the CPU (gloo)
+def test_two_tasks_per_node_train_one_data_parallel_job(tmp_path, data_root):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = cli(tmp_path, "-m", "hydra/launcher=submitit_local",
+                 "hydra.launcher.tasks_per_node=2", "seed=0", *SWEEP_JOB,
+                 f"tracking.uri={uri}", data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    [parent], [child] = parent_and_children(uri)  # one run for the two ranks
+    assert parent.info.status == child.info.status == "FINISHED"
+    assert child.data.tags["processes"] == "2"
+    client = MlflowClient(uri)
+    for key, steps in STEP_METRICS.items():
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, key)) == (
+            steps), key
+    assert len(list(tmp_path.glob("multirun/*/*/0"))) == 1  # one output folder for the job
