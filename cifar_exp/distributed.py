@@ -1,12 +1,13 @@
-"""Data-parallel training on several processes started by torchrun.
+"""Data-parallel training on several processes started by torchrun (or as the tasks of a
+submitit job).
 
 Every rank draws the whole global batch (indices and augmentation) with the same seeded
 generator a single process would use, and keeps its own slice of it; gradients are
 averaged by DistributedDataParallel. The sample order and augmentation randomness thus do
 not depend on the world size, and the loop's state (generator, sampler) is the same on
 every rank. Rank 0 alone writes the Hydra output folder, the checkpoints and the MLflow
-run; the other ranks log nowhere. Evaluation is sharded: each rank scores its part of the test
-set and the sums are added over the ranks.
+run; the other ranks log nowhere. Evaluation is sharded: each rank scores its part of the
+test set and the sums are added over the ranks.
 """
 
 from __future__ import annotations
