@@ -30,15 +30,13 @@ def parent_and_children(uri: str) -> tuple[list, list]:
     return parents, [run for run in runs if run not in parents]
 
 
-def test_parallel_sweep_leaves_one_parent_and_four_finished_children(sweep_store):
-    folder, uri, result = sweep_store
-    assert result.returncode == 0, result.stderr[-3000:]
-    output = result.stdout + result.stderr
-    assert "database is locked" not in output and "migration" not in output
-
+def tracked_sweep(uri: str, child_names: set[str]) -> tuple:
+    """(parent, children) of the one sweep in the store at `uri`, checked: all FINISHED,
+    the children named `child_names` under that parent, each with every point of
+    STEP_METRICS exactly once."""
     [parent], children = parent_and_children(uri)
     assert parent.info.status == "FINISHED"
-    assert {run.info.run_name for run in children} == CHILD_NAMES
+    assert {run.info.run_name for run in children} == child_names
     assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
     assert {run.info.status for run in children} == {"FINISHED"}
     client = MlflowClient(uri)
@@ -46,7 +44,17 @@ def test_parallel_sweep_leaves_one_parent_and_four_finished_children(sweep_store
         for key, steps in STEP_METRICS.items():
             history = client.get_metric_history(run.info.run_id, key)
             assert sorted(m.step for m in history) == steps, (run.info.run_name, key)
+    return parent, children
 
+
+def test_parallel_sweep_leaves_one_parent_and_four_finished_children(sweep_store):
+    folder, uri, result = sweep_store
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "database is locked" not in output and "migration" not in output
+
+    parent, children = tracked_sweep(uri, CHILD_NAMES)
+    client = MlflowClient(uri)
     assert parent.data.tags["launcher"] == "JoblibLauncher"
     assert "optimizer=adam,sgd seed=0,1" in parent.data.tags["command"]
     assert parent.data.metrics["jobs"] == 4 and parent.data.metrics["jobs_finished"] == 4
