@@ -45,14 +45,10 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, batch: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous slice of a global batch (its size divides by `size`)."""
-        per_rank = batch.shape[0] // self.size
-        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
-
-    def part(self, data: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous part of `data` of any length (e.g. the test set): the
-        parts differ by at most one row and together cover every row once."""
+    def shard(self, data: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous part of `data`: of a global batch (its size divides by
+        `size`, so the parts are equal) or of the test set (the parts differ by at most
+        one row); together the parts cover every row once."""
         return torch.tensor_split(data, self.size)[self.rank]
 
 
@@ -129,18 +125,16 @@ def from_main(value: T) -> T:
     return holder[0]
 
 
-def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a scalar over all ranks (the global batch's loss from the slices')."""
-    total = value.detach().clone()
-    dist.all_reduce(total)
-    return total / dist.get_world_size()
-
-
 def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """`values` added element-wise over all ranks (e.g. correct predictions and count)."""
     total = values.detach().clone()
     dist.all_reduce(total)
     return total
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over all ranks (the global batch's loss from the slices')."""
+    return sum_over_ranks(value) / dist.get_world_size()
 
 
 def share_buffers_of_main(module: nn.Module) -> None:

@@ -65,7 +65,7 @@ def evaluate(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
     with rank 0's BatchNorm statistics, and all get the totals over the ranks."""
     if world.distributed:
         share_buffers_of_main(model)
-        images, labels = world.part(images), world.part(labels)
+        images, labels = world.shard(images), world.shard(labels)
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.float64, device=labels.device)

@@ -43,10 +43,9 @@ from cifar_exp.tracking import (
 from cifar_exp.train import TrainResult, train
 
 log = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 register_schema()
-git_tags(PROJECT_ROOT)  # read once, when the code that will run is imported
+git_tags()  # read once, when the code that will run is imported
 
 
 def sweep_job_number() -> int | None:
@@ -156,7 +155,7 @@ def train_job(cfg: DictConfig, device: torch.device,
             "precision": experiment.settings.precision,
             "compile": experiment.settings.compile,
             "processes": str(world.size),  # 1, or the data-parallel ranks of the job
-            **git_tags(PROJECT_ROOT)}
+            **git_tags()}
     tracking: dict[str, Any] = {}
     if resumed is not None:
         tracking = {"run_id": resumed.state["tracking"]["run_id"],

@@ -35,7 +35,6 @@ from cifar_exp.tracking import (
 )
 
 log = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper
 
 
@@ -59,7 +58,7 @@ class SweepTracking(Callback):
                 "sweep_dir": str(config.hydra.sweep.dir),
                 "sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
                 "launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
-                **git_tags(PROJECT_ROOT)}
+                **git_tags()}
         client = MlflowClient(self.uri)
         run = with_retries(lambda: client.create_run(
             experiment_id, run_name=f"sweep {overrides}".strip(), tags=tags), "create run")

@@ -26,6 +26,8 @@ from cifar_exp.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+# The project's source tree: its git commit goes on every run.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # A sweep's parent run id, set by the sweep callback for the jobs it launches.
 PARENT_RUN_ENV = "CIFAR_EXP_PARENT_RUN_ID"
 T = TypeVar("T")
@@ -58,7 +60,7 @@ def _git(folder: Path, *args: str) -> str | None:
 
 
 @functools.cache
-def git_tags(folder: Path) -> dict[str, str]:
+def git_tags(folder: Path = PROJECT_ROOT) -> dict[str, str]:
     """The commit checked out in `folder` and whether tracked files differ from it; empty
     outside a git work tree. Cached: every job of a multirun runs the code imported at
     start, so all its runs carry the commit read then."""
