@@ -34,12 +34,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
-def cli(cwd: Path, *args: str, data_root: Path, timeout: float = 600
+def run_command(*args: str, processes: int = 1) -> list[str]:
+    """`python -m cifar_exp.run ARGS`; with `processes` > 1, under
+    `torchrun --standalone --nproc_per_node=PROCESSES`."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable])
+    return [*launcher, "-m", "cifar_exp.run", *args]
+
+
+def data_env(data_root: Path) -> dict[str, str]:
+    """This environment, with the real data set at `data_root`."""
+    return {**os.environ, "CIFAR_EXP_DATA": str(data_root)}
+
+
+def cli(cwd: Path, *args: str, data_root: Path, timeout: float = 600, processes: int = 1
         ) -> subprocess.CompletedProcess:
-    """`python -m cifar_exp.run ARGS` in folder `cwd`, on the real data."""
-    env = {**os.environ, "CIFAR_EXP_DATA": str(data_root)}
-    return subprocess.run([sys.executable, "-m", "cifar_exp.run", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """run_command(ARGS) in folder `cwd`, on the real data, to its end."""
+    return subprocess.run(run_command(*args, processes=processes), cwd=cwd,
+                          env=data_env(data_root), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_exp.distributed import SINGLE, World, current_world, hydra_overrides
 from cifar_exp.errors import ConfigError
-from tests.conftest import cli
+from tests.conftest import cli, data_env, run_command
 
 # SGD at a small rate: its update is linear in the gradient, so the runs differ only by the
 # order of floating-point sums (Adam, or lr=0.1, amplifies them: max-pool and ReLU choices flip).
@@ -55,15 +54,6 @@ def test_batch_that_does_not_divide_among_ranks_is_refused():
         check_batch_size(10, World(0, 4))
 
 
-def torchrun(cwd: Path, processes: int, *args: str, data_root: Path
-             ) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=N -m cifar_exp.run ARGS` in `cwd`."""
-    env = {**os.environ, "CIFAR_EXP_DATA": str(data_root)}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={processes}", "-m", "cifar_exp.run", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
 def finished_job(folder: Path) -> tuple[list, dict[str, torch.Tensor], list[Path]]:
     """(MLflow runs, final weights, output folders) of the job run in `folder`."""
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
@@ -81,8 +71,7 @@ def test_two_processes_train_as_one_does(tmp_path, data_root):
         folder = tmp_path / f"{processes}"
         folder.mkdir()
         args = (*JOB, f"tracking.uri=sqlite:///{folder / 'mlflow.db'}")
-        result = (cli(folder, *args, data_root=data_root) if processes == 1
-                  else torchrun(folder, processes, *args, data_root=data_root))
+        result = cli(folder, *args, data_root=data_root, processes=processes)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[processes] = finished_job(folder)
         # Nothing but the store, its artifacts and the one output folder is created.
@@ -100,7 +89,7 @@ def test_two_processes_train_as_one_does(tmp_path, data_root):
 
 
 def test_a_sweep_under_torchrun_is_refused(tmp_path, data_root):
-    result = torchrun(tmp_path, 2, "-m", "seed=0,1", data_root=data_root)
+    result = cli(tmp_path, "-m", "seed=0,1", data_root=data_root, processes=2)
     assert result.returncode != 0
     assert "error: a sweep (-m) under torchrun would run once per process" in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing started, nothing created
@@ -127,14 +116,12 @@ def test_killed_two_process_job_resumes_to_the_uninterrupted_weights(tmp_path, d
         folder.mkdir()
     args = (*job, f"tracking.uri=sqlite:///{whole / 'mlflow.db'}",
             f"hydra.run.dir={whole / 'run'}")
-    assert torchrun(whole, 2, *args, data_root=data_root).returncode == 0
+    assert cli(whole, *args, data_root=data_root, processes=2).returncode == 0
 
     args = (*job, f"tracking.uri=sqlite:///{cut / 'mlflow.db'}", f"hydra.run.dir={cut / 'run'}")
     checkpoint = cut / "run" / "checkpoint.pt"
-    env = {**os.environ, "CIFAR_EXP_DATA": str(data_root)}
-    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                "--nproc_per_node=2", "-m", "cifar_exp.run", *args],
-                               cwd=cut, env=env, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(run_command(*args, processes=2), cwd=cut,
+                               env=data_env(data_root), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not checkpoint.exists():  # a first checkpoint (step 10 or 20): kill every process
@@ -145,7 +132,7 @@ def test_killed_two_process_job_resumes_to_the_uninterrupted_weights(tmp_path, d
     killed_at = torch.load(checkpoint, weights_only=True)["step"]
     assert killed_at in (10, 20)
 
-    result = torchrun(cut, 2, *args, "resume=true", data_root=data_root)
+    result = cli(cut, *args, "resume=true", data_root=data_root, processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{cut / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("cifar_exp").experiment_id])

@@ -8,7 +8,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,18 +20,17 @@ from mlflow.tracking import MlflowClient
 from cifar_exp import run as run_module
 from cifar_exp.config import compose_config
 from cifar_exp.errors import CheckpointError
-from tests.conftest import cli
+from tests.conftest import cli, data_env, run_command
 
 METRICS = ("loss", "lr", "examples_per_sec", "sec_per_batch", "precision", "test_loss")
 
 
 def start(tmp_path: Path, *args: str, data_root: Path) -> tuple[subprocess.Popen, Path]:
     """The command running in the background, its stdout and stderr going to a file."""
-    env = {**os.environ, "CIFAR_EXP_DATA": str(data_root)}
     output = tmp_path / "output.txt"
     with open(output, "w") as file:
-        process = subprocess.Popen([sys.executable, "-m", "cifar_exp.run", *args],
-                                   cwd=tmp_path, env=env, stdout=file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(run_command(*args), cwd=tmp_path, env=data_env(data_root),
+                                   stdout=file, stderr=subprocess.STDOUT)
     return process, output
 
 
