@@ -146,7 +146,8 @@ def framework_step_rates(cfg: DictConfig, data: CifarData, windows: int, window_
     with RunTracker(store, "bench", "bench") if store else nullcontext() as tracker:
         recorder = _RateRecorder(tracker)
         result = train(experiment.model, experiment.optimizer, experiment.scheduler,
-                       experiment.augmentation, data, settings, recorder, experiment.ema)
+                       experiment.augmentation, data, settings, recorder, experiment.ema,
+                       lookahead=experiment.lookahead)
         if tracker is not None:
             start = time.perf_counter()
             tracker.flush()

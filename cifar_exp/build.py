@@ -1,4 +1,5 @@
-"""Config -> the parts of a run: augmentation, model, optimizer, schedule, EMA, settings."""
+"""Config -> the parts of a run: augmentation, model, optimizer, schedule, EMA, lookahead,
+settings."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from cifar_exp.config import split_name
 from cifar_exp.data import CifarData
 from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import ConfigError
+from cifar_exp.lookahead import Lookahead
 from cifar_exp.models import build_model, initialize_from_data, wants_data
 from cifar_exp.optim import build_optimizer
 from cifar_exp.optim.groups import parameter_groups
@@ -31,6 +33,7 @@ class Experiment:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: WeightAverage | None
+    lookahead: Lookahead | None
     settings: TrainSettings
 
 
@@ -65,9 +68,12 @@ def build_experiment(cfg: DictConfig, data: CifarData) -> Experiment:
     name, options = split_name(cfg.schedule)
     scheduler = build_schedule(name, optimizer, cfg.steps, num_train / cfg.batch_size, **options)
     ema = WeightAverage(model, cfg.ema.decay) if cfg.ema.decay is not None else None
+    lookahead = (Lookahead(model, cfg.lookahead.every, cfg.lookahead.decay, cfg.steps)
+                 if cfg.lookahead.every is not None else None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # shapes are static
-    return Experiment(augmentation, model, optimizer, scheduler, ema, build_settings(cfg, device))
+    return Experiment(augmentation, model, optimizer, scheduler, ema, lookahead,
+                      build_settings(cfg, device))
 
 
 def build_settings(cfg: DictConfig, device: torch.device) -> TrainSettings:

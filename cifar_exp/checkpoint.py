@@ -1,7 +1,7 @@
 """Checkpoints: the whole state of a run at a step boundary, written atomically and read
 back without running any code from the file.
 
-A checkpoint holds the model, optimizer, scheduler and EMA state, the loop's state (step,
+A checkpoint holds the model, optimizer, scheduler, EMA and lookahead state, the loop's state (step,
 training generator, batch sampler, log window, training time, loss scaler), the global
 torch RNG states (CPU, and CUDA when it was used), the flattened config it was trained
 with, and whatever the tracker needs to continue its run (`tracking`: run id, points the
@@ -24,6 +24,7 @@ from torch import nn
 
 from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import CheckpointError, ConfigError
+from cifar_exp.lookahead import Lookahead
 from cifar_exp.train import LoopState
 
 log = logging.getLogger(__name__)
@@ -118,18 +119,23 @@ def check_config(state: Mapping[str, Any], config: Mapping[str, Any], path: Path
 
 def restore(state: Mapping[str, Any], path: Path, model: nn.Module,
             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-            ema: WeightAverage | None) -> LoopState:
+            ema: WeightAverage | None, lookahead: Lookahead | None = None) -> LoopState:
     """Load the parts and the global RNG states from `state`; return the loop's state."""
-    if (ema is None) != (state["ema"] is None):
-        raise ConfigError(f"{path}: the checkpoint was trained "
-                          f"{'without' if state['ema'] is None else 'with'} EMA; resume "
-                          f"with the same ema.decay")
+    for part, key, option in ((ema, "ema", "ema.decay"), (lookahead, "lookahead",
+                                                           "lookahead.every")):
+        saved = state.get(key)
+        if (part is None) != (saved is None):
+            raise ConfigError(f"{path}: the checkpoint was trained "
+                              f"{'without' if saved is None else 'with'} {key}; resume "
+                              f"with the same {option}")
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        if lookahead is not None:
+            lookahead.load_state_dict(state["lookahead"])
     except (RuntimeError, ValueError, KeyError) as error:
         raise ConfigError(f"{path} does not fit the model built from this config "
                           f"({_one_line(error)})") from error
@@ -149,9 +155,11 @@ class Checkpointer:
                  optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, ema: WeightAverage | None,
                  config: Mapping[str, Any],
-                 tracking_state: Callable[[], dict[str, Any]] = dict) -> None:
+                 tracking_state: Callable[[], dict[str, Any]] = dict,
+                 lookahead: Lookahead | None = None) -> None:
         self.path, self.every = path, every
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+        self.lookahead = lookahead
         self.config = dict(config)
         self.tracking_state = tracking_state
         self.seconds = 0.0  # spent writing checkpoints, for the log and the cost figures
@@ -171,6 +179,7 @@ class Checkpointer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
             "rng": {"torch": torch.get_rng_state(),
                     # Only when CUDA is in use: asking would otherwise start a CUDA context.
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized()

@@ -34,6 +34,12 @@ class EmaConfig:
 
 
 @dataclass
+class LookaheadConfig:
+    every: int | None = None  # steps between averages (airbench94: 5); None: off
+    decay: float = 0.95  # per step: an update keeps decay**every x (step/steps)**3 of the average
+
+
+@dataclass
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "cifar_exp"
@@ -57,6 +63,7 @@ class Config:
     augmentation: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # false: a new run; true: continue from the checkpoint in the run folder; or a file.
@@ -126,6 +133,12 @@ def validate(cfg: DictConfig) -> None:
     decay = cfg.ema.decay
     if decay is not None and not 0 <= decay < 1:
         raise ConfigError(f"ema.decay={decay} must lie in [0, 1), or be null to turn EMA off")
+    every = cfg.lookahead.every
+    if every is not None and every <= 0:
+        raise ConfigError(f"lookahead.every={every} must be a positive number of steps, or "
+                          f"null to turn lookahead off")
+    if not 0 <= cfg.lookahead.decay <= 1:
+        raise ConfigError(f"lookahead.decay={cfg.lookahead.decay} must lie in [0, 1]")
     every = cfg.checkpoint.every
     if every is not None and every < 0:
         raise ConfigError(f"checkpoint.every={every} must be a number of steps, or 0 (or null) "

@@ -146,7 +146,8 @@ def train_job(cfg: DictConfig, device: torch.device,
     experiment = build_experiment(cfg, data)
     experiment.settings.progress &= world.is_main
     parts = (experiment.model, experiment.optimizer, experiment.scheduler, experiment.ema)
-    loop_state = checkpoint.restore(resumed.state, resumed.path, *parts) if resumed else None
+    loop_state = (checkpoint.restore(resumed.state, resumed.path, *parts,
+                                     experiment.lookahead) if resumed else None)
 
     tags = {"command": command_line(),
             "overrides": " ".join(task_overrides()),
@@ -181,13 +182,14 @@ def train_job(cfg: DictConfig, device: torch.device,
                     tracker.log_text("\n".join(task_overrides()) + "\n", "overrides.txt")
             every = cfg.checkpoint.every or 0
             checkpointer = checkpoint.Checkpointer(path, every, *parts, config,
-                                                   tracker.checkpoint_state)
+                                                   tracker.checkpoint_state,
+                                                   experiment.lookahead)
             log.info("checkpoints to %s %s", path,
                      f"every {every} steps and at the end" if every else "at the end")
             result = train(experiment.model, experiment.optimizer, experiment.scheduler,
                            experiment.augmentation, data, experiment.settings, tracker,
                            experiment.ema, checkpointer if world.is_main else None,
-                           loop_state, stop, world)
+                           loop_state, stop, world, experiment.lookahead)
             tracker.log_state_dict(experiment.model, "weights.pt")
             evaluated = experiment.model
             if experiment.ema is not None:

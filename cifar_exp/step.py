@@ -4,6 +4,7 @@ autocast precision over fp32 master weights, torch.compile, and the defaults per
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -77,13 +78,18 @@ class TrainingStep:
         # fp16 needs loss scaling to keep small gradients; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
+                 frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """One step; the `frozen` parameters get no update (their gradients, already
+        averaged over the ranks, are dropped, so the optimizer skips them)."""
         with autocast(self.device, self.precision):
             logits = self.forward(inputs)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         loss = loss + regularization_loss(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        for parameter in frozen:
+            parameter.grad = None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach()

@@ -1,5 +1,5 @@
-"""The generic training loop: steps, periodic logging and evaluation, optional EMA,
-checkpoints at step boundaries, and a stop on request (SIGINT/SIGTERM).
+"""The generic training loop: steps, periodic logging and evaluation, optional EMA and
+lookahead, checkpoints at step boundaries, and a stop on request (SIGINT/SIGTERM).
 
 It knows nothing of Hydra or MLflow: it takes built parts, plain settings, a metric sink
 and, optionally, a checkpoint saver, the state to resume from and a stop request."""
@@ -26,6 +26,8 @@ from cifar_exp.distributed import SINGLE, World, agree_on_stop, mean_over_ranks
 from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import NonFiniteLoss, Stopped
 from cifar_exp.evaluate import evaluate
+from cifar_exp.lookahead import Lookahead
+from cifar_exp.models import frozen_parameters
 from cifar_exp.step import TrainingStep, memory_format
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,8 @@ class MetricSink(Protocol):
 @dataclass
 class LoopState:
     """What the loop itself holds at a step boundary, beyond the state of the parts it is
-    given (model, optimizer, scheduler, EMA): enough to continue exactly where it stopped."""
+    given (model, optimizer, scheduler, EMA, lookahead): enough to continue exactly where
+    it stopped."""
 
     step: int  # the last step done
     generator: torch.Tensor  # the training generator: batch order and augmentation draws
@@ -97,7 +100,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
           data: CifarData, settings: TrainSettings, sink: MetricSink,
           ema: WeightAverage | None = None, checkpoints: CheckpointSaver | None = None,
           resume: LoopState | None = None, stop: StopCheck | None = None,
-          world: World = SINGLE) -> TrainResult:
+          world: World = SINGLE, lookahead: Lookahead | None = None) -> TrainResult:
     """Train for `settings.steps` steps on `data` (already on the model's device).
 
     With `resume` (and the parts already loaded from the same checkpoint) the loop goes on
@@ -156,10 +159,12 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
                 inputs, labels = world.shard(inputs), world.shard(labels)
             inputs = inputs.contiguous(memory_format=layout)
             lr = optimizer.param_groups[0]["lr"]
-            loss = training_step(inputs, labels)
+            loss = training_step(inputs, labels, frozen_parameters(model, sampler.epoch))
             if world.distributed:
                 loss = mean_over_ranks(loss)
             scheduler.step()
+            if lookahead is not None:
+                lookahead.after_step(model, step)
             if ema is not None:
                 ema.update(model)
             window.add(loss, lr)

@@ -1,8 +1,9 @@
 """Model registry: each module here registers a builder `f(num_classes, image_size, **options)`.
 
-Two optional model methods are hooks for the rest of the framework:
-`regularization_loss()` (added to the training loss) and `initialize_from_data(images)`
-(called once, before training, with normalized training images)."""
+Three optional model methods are hooks for the rest of the framework:
+`regularization_loss()` (added to the training loss), `initialize_from_data(images)`
+(called once, before training, with normalized training images) and
+`frozen_parameters(epoch)` (parameters that get no update in that epoch)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,10 @@ def initialize_from_data(model: nn.Module, images: torch.Tensor) -> None:
     without an `initialize_from_data` method are left as they are."""
     if wants_data(model):
         model.initialize_from_data(images)
+
+
+def frozen_parameters(model: nn.Module, epoch: int) -> list[nn.Parameter]:
+    """The parameters `model` keeps fixed during `epoch` (counted from 0), e.g. airbench's
+    whitening bias after its first epochs; none for models without the hook."""
+    frozen = getattr(model, "frozen_parameters", None)
+    return frozen(epoch) if frozen is not None else []

@@ -4,7 +4,8 @@ A frozen 2x2 patch-whitening convolution, set from the eigenvectors of the train
 images' patch covariance, then GELU; three blocks of conv3x3 -> max-pool 2 -> BatchNorm
 -> GELU -> conv3x3 -> BatchNorm -> GELU (widths 64, 256, 256); a global max-pool; and a
 bias-free linear head whose logits are scaled by 1/9. BatchNorm layers train only their
-bias (the scale stays 1); each conv starts as the identity on its first input channels."""
+bias (the scale stays 1); each conv starts as the identity on its first input channels.
+The whitening bias trains for the first `whiten_bias_epochs` epochs only."""
 
 from __future__ import annotations
 
@@ -85,8 +86,9 @@ class ConvBlock(nn.Sequential):
 class Airbench(nn.Module):
     def __init__(self, num_classes: int, widths: list[int], convs_per_block: int,
                  bn_momentum: float, logit_scale: float, whiten_kernel: int,
-                 whiten_eps: float) -> None:
+                 whiten_eps: float, whiten_bias_epochs: int | None = None) -> None:
         super().__init__()
+        self.whiten_bias_epochs = whiten_bias_epochs
         self.whiten = PatchWhitening(whiten_kernel, whiten_eps)
         channels = [self.whiten.out_channels, *widths]
         self.blocks = nn.Sequential(*(
@@ -99,6 +101,11 @@ class Airbench(nn.Module):
     def initialize_from_data(self, images: torch.Tensor) -> None:
         self.whiten.initialize_from_data(images)
 
+    def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
+        """The whitening bias once its `whiten_bias_epochs` are over (None: never)."""
+        done = self.whiten_bias_epochs is not None and epoch >= self.whiten_bias_epochs
+        return [self.whiten.bias] if done else []
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(F.gelu(self.whiten(x)))
         return self.head(self.pool(x).flatten(1)) * self.logit_scale
@@ -107,7 +114,8 @@ class Airbench(nn.Module):
 @MODELS.register("airbench")
 def build(num_classes: int, image_size: int, widths: list[int] = (64, 256, 256),
           convs_per_block: int = 2, bn_momentum: float = 0.4, logit_scale: float = 1 / 9,
-          whiten_kernel: int = 2, whiten_eps: float = 5e-4) -> Airbench:
+          whiten_kernel: int = 2, whiten_eps: float = 5e-4,
+          whiten_bias_epochs: int | None = 3) -> Airbench:
     widths = list(widths)
     # Each block halves the side; the whitening conv takes whiten_kernel - 1 pixels.
     side = image_size - whiten_kernel + 1
@@ -118,5 +126,8 @@ def build(num_classes: int, image_size: int, widths: list[int] = (64, 256, 256),
                           f"{image_size}x{image_size}")
     if convs_per_block < 1:
         raise ConfigError(f"model.convs_per_block={convs_per_block} must be at least 1")
+    if whiten_bias_epochs is not None and whiten_bias_epochs < 0:
+        raise ConfigError(f"model.whiten_bias_epochs={whiten_bias_epochs} must be >= 0, or "
+                          f"null to train the whitening bias throughout")
     return Airbench(num_classes, widths, convs_per_block, bn_momentum, logit_scale,
-                    whiten_kernel, whiten_eps)
+                    whiten_kernel, whiten_eps, whiten_bias_epochs)
