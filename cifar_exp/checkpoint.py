@@ -121,12 +121,12 @@ def restore(state: Mapping[str, Any], path: Path, model: nn.Module,
             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
             ema: WeightAverage | None, lookahead: Lookahead | None = None) -> LoopState:
     """Load the parts and the global RNG states from `state`; return the loop's state."""
-    for part, key, option in ((ema, "ema", "ema.decay"), (lookahead, "lookahead",
-                                                           "lookahead.every")):
-        saved = state.get(key)
+    for part, key, label, option in ((ema, "ema", "EMA", "ema.decay"),
+                                     (lookahead, "lookahead", "lookahead", "lookahead.every")):
+        saved = state.get(key)  # checkpoints from before lookahead existed have no entry
         if (part is None) != (saved is None):
             raise ConfigError(f"{path}: the checkpoint was trained "
-                              f"{'without' if saved is None else 'with'} {key}; resume "
+                              f"{'without' if saved is None else 'with'} {label}; resume "
                               f"with the same {option}")
     try:
         model.load_state_dict(state["model"])

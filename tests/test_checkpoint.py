@@ -20,6 +20,7 @@ from cifar_exp.checkpoint import (
 )
 from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import CheckpointError, ConfigError
+from cifar_exp.lookahead import Lookahead
 from cifar_exp.models import build_model
 from cifar_exp.optim import build_optimizer
 from cifar_exp.schedules import build_schedule
@@ -228,3 +229,7 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
     without_ema = make_parts(ema=False)
     with pytest.raises(ConfigError, match="trained with EMA; resume with the same ema.decay"):
         restore(load_checkpoint(path), path, *without_ema)
+    with_lookahead = Lookahead(parts[0], 5, 0.95, 100)
+    with pytest.raises(ConfigError, match="trained without lookahead; resume with the same "
+                                          "lookahead.every"):
+        restore(load_checkpoint(path), path, *make_parts(), with_lookahead)

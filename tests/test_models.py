@@ -13,6 +13,7 @@ from cifar_exp.errors import ConfigError
 from cifar_exp.models import (
     MODELS,
     build_model,
+    frozen_parameters,
     initialize_from_data,
     regularization_loss,
     wants_data,
@@ -162,6 +163,17 @@ def test_whitening_layer_is_frozen(normalized_train_images):
     optimizer.step()
     assert torch.equal(model.whiten.weight, before)
     assert model.whiten.bias.abs().sum() > 0  # the bias did train
+
+
+def test_whitening_bias_trains_for_its_first_epochs_only():
+    model = build_model("airbench", 10, 32)  # whiten_bias_epochs 3, as airbench94
+    assert [frozen_parameters(model, epoch) for epoch in (0, 2)] == [[], []]
+    assert frozen_parameters(model, 3) == [model.whiten.bias]
+    always = build_model("airbench", 10, 32, whiten_bias_epochs=None)
+    assert frozen_parameters(always, 100) == []
+    assert frozen_parameters(build_model("resnet9", 10, 32), 100) == []
+    with pytest.raises(ConfigError, match="model.whiten_bias_epochs=-1 must be >= 0"):
+        build_model("airbench", 10, 32, whiten_bias_epochs=-1)
 
 
 def test_models_without_a_data_hook_are_left_alone():

@@ -25,6 +25,19 @@ def batch():
             torch.randint(0, 10, (16,), generator=generator))
 
 
+def test_frozen_parameters_get_no_update():
+    inputs, labels = batch()
+    model, _ = model_and_optimizer()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    step = TrainingStep(model, optimizer, CPU)
+    step(inputs, labels)  # a first step fills the momentum buffers
+    frozen = model.conv1.bias.detach().clone()
+    other = model.conv1.weight.detach().clone()
+    step(inputs, labels, frozen=[model.conv1.bias])
+    assert torch.equal(model.conv1.bias, frozen)  # neither momentum nor decay moved it
+    assert not torch.equal(model.conv1.weight, other)
+
+
 def test_fp32_step_is_the_plain_step():
     inputs, labels = batch()
     model, optimizer = model_and_optimizer()

@@ -16,6 +16,7 @@ from cifar_exp.data import CifarData
 from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import NonFiniteLoss, Stopped
 from cifar_exp.evaluate import evaluate
+from cifar_exp.lookahead import Lookahead
 from cifar_exp.models import build_model
 from cifar_exp.optim import build_optimizer
 from cifar_exp.schedules import build_schedule
@@ -49,19 +50,21 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: WeightAverage | None
+    lookahead: Lookahead | None = None
 
     def saved_by(self, path: Path, every: int = 0) -> Checkpointer:
         return Checkpointer(path, every, self.model, self.optimizer, self.scheduler, self.ema,
-                            {"steps": 1})
+                            {"steps": 1}, lookahead=self.lookahead)
 
     def restore(self, path: Path) -> LoopState:
         return restore(load_checkpoint(path), path, self.model, self.optimizer,
-                       self.scheduler, self.ema)
+                       self.scheduler, self.ema, self.lookahead)
 
 
 def build_parts(data: CifarData, settings: TrainSettings, ema_decay: float | None = None,
                 schedule: str = "constant",
-                optimizer: tuple[str, dict] = ("adam", {"lr": 1e-3})) -> Parts:
+                optimizer: tuple[str, dict] = ("adam", {"lr": 1e-3}),
+                lookahead_every: int | None = None) -> Parts:
     torch.manual_seed(0)
     augmentation = build_augmentation("tf_distort", data.train_images)
     model = build_model("tf_cnn", 10, augmentation.image_size)
@@ -70,14 +73,16 @@ def build_parts(data: CifarData, settings: TrainSettings, ema_decay: float | Non
     scheduler = build_schedule(schedule, built_optimizer, settings.steps,
                                256 / settings.batch_size)
     ema = WeightAverage(model, ema_decay) if ema_decay is not None else None
-    return Parts(augmentation, model, built_optimizer, scheduler, ema)
+    lookahead = (Lookahead(model, lookahead_every, 0.95, settings.steps)
+                 if lookahead_every is not None else None)
+    return Parts(augmentation, model, built_optimizer, scheduler, ema, lookahead)
 
 
 def train_parts(parts: Parts, data: CifarData, settings: TrainSettings,
                 sink: ListSink | None = None, **options) -> tuple[TrainResult, ListSink]:
     sink = sink if sink is not None else ListSink()
     result = train(parts.model, parts.optimizer, parts.scheduler, parts.augmentation, data,
-                   settings, sink, parts.ema, **options)
+                   settings, sink, parts.ema, lookahead=parts.lookahead, **options)
     return result, sink
 
 
@@ -128,6 +133,29 @@ def test_ema_model_is_evaluated(slice_data):
             settings.eval_batch_size, torch.channels_last)
     assert evaluate(ema.model, *args) == (result.precision, result.test_loss)
     assert evaluate(model, *args)[1] != result.test_loss
+
+
+def test_lookahead_leaves_the_weights_at_its_average(slice_data):
+    # 12 steps, averaged every 5: after step 10 the weights are the average; steps 11 and
+    # 12 train on, then the last step puts the average back.
+    settings = TrainSettings(steps=12, batch_size=32, log_every=6, eval_every=12,
+                             progress=False)
+    parts = build_parts(slice_data, settings, lookahead_every=5)
+    average_at_10 = {}
+
+    def note_average(model, step, after_step=parts.lookahead.after_step):
+        after_step(model, step)
+        if step == 10:
+            average_at_10.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    parts.lookahead.after_step = note_average
+    result, _ = train_parts(parts, slice_data, settings)
+    for key, value in parts.model.state_dict().items():
+        if value.is_floating_point():
+            assert torch.equal(value, average_at_10[key]), key
+    augmentation = build_augmentation("tf_distort", slice_data.train_images)
+    assert evaluate(parts.model, augmentation, slice_data.test_images, slice_data.test_labels,
+                    settings.eval_batch_size, torch.channels_last)[0] == result.precision
 
 
 def test_console_line_matches_the_seed(slice_data, caplog):
@@ -183,11 +211,12 @@ def stop_after(calls: int, signum: int = signal.SIGTERM):
 
 
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(slice_data, tmp_path):
-    # A stop mid log window (log_every 4, stop at step 7), with EMA and a schedule whose
-    # state changes every step: everything the loop holds must come back.
+    # A stop mid log window (log_every 4, stop at step 7), with EMA, lookahead (averaged at
+    # steps 5 and 10, reset at 12) and a schedule whose state changes every step:
+    # everything the loop holds must come back.
     settings = TrainSettings(steps=12, batch_size=32, log_every=4, eval_every=6,
                              eval_batch_size=150, progress=False)
-    options = {"ema_decay": 0.99, "schedule": "onecycle"}
+    options = {"ema_decay": 0.99, "schedule": "onecycle", "lookahead_every": 5}
     whole = build_parts(slice_data, settings, **options)
     whole_result, whole_sink = train_parts(whole, slice_data, settings)
 
@@ -207,7 +236,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(slice_data, tmp_pa
     result, second_sink = train_parts(second, slice_data, settings,
                                       checkpoints=second.saved_by(path), resume=loop)
 
-    for name in ("model", "optimizer", "scheduler", "ema"):
+    for name in ("model", "optimizer", "scheduler", "ema", "lookahead"):
         assert_identical(getattr(second, name).state_dict(), getattr(whole, name).state_dict())
     assert result.precision == whole_result.precision
     # Every point is logged once, by one of the two jobs, with the uninterrupted values.
