@@ -34,6 +34,11 @@ class EpochSampler:
         self._position += self.batch_size
         return indices
 
+    @property
+    def epoch_ended(self) -> bool:
+        """Whether the batch just drawn was its epoch's last."""
+        return self._position + self.batch_size > self.num_items
+
     def state_dict(self) -> dict[str, Any]:
         """Where the walk stands: this epoch's permutation, the position in it, the epoch.
         (The generator's own state is saved by whoever owns the generator.)"""

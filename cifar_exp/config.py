@@ -37,6 +37,7 @@ class EmaConfig:
 class LookaheadConfig:
     every: int | None = None  # steps between averages (airbench94: 5); None: off
     decay: float = 0.95  # per step: an update keeps decay**every x (step/steps)**3 of the average
+    start_epochs: int = 0  # the averaging starts in this epoch (counted from 0)
 
 
 @dataclass
@@ -139,6 +140,8 @@ def validate(cfg: DictConfig) -> None:
                           f"null to turn lookahead off")
     if not 0 <= cfg.lookahead.decay <= 1:
         raise ConfigError(f"lookahead.decay={cfg.lookahead.decay} must lie in [0, 1]")
+    if cfg.lookahead.start_epochs < 0:
+        raise ConfigError(f"lookahead.start_epochs={cfg.lookahead.start_epochs} must be >= 0")
     every = cfg.checkpoint.every
     if every is not None and every < 0:
         raise ConfigError(f"checkpoint.every={every} must be a number of steps, or 0 (or null) "

@@ -164,7 +164,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
                 loss = mean_over_ranks(loss)
             scheduler.step()
             if lookahead is not None:
-                lookahead.after_step(model, step)
+                lookahead.after_step(step, sampler.epoch, sampler.epoch_ended)
             if ema is not None:
                 ema.update(model)
             window.add(loss, lr)
