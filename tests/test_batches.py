@@ -22,6 +22,16 @@ def test_each_epoch_visits_every_item_once_and_drops_the_remainder():
     assert sampler.epoch == 1 and second.shape == (3,)
 
 
+def test_the_last_batch_of_each_epoch_is_marked():
+    sampler = make(10, 3)
+    ended = []
+    for _ in range(7):
+        sampler.next()
+        ended.append((sampler.epoch, sampler.epoch_ended))
+    assert ended == [(0, False), (0, False), (0, True), (1, False), (1, False), (1, True),
+                     (2, False)]
+
+
 def test_epochs_are_shuffled_differently():
     sampler = make(100, 100)
     assert not torch.equal(sampler.next(), sampler.next())

@@ -139,6 +139,7 @@ def test_schema_rejects_wrong_types():
     ("ema.decay=1.0", r"ema.decay=1.0 must lie in \[0, 1\)"),
     ("lookahead.every=0", "lookahead.every=0 must be a positive number of steps, or null"),
     ("lookahead.decay=1.5", r"lookahead.decay=1.5 must lie in \[0, 1\]"),
+    ("lookahead.start_epochs=-1", "lookahead.start_epochs=-1 must be >= 0"),
     ("precision=fp8", "precision=fp8 is unknown; use auto or one of fp32, bf16, fp16"),
     ("compile=fastest", "compile=fastest is unknown"),
     ("checkpoint.every=-1", r"checkpoint.every=-1 must be a number of steps, or 0 \(or null\)"),

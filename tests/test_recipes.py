@@ -39,7 +39,8 @@ def test_fast94_trains_a_few_steps(tmp_path, monkeypatch, cifar10):
     assert params["optimizer.lr"] == "0.1875"  # 1.5 per 1024 examples, at batch 128
     assert params["augmentation.alternating_flip"] == "True"
     assert params["tta"] == "flip_translate"
-    assert params["lookahead.every"] == "5" and params["model.whiten_bias_epochs"] == "3"
+    assert params["lookahead.every"] == "5" and params["lookahead.start_epochs"] == "3"
+    assert params["model.whiten_bias_epochs"] == "3"
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]

@@ -136,20 +136,23 @@ def test_ema_model_is_evaluated(slice_data):
 
 
 def test_lookahead_leaves_the_weights_at_its_average(slice_data):
-    # 12 steps, averaged every 5: after step 10 the weights are the average; steps 11 and
-    # 12 train on, then the last step puts the average back.
+    # 256 images in batches of 32: 8 steps an epoch. 12 steps, averaged every 5: after
+    # step 10 the weights are the average; steps 11 and 12 train on, then the last step
+    # puts the average back.
     settings = TrainSettings(steps=12, batch_size=32, log_every=6, eval_every=12,
                              progress=False)
     parts = build_parts(slice_data, settings, lookahead_every=5)
-    average_at_10 = {}
+    calls, average_at_10 = [], {}
 
-    def note_average(model, step, after_step=parts.lookahead.after_step):
-        after_step(model, step)
+    def note_average(step, epoch, epoch_ended, after_step=parts.lookahead.after_step):
+        calls.append((step, epoch, epoch_ended))
+        after_step(step, epoch, epoch_ended)
         if step == 10:
-            average_at_10.update({k: v.clone() for k, v in model.state_dict().items()})
+            average_at_10.update({k: v.clone() for k, v in parts.model.state_dict().items()})
 
     parts.lookahead.after_step = note_average
     result, _ = train_parts(parts, slice_data, settings)
+    assert calls == [(step, (step - 1) // 8, step == 8) for step in range(1, 13)]
     for key, value in parts.model.state_dict().items():
         if value.is_floating_point():
             assert torch.equal(value, average_at_10[key]), key
