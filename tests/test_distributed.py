@@ -20,8 +20,9 @@ from tests.conftest import cli, data_env, run_command
 
 # SGD at a small rate: its update is linear in the gradient, so the runs differ only by the
 # order of floating-point sums (Adam, or lr=0.1, amplifies them: max-pool and ReLU choices flip).
+# Lookahead averages every 5 steps: each rank averages the same weights the same way.
 JOB = ("optimizer=sgd", "optimizer.lr=0.01", "steps=20", "log_every=10", "eval_every=20",
-       "tracking.log_model=false")
+       "lookahead.every=5", "tracking.log_model=false")
 
 
 def test_world_from_torchrun_environment(monkeypatch):
