@@ -69,7 +69,7 @@ def build_experiment(cfg: DictConfig, data: CifarData) -> Experiment:
     scheduler = build_schedule(name, optimizer, cfg.steps, num_train / cfg.batch_size, **options)
     ema = WeightAverage(model, cfg.ema.decay) if cfg.ema.decay is not None else None
     lookahead = (Lookahead(model, cfg.lookahead.every, cfg.lookahead.decay, cfg.steps,
-                           cfg.lookahead.start_epochs)
+                           cfg.lookahead.start_epochs, cfg.lookahead.reset_each_epoch)
                  if cfg.lookahead.every is not None else None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # shapes are static

@@ -38,6 +38,7 @@ class LookaheadConfig:
     every: int | None = None  # steps between averages (airbench94: 5); None: off
     decay: float = 0.95  # per step: an update keeps decay**every x (step/steps)**3 of the average
     start_epochs: int = 0  # the averaging starts in this epoch (counted from 0)
+    reset_each_epoch: bool = False  # also reset the weights to the average at each epoch end
 
 
 @dataclass

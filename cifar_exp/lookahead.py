@@ -1,13 +1,13 @@
-"""Lookahead-style weight averaging, as airbench94 trains: from epoch `start_epochs` on, a
+"""Lookahead-style weight averaging, as airbench trains: from epoch `start_epochs` on, a
 slow copy of the weights moves toward the trained ones every `every` steps, and the
 trained ones are reset to it.
 
 The slow copy starts as the weights at the first of those steps. At step t of T an update
 keeps `decay ** every * (t / T) ** 3` of the slow copy: early on it follows the weights,
-late in training it averages over the last few dozen steps. At the end of each epoch, and
-after the last step, the weights become the slow copy (the steps since its last update
-are dropped). Floating-point buffers (BatchNorm statistics) are averaged with the
-parameters."""
+late in training it averages over the last few dozen steps. After the last step (and with
+`reset_each_epoch`, as airbench94, at the end of each epoch) the weights become the slow
+copy: the steps since its last update are dropped. Floating-point buffers (BatchNorm
+statistics) are averaged with the parameters."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from torch import nn
 
 class Lookahead:
     def __init__(self, model: nn.Module, every: int, decay: float, steps: int,
-                 start_epochs: int = 0) -> None:
+                 start_epochs: int = 0, reset_each_epoch: bool = False) -> None:
         self.model = model
         self.every, self.decay, self.steps = every, decay, steps
-        self.start_epochs = start_epochs
+        self.start_epochs, self.reset_each_epoch = start_epochs, reset_each_epoch
         self._slow: list[torch.Tensor] | None = None  # None until the first update
 
     def keep(self, step: int) -> float:
@@ -41,7 +41,7 @@ class Lookahead:
             return
         if due:
             torch._foreach_lerp_(self._slow, live, 1.0 - self.keep(step))
-        if due or epoch_ended or step == self.steps:
+        if due or (epoch_ended and self.reset_each_epoch) or step == self.steps:
             torch._foreach_copy_(live, self._slow)
 
     def state_dict(self) -> dict[str, Any]:

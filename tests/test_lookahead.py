@@ -1,6 +1,7 @@
 """Lookahead averaging follows airbench94's rule: from epoch `start_epochs`, every `every`
 steps the slow copy keeps decay**every x (step/steps)**3 of itself and the weights are
-reset to it; at each epoch's end and after the last step the weights become it."""
+reset to it; after the last step (and, as airbench94, at each epoch's end) the weights
+become it."""
 
 from __future__ import annotations
 
@@ -41,16 +42,25 @@ def test_starts_at_its_epoch_then_averages_and_resets_every_few_steps():
     torch.testing.assert_close(model.weight, slow)
 
 
-def test_an_epoch_end_puts_the_average_back():
+def test_with_reset_each_epoch_an_epoch_end_puts_the_average_back():
+    torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    lookahead = Lookahead(model, every=5, decay=0.95, steps=12)
+    plain_model = torch.nn.Linear(3, 2)
+    plain_model.load_state_dict(model.state_dict())
+    lookahead = Lookahead(model, every=5, decay=0.95, steps=12, reset_each_epoch=True)
+    plain = Lookahead(plain_model, every=5, decay=0.95, steps=12)
     for step in range(1, 6):
         shift(model, 0.5)
         lookahead.after_step(step, epoch=0, epoch_ended=False)
+        shift(plain_model, 0.5)
+        plain.after_step(step, epoch=0, epoch_ended=False)
     average = model.weight.detach().clone()
     shift(model, 3.0)
     lookahead.after_step(6, epoch=0, epoch_ended=True)  # the epoch's last step
     torch.testing.assert_close(model.weight, average)
+    shift(plain_model, 3.0)
+    plain.after_step(6, epoch=0, epoch_ended=True)  # without reset_each_epoch: trains on
+    torch.testing.assert_close(plain_model.weight, average + 3.0)
     shift(model, 3.0)
     lookahead.after_step(7, epoch=1, epoch_ended=False)  # mid-epoch: the weights train on
     torch.testing.assert_close(model.weight, average + 3.0)

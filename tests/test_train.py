@@ -73,7 +73,9 @@ def build_parts(data: CifarData, settings: TrainSettings, ema_decay: float | Non
     scheduler = build_schedule(schedule, built_optimizer, settings.steps,
                                256 / settings.batch_size)
     ema = WeightAverage(model, ema_decay) if ema_decay is not None else None
-    lookahead = (Lookahead(model, lookahead_every, 0.95, settings.steps)
+    # From the second epoch, reset at epoch ends: every branch of the rule is taken.
+    lookahead = (Lookahead(model, lookahead_every, 0.95, settings.steps, start_epochs=1,
+                           reset_each_epoch=True)
                  if lookahead_every is not None else None)
     return Parts(augmentation, model, built_optimizer, scheduler, ema, lookahead)
 
@@ -136,9 +138,9 @@ def test_ema_model_is_evaluated(slice_data):
 
 
 def test_lookahead_leaves_the_weights_at_its_average(slice_data):
-    # 256 images in batches of 32: 8 steps an epoch. 12 steps, averaged every 5: after
-    # step 10 the weights are the average; steps 11 and 12 train on, then the last step
-    # puts the average back.
+    # 256 images in batches of 32: 8 steps an epoch. 12 steps, averaged every 5 from the
+    # second epoch: the average starts at step 10; steps 11 and 12 train on, then the last
+    # step puts the average back.
     settings = TrainSettings(steps=12, batch_size=32, log_every=6, eval_every=12,
                              progress=False)
     parts = build_parts(slice_data, settings, lookahead_every=5)
@@ -214,8 +216,8 @@ def stop_after(calls: int, signum: int = signal.SIGTERM):
 
 
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(slice_data, tmp_path):
-    # A stop mid log window (log_every 4, stop at step 7), with EMA, lookahead (averaged at
-    # steps 5 and 10, reset at 12) and a schedule whose state changes every step:
+    # A stop mid log window (log_every 4, stop at step 11), with EMA, lookahead (started at
+    # step 10, reset at 12) and a schedule whose state changes every step:
     # everything the loop holds must come back.
     settings = TrainSettings(steps=12, batch_size=32, log_every=4, eval_every=6,
                              eval_batch_size=150, progress=False)
@@ -228,14 +230,14 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(slice_data, tmp_pa
     first_sink = ListSink()
     with pytest.raises(Stopped) as stopped:
         train_parts(first, slice_data, settings, first_sink,
-                    checkpoints=first.saved_by(path), stop=stop_after(7))
-    assert stopped.value.step == 7 and stopped.value.exit_code == 143
-    assert load_checkpoint(path)["step"] == 7
+                    checkpoints=first.saved_by(path), stop=stop_after(11))
+    assert stopped.value.step == 11 and stopped.value.exit_code == 143
+    assert load_checkpoint(path)["step"] == 11
 
     second = build_parts(slice_data, settings, **options)
     torch.manual_seed(123)  # the checkpoint restores the global RNG too
     loop = second.restore(path)
-    assert loop.step == 7
+    assert loop.step == 11
     result, second_sink = train_parts(second, slice_data, settings,
                                       checkpoints=second.saved_by(path), resume=loop)
 
