@@ -102,6 +102,23 @@ def test_airbench_is_the_described_network():
     assert len([m for m in wider.blocks.modules() if isinstance(m, torch.nn.Conv2d)]) == 9
 
 
+def test_residual_airbench_adds_each_blocks_first_stage_to_its_later_convs():
+    torch.manual_seed(0)
+    model = build_model("airbench", 10, 32, widths=[128, 512, 512], convs_per_block=3,
+                        residual=True, bn_momentum=0.1)  # fast96's network
+    assert sum(p.numel() for p in model.parameters()) == 12_721_208
+    block = model.blocks[0].eval()
+    x = torch.randn(2, 24, 16, 16)
+    first = block.entry(x)
+    expected = F.gelu(first + block.body(first))
+    torch.testing.assert_close(block(x), expected)
+    assert isinstance(block.body[-1], torch.nn.BatchNorm2d)  # no GELU before the sum
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ConfigError, match="model.residual=true needs model.convs_per_block "
+                                          ">= 2"):
+        build_model("airbench", 10, 32, convs_per_block=1, residual=True)
+
+
 def test_resnet_heads():
     resnet9 = build_model("resnet9", 10, 32)
     assert resnet9.logit_scale == 0.125 and resnet9[-1].bias is None

@@ -50,6 +50,20 @@ def test_fast94_trains_a_few_steps(tmp_path, monkeypatch, cifar10):
     assert 0.0 <= run.data.metrics["precision"] <= 1.0
 
 
+def test_fast96_is_airbench96_as_published():
+    cfg = compose_config(["+experiment=fast96"])
+    assert cfg.steps == 1488 and cfg.batch_size == 1024  # 31 epochs of 48 batches
+    assert list(cfg.model.widths) == [128, 512, 512] and cfg.model.residual
+    assert cfg.model.convs_per_block == 3 and cfg.model.bn_momentum == 0.1
+    assert cfg.augmentation.padding == 4 and cfg.augmentation.cutout == 12
+    assert cfg.optimizer.lr == pytest.approx(9.0 / (1 + 1 / 0.15), rel=1e-4)
+    assert cfg.optimizer.weight_decay == pytest.approx(0.012 / (1 + 1 / 0.15), rel=1e-4)
+    assert (cfg.schedule.start_factor, cfg.schedule.peak_fraction,
+            cfg.schedule.end_factor) == (0.2, 0.1, 0.0)
+    assert cfg.lookahead.every == 5 and cfg.lookahead.start_epochs == 0
+    assert not cfg.lookahead.reset_each_epoch and cfg.model.whiten_bias_epochs == 3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["fast94", "fast96", "resnet18"])
 def test_every_recipe_runs_as_written_for_two_steps(tmp_path, monkeypatch, cifar10, recipe):

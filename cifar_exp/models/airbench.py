@@ -5,7 +5,8 @@ images' patch covariance, then GELU; three blocks of conv3x3 -> max-pool 2 -> Ba
 -> GELU -> conv3x3 -> BatchNorm -> GELU (widths 64, 256, 256); a global max-pool; and a
 bias-free linear head whose logits are scaled by 1/9. BatchNorm layers train only their
 bias (the scale stays 1); each conv starts as the identity on its first input channels.
-The whitening bias trains for the first `whiten_bias_epochs` epochs only."""
+The whitening bias trains for the first `whiten_bias_epochs` epochs only. airbench96's
+variant (`residual`) adds each block's first stage to the output of its later convs."""
 
 from __future__ import annotations
 
@@ -71,28 +72,50 @@ def _batch_norm(channels: int, momentum: float) -> nn.BatchNorm2d:
     return norm
 
 
+def _conv_norm_gelu(channels_in: int, channels_out: int, momentum: float) -> list[nn.Module]:
+    return [_conv(channels_in, channels_out), _batch_norm(channels_out, momentum), nn.GELU()]
+
+
 class ConvBlock(nn.Sequential):
     """conv -> max-pool 2 -> BN -> GELU, then (conv -> BN -> GELU) x (convs - 1)."""
 
     def __init__(self, channels_in: int, channels_out: int, convs: int, momentum: float) -> None:
-        layers: list[nn.Module] = [_conv(channels_in, channels_out), nn.MaxPool2d(2),
-                                   _batch_norm(channels_out, momentum), nn.GELU()]
+        conv, norm, gelu = _conv_norm_gelu(channels_in, channels_out, momentum)
+        layers: list[nn.Module] = [conv, nn.MaxPool2d(2), norm, gelu]
         for _ in range(convs - 1):
-            layers += [_conv(channels_out, channels_out), _batch_norm(channels_out, momentum),
-                       nn.GELU()]
+            layers += _conv_norm_gelu(channels_out, channels_out, momentum)
         super().__init__(*layers)
+
+
+class ResidualConvBlock(nn.Module):
+    """airbench96's block: conv -> max-pool 2 -> BN -> GELU, then (conv -> BN -> GELU) x
+    (convs - 2) -> conv -> BN, added to the first stage's output, then GELU."""
+
+    def __init__(self, channels_in: int, channels_out: int, convs: int, momentum: float) -> None:
+        super().__init__()
+        self.entry = ConvBlock(channels_in, channels_out, 1, momentum)
+        later = [layer for _ in range(convs - 1)
+                 for layer in _conv_norm_gelu(channels_out, channels_out, momentum)]
+        self.body = nn.Sequential(*later[:-1])  # its last GELU comes after the sum
+        self.activation = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.entry(x)
+        return self.activation(x + self.body(x))
 
 
 class Airbench(nn.Module):
     def __init__(self, num_classes: int, widths: list[int], convs_per_block: int,
                  bn_momentum: float, logit_scale: float, whiten_kernel: int,
-                 whiten_eps: float, whiten_bias_epochs: int | None = None) -> None:
+                 whiten_eps: float, whiten_bias_epochs: int | None = None,
+                 residual: bool = False) -> None:
         super().__init__()
         self.whiten_bias_epochs = whiten_bias_epochs
         self.whiten = PatchWhitening(whiten_kernel, whiten_eps)
         channels = [self.whiten.out_channels, *widths]
+        block = ResidualConvBlock if residual else ConvBlock
         self.blocks = nn.Sequential(*(
-            ConvBlock(channels[i], channels[i + 1], convs_per_block, bn_momentum)
+            block(channels[i], channels[i + 1], convs_per_block, bn_momentum)
             for i in range(len(widths))))
         self.pool = nn.AdaptiveMaxPool2d(1)  # 3x3 -> 1x1 on 32x32 inputs, as airbench's pool 3
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
@@ -115,7 +138,7 @@ class Airbench(nn.Module):
 def build(num_classes: int, image_size: int, widths: list[int] = (64, 256, 256),
           convs_per_block: int = 2, bn_momentum: float = 0.4, logit_scale: float = 1 / 9,
           whiten_kernel: int = 2, whiten_eps: float = 5e-4,
-          whiten_bias_epochs: int | None = 3) -> Airbench:
+          whiten_bias_epochs: int | None = 3, residual: bool = False) -> Airbench:
     widths = list(widths)
     # Each block halves the side; the whitening conv takes whiten_kernel - 1 pixels.
     side = image_size - whiten_kernel + 1
@@ -126,8 +149,11 @@ def build(num_classes: int, image_size: int, widths: list[int] = (64, 256, 256),
                           f"{image_size}x{image_size}")
     if convs_per_block < 1:
         raise ConfigError(f"model.convs_per_block={convs_per_block} must be at least 1")
+    if residual and convs_per_block < 2:
+        raise ConfigError(f"model.residual=true needs model.convs_per_block >= 2 (the residual "
+                          f"spans a block's later convs), not {convs_per_block}")
     if whiten_bias_epochs is not None and whiten_bias_epochs < 0:
         raise ConfigError(f"model.whiten_bias_epochs={whiten_bias_epochs} must be >= 0, or "
                           f"null to train the whitening bias throughout")
     return Airbench(num_classes, widths, convs_per_block, bn_momentum, logit_scale,
-                    whiten_kernel, whiten_eps, whiten_bias_epochs)
+                    whiten_kernel, whiten_eps, whiten_bias_epochs, residual)
