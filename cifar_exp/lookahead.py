@@ -33,16 +33,17 @@ class Lookahead:
     def after_step(self, step: int, epoch: int, epoch_ended: bool) -> None:
         """Called after each training step (`epoch` counted from 0; `epoch_ended`: the
         step was its epoch's last)."""
-        live = _float_tensors(self.model)  # fetched each time: .to() may replace buffers
         due = step % self.every == 0
         if self._slow is None:
             if due and epoch >= self.start_epochs:
-                self._slow = [tensor.detach().clone() for tensor in live]
+                self._slow = [tensor.detach().clone() for tensor in _float_tensors(self.model)]
             return
+        if not (due or (epoch_ended and self.reset_each_epoch) or step == self.steps):
+            return  # most steps: no walk over the model's state
+        live = _float_tensors(self.model)  # fetched each time: .to() may replace buffers
         if due:
             torch._foreach_lerp_(self._slow, live, 1.0 - self.keep(step))
-        if due or (epoch_ended and self.reset_each_epoch) or step == self.steps:
-            torch._foreach_copy_(live, self._slow)
+        torch._foreach_copy_(live, self._slow)
 
     def state_dict(self) -> dict[str, Any]:
         return {"slow": None if self._slow is None else [t.clone() for t in self._slow]}
