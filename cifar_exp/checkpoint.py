@@ -1,11 +1,12 @@
 """Checkpoints: the whole state of a run at a step boundary, written atomically and read
 back without running any code from the file.
 
-A checkpoint holds the model, optimizer, scheduler, EMA and lookahead state, the loop's state (step,
-training generator, batch sampler, log window, training time, loss scaler), the global
-torch RNG states (CPU, and CUDA when it was used), the flattened config it was trained
-with, and whatever the tracker needs to continue its run (`tracking`: run id, points the
-store did not take yet). It knows nothing of MLflow or Hydra: the caller supplies both."""
+A checkpoint holds the model, optimizer, scheduler, EMA and lookahead state, the loop's
+state (step, training generator, batch sampler, log window, training time, loss scaler),
+the global torch RNG states (CPU, and CUDA when it was used), the flattened config it was
+trained with, and whatever the tracker needs to continue its run (`tracking`: run id,
+points the store did not take yet). It knows nothing of MLflow or Hydra: the caller
+supplies both."""
 
 from __future__ import annotations
 

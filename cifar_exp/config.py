@@ -135,10 +135,9 @@ def validate(cfg: DictConfig) -> None:
     decay = cfg.ema.decay
     if decay is not None and not 0 <= decay < 1:
         raise ConfigError(f"ema.decay={decay} must lie in [0, 1), or be null to turn EMA off")
-    every = cfg.lookahead.every
-    if every is not None and every <= 0:
-        raise ConfigError(f"lookahead.every={every} must be a positive number of steps, or "
-                          f"null to turn lookahead off")
+    if cfg.lookahead.every is not None and cfg.lookahead.every <= 0:
+        raise ConfigError(f"lookahead.every={cfg.lookahead.every} must be a positive number "
+                          f"of steps, or null to turn lookahead off")
     if not 0 <= cfg.lookahead.decay <= 1:
         raise ConfigError(f"lookahead.decay={cfg.lookahead.decay} must lie in [0, 1]")
     if cfg.lookahead.start_epochs < 0:
