@@ -18,14 +18,17 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
 from cifar_exp.errors import ConfigError, UserError
 from cifar_exp.tracking import check_tracking_uri, sqlite_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CURVES = ("loss", "precision")
 SEED_KEY = "seed"
@@ -165,8 +168,16 @@ def _label(run: RunSummary, keys: list[str]) -> str:
     return swept or run.name
 
 
+def _figure(**options: Any) -> Figure:
+    # matplotlib is imported here: it adds half a second to every run's start, and only
+    # reports draw.
+    from matplotlib.figure import Figure
+
+    return Figure(layout="constrained", **options)
+
+
 def plot_curves(runs: list[RunSummary], keys: list[str], path: Path) -> None:
-    figure = Figure(figsize=(11, 4), layout="constrained")
+    figure = _figure(figsize=(11, 4))
     axes = figure.subplots(1, len(CURVES))
     for ax, metric in zip(axes, CURVES, strict=True):
         for run in runs:
@@ -194,7 +205,7 @@ def plot_params(runs: list[RunSummary], keys: list[str], path: Path) -> bool:
     keys = [key for key in keys if key != SEED_KEY]
     if not keys:
         return False
-    figure = Figure(figsize=(4 * len(keys), 3.5), layout="constrained")
+    figure = _figure(figsize=(4 * len(keys), 3.5))
     axes = figure.subplots(1, len(keys), squeeze=False)[0]
     precisions = [run.precision for run in runs]
     for ax, key in zip(axes, keys, strict=True):
@@ -215,7 +226,7 @@ def plot_params(runs: list[RunSummary], keys: list[str], path: Path) -> bool:
 
 
 def plot_speed(runs: list[RunSummary], keys: list[str], path: Path) -> None:
-    figure = Figure(figsize=(8, 0.6 + 0.35 * len(runs)), layout="constrained")
+    figure = _figure(figsize=(8, 0.6 + 0.35 * len(runs)))
     ax = figure.subplots()
     labels = [_label(run, keys) for run in runs]
     ax.barh(range(len(runs)), [run.examples_per_sec for run in runs])

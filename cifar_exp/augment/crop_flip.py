@@ -4,8 +4,9 @@ flip and cutout."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torchvision.transforms import v2
 
 from cifar_exp.augment import AUGMENTATIONS
 from cifar_exp.augment.ops import (
@@ -17,6 +18,9 @@ from cifar_exp.augment.ops import (
     random_offsets,
 )
 from cifar_exp.errors import ConfigError
+
+if TYPE_CHECKING:  # imported where used: only the bench's baseline needs torchvision
+    from torchvision.transforms import v2
 
 
 class CropFlip:
@@ -56,6 +60,8 @@ class CropFlip:
 
     def per_image_transform(self) -> v2.Compose:
         # One image at a time there is no epoch to alternate with: a coin per image.
+        from torchvision.transforms import v2
+
         steps = [v2.RandomCrop(self.image_size, padding=self.padding, padding_mode="reflect")]
         if self.flip:
             steps.append(v2.RandomHorizontalFlip())

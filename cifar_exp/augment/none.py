@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torchvision.transforms import v2
 
 from cifar_exp.augment import AUGMENTATIONS
 from cifar_exp.augment.ops import channel_stats, normalize
+
+if TYPE_CHECKING:  # imported where used: only the bench's baseline needs torchvision
+    from torchvision.transforms import v2
 
 
 class NoAugmentation:
@@ -19,6 +23,8 @@ class NoAugmentation:
         return self.eval(images)
 
     def per_image_transform(self) -> v2.Compose:
+        from torchvision.transforms import v2
+
         return v2.Compose([v2.ToDtype(torch.float32, scale=True),
                            v2.Normalize(self.mean, self.std)])
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torchvision.transforms import v2
 
 from cifar_exp.augment import AUGMENTATIONS
 from cifar_exp.augment.ops import (
@@ -14,6 +15,9 @@ from cifar_exp.augment.ops import (
     random_uniform,
 )
 from cifar_exp.errors import ConfigError
+
+if TYPE_CHECKING:  # imported where used: only the bench's baseline needs torchvision
+    from torchvision.transforms import v2
 
 
 class TfDistort:
@@ -42,6 +46,8 @@ class TfDistort:
         return (x - channel_mean) * factor + channel_mean
 
     def per_image_transform(self) -> v2.Compose:
+        from torchvision.transforms import v2
+
         steps = [v2.RandomCrop(self.image_size)]
         if self.flip:
             steps.append(v2.RandomHorizontalFlip())
