@@ -141,8 +141,7 @@ def framework_step_rates(cfg: DictConfig, data: CifarData, windows: int, window_
     steps = (windows + 1) * window_steps
     settings = replace(experiment.settings, steps=steps, eval_every=steps, progress=False)
     # The closing evaluation is not timed; one batch of test images keeps it short.
-    data = replace(data, test_images=data.test_images[: cfg.eval_batch_size],
-                   test_labels=data.test_labels[: cfg.eval_batch_size])
+    data = data.first_test_images(cfg.eval_batch_size)
     with RunTracker(store, "bench", "bench") if store else nullcontext() as tracker:
         recorder = _RateRecorder(tracker)
         result = train(experiment.model, experiment.optimizer, experiment.scheduler,

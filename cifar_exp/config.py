@@ -73,6 +73,7 @@ class Config:
     steps: int = 3000
     batch_size: int = 128
     eval_batch_size: int = 500
+    eval_images: int | None = None  # null: the whole test set; N: its first N images
     channels_last: bool = True
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: str = "auto"  # auto | none | a torch.compile mode
@@ -122,6 +123,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("steps", "batch_size", "eval_batch_size", "log_every", "eval_every"):
         if cfg[key] <= 0:
             raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
+    if cfg.eval_images is not None and cfg.eval_images <= 0:
+        raise ConfigError(f"eval_images={cfg.eval_images} must be a positive number of test "
+                          f"images, or null for the whole test set")
     if cfg.device not in DEVICES:
         raise ConfigError(f"device={cfg.device} is unknown; use one of {', '.join(DEVICES)}")
     lr = cfg.optimizer.get("lr")

@@ -7,7 +7,7 @@ import os
 import pickle
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +107,11 @@ class CifarData:
             test_labels=self.test_labels.to(device),
             classes=self.classes,
         )
+
+    def first_test_images(self, count: int) -> CifarData:
+        """The same data set with only the first `count` test images (all if fewer)."""
+        return replace(self, test_images=self.test_images[:count],
+                       test_labels=self.test_labels[:count])
 
 
 def default_root() -> str:

@@ -27,8 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 from cifar_exp import checkpoint, distributed
 from cifar_exp.build import build_experiment, resolve_device
 from cifar_exp.config import register_schema, validate
-from cifar_exp.data import load_cifar
-from cifar_exp.errors import CheckpointError, NonFiniteLoss, Stopped, UserError
+from cifar_exp.data import CifarData, load_cifar
+from cifar_exp.errors import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteLoss,
+    Stopped,
+    UserError,
+)
 from cifar_exp.stop import StopRequest
 from cifar_exp.tracking import (
     PARENT_RUN_ENV,
@@ -114,6 +120,17 @@ def load_resumed(cfg: DictConfig, config: dict[str, Any], folder: Path) -> Resum
     return Resumed(path, state)
 
 
+def first_test_images(data: CifarData, count: int) -> CifarData:
+    """`data` evaluated on its first `count` test images only (`eval_images`), said in the log."""
+    available = data.test_images.shape[0]
+    if count > available:
+        raise ConfigError(f"eval_images={count} is more than the {available} test images; "
+                          f"use at most {available}, or null for the whole test set")
+    log.info("evaluating on the first %d of the %d test images (eval_images=%d): precision "
+             "is not comparable with a run on the whole test set", count, available, count)
+    return data.first_test_images(count)
+
+
 def run_experiment(cfg: DictConfig) -> TrainResult:
     """Check `cfg`, load the data onto the device, build every part, train, and track the
     run in MLflow. Bad input fails before a run is opened, so none is left RUNNING. With
@@ -143,6 +160,8 @@ def train_job(cfg: DictConfig, device: torch.device,
                               f"afresh remove it or choose another hydra.run.dir")
     data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.verify,
                       cfg.data.manifest).to(device)
+    if cfg.eval_images is not None:
+        data = first_test_images(data, cfg.eval_images)
     experiment = build_experiment(cfg, data)
     experiment.settings.progress &= world.is_main
     parts = (experiment.model, experiment.optimizer, experiment.scheduler, experiment.ema)

@@ -115,7 +115,8 @@ def tiny_cifar10_python(tmp_path: Path) -> Path:
     return tmp_path
 
 
-SWEEP_JOB = ("steps=10", "log_every=5", "eval_every=10", "tracking.log_model=false")
+SWEEP_JOB = ("steps=10", "log_every=5", "eval_every=10", "eval_images=500",
+             "tracking.log_model=false")
 
 
 @pytest.fixture(scope="session")

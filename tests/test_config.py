@@ -147,6 +147,7 @@ def test_schema_rejects_wrong_types():
     ("tracking.flush_seconds=-1", r"tracking.flush_seconds=-1.0 must be >= 0"),
     ("label_smoothing=1.0", r"label_smoothing=1.0 must lie in \[0, 1\)"),
     ("tta=mirror", "tta=mirror is unknown; use one of none, flip, flip_translate"),
+    ("eval_images=0", "eval_images=0 must be a positive number of test images, or null"),
 ])
 def test_bad_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -174,6 +174,14 @@ def test_to_moves_every_tensor(tiny_cifar10_binary):
     assert data.train_images.device.type == "cpu" and data.classes[0] == "class0"
 
 
+def test_first_test_images_cuts_the_test_set_only(tiny_cifar10_binary):
+    data = load_cifar("cifar10", tiny_cifar10_binary)
+    cut = data.first_test_images(3)
+    assert torch.equal(cut.test_images, data.test_images[:3])
+    assert torch.equal(cut.test_labels, data.test_labels[:3])
+    assert cut.train_images is data.train_images and cut.classes == data.classes
+
+
 def test_data_command_reports_the_set(data_root, capsys):
     main(["--root", str(data_root)])
     printed = capsys.readouterr().out

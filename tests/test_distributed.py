@@ -22,7 +22,7 @@ from tests.conftest import cli, data_env, run_command
 # order of floating-point sums (Adam, or lr=0.1, amplifies them: max-pool and ReLU choices flip).
 # Lookahead averages every 5 steps: each rank averages the same weights the same way.
 JOB = ("optimizer=sgd", "optimizer.lr=0.01", "steps=20", "log_every=10", "eval_every=20",
-       "lookahead.every=5", "tracking.log_model=false")
+       "eval_images=500", "lookahead.every=5", "tracking.log_model=false")
 
 
 def test_world_from_torchrun_environment(monkeypatch):
@@ -111,7 +111,7 @@ def kill_job(agent: subprocess.Popen) -> None:
 @pytest.mark.slow  # three 2-process jobs of 30 steps
 def test_killed_two_process_job_resumes_to_the_uninterrupted_weights(tmp_path, data_root):
     job = ("optimizer=sgd", "optimizer.lr=0.01", "steps=30", "log_every=10", "eval_every=30",
-           "checkpoint.every=10", "tracking.log_model=false")
+           "eval_images=500", "checkpoint.every=10", "tracking.log_model=false")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     for folder in (whole, cut):
         folder.mkdir()

@@ -20,7 +20,7 @@ def test_gpu_bench_script_prints_its_table(tmp_path, data_root):
            "STEPS": "20", "BATCHES": "16 32",
            "BENCH_ARGS": "--windows 1 --window-steps 2 --workers 0"}
     result = subprocess.run(["bash", str(REPO / "experiments" / "gpu_bench.sh"),
-                             "tracking.log_model=false"], env=env, cwd=tmp_path,
+                             "eval_images=500", "tracking.log_model=false"], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -39,7 +39,8 @@ def test_fast_gpu_script_prints_its_table(tmp_path, data_root):
     env = {**os.environ, "PYTHON": sys.executable, "CIFAR_EXP_DATA": str(data_root),
            "OUT": str(tmp_path / "out"), "SEEDS": "0 1", "OTHERS": ""}
     result = subprocess.run(["bash", str(REPO / "experiments" / "fast_gpu.sh"), "steps=2",
-                             "batch_size=64", "tta=none", "tracking.log_model=false"],
+                             "batch_size=64", "tta=none", "eval_images=500",
+                             "tracking.log_model=false"],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| fast94 |")]

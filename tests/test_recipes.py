@@ -1,11 +1,10 @@
 """The fast recipes end to end on the CPU, through run_experiment, on the real training
-data; the test set is cut to its first 250 images, as a full evaluation with test-time
-augmentation (six views of 10,000 images) takes minutes on a CPU."""
+data; evaluated on the first 250 test images (eval_images), as a full evaluation with
+test-time augmentation (six views of 10,000 images) takes minutes on a CPU."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -14,14 +13,12 @@ from cifar_exp import run as run_module
 from cifar_exp.config import compose_config
 
 
-def run_recipe(tmp_path, monkeypatch, cifar10, recipe: str, *overrides: str):
+def run_recipe(tmp_path, data_root, recipe: str, *overrides: str):
     """Run `+experiment=<recipe>` with `overrides`; return the MLflow client and its run."""
-    short_test = replace(cifar10, test_images=cifar10.test_images[:250],
-                         test_labels=cifar10.test_labels[:250])
-    monkeypatch.setattr(run_module, "load_cifar", lambda *args, **kwargs: short_test)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = compose_config([f"+experiment={recipe}", f"tracking.uri={store}",
-                          f"checkpoint.path={tmp_path / 'checkpoint.pt'}", *overrides])
+    cfg = compose_config([f"+experiment={recipe}", "eval_images=250", f"data.root={data_root}",
+                          f"tracking.uri={store}", f"checkpoint.path={tmp_path / 'checkpoint.pt'}",
+                          *overrides])
     result = run_module.run_experiment(cfg)
     client = MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name(recipe).experiment_id])
@@ -29,9 +26,9 @@ def run_recipe(tmp_path, monkeypatch, cifar10, recipe: str, *overrides: str):
     return client, run
 
 
-def test_fast94_trains_a_few_steps(tmp_path, monkeypatch, cifar10):
+def test_fast94_trains_a_few_steps(tmp_path, data_root):
     # The recipe as written, but 3 steps of 128 images.
-    client, run = run_recipe(tmp_path, monkeypatch, cifar10, "fast94", "steps=3",
+    client, run = run_recipe(tmp_path, data_root, "fast94", "steps=3",
                              "batch_size=128", "log_every=1", "tracking.log_model=false")
     assert run.info.status == "FINISHED" and run.info.run_name == "airbench-sgd-3"
     params = run.data.params
@@ -66,8 +63,8 @@ def test_fast96_is_airbench96_as_published():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["fast94", "fast96", "resnet18"])
-def test_every_recipe_runs_as_written_for_two_steps(tmp_path, monkeypatch, cifar10, recipe):
-    client, run = run_recipe(tmp_path, monkeypatch, cifar10, recipe, "steps=2")
+def test_every_recipe_runs_as_written_for_two_steps(tmp_path, data_root, recipe):
+    client, run = run_recipe(tmp_path, data_root, recipe, "steps=2")
     assert run.info.status == "FINISHED"
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert [m.name for m in logged] == ["model"]  # the model exports (torch.export)

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_exp import run as run_module
 from cifar_exp.config import compose_config
-from cifar_exp.errors import CheckpointError
+from cifar_exp.errors import CheckpointError, ConfigError
 from tests.conftest import cli, data_env, run_command
 
 METRICS = ("loss", "lr", "examples_per_sec", "sec_per_batch", "precision", "test_loss")
@@ -94,6 +94,29 @@ def test_task_function_returns_the_final_precision(tmp_path, data_root):
     assert run.info.run_name == "tf_cnn-adam-10"
 
 
+def test_eval_images_scores_the_first_test_images_and_says_so(tmp_path, data_root, caplog):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_config(["steps=10", "eval_images=300", f"tracking.uri={store}",
+                          f"data.root={data_root}", "tracking.log_model=false",
+                          f"checkpoint.path={tmp_path / 'checkpoint.pt'}"])
+    with caplog.at_level("INFO", logger=run_module.log.name):
+        precision = run_module.main.__wrapped__(cfg)
+    assert precision * 300 == pytest.approx(round(precision * 300))  # a count out of 300
+    assert "evaluating on the first 300 of the 10000 test images" in caplog.text
+    [run] = runs_in(store)
+    assert run.data.params["eval_images"] == "300"
+
+
+def test_more_eval_images_than_the_test_set_is_refused_before_any_run(tmp_path, data_root):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_config(["eval_images=20000", f"tracking.uri={store}", f"data.root={data_root}",
+                          f"checkpoint.path={tmp_path / 'checkpoint.pt'}"])
+    with pytest.raises(ConfigError, match="eval_images=20000 is more than the 10000 test images; "
+                                          "use at most 10000, or null"):
+        run_module.run_experiment(cfg)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_resume_true_looks_where_checkpoint_path_points(tmp_path):
     cfg = compose_config([f"checkpoint.path={tmp_path / 'kept.pt'}", "resume=true"])
     with pytest.raises(CheckpointError, match=f"no checkpoint at {tmp_path / 'kept.pt'}"):
@@ -143,7 +166,8 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, data_root):
 
 # 60 steps, checkpoints at 20 and 40 (and 60), evaluations at 30 and 60; every log line is
 # written to the store at once, so points past the last checkpoint reach it before a kill.
-RESUMABLE = ("steps=60", "eval_every=30", "tracking.log_model=false", "tracking.flush_seconds=0")
+RESUMABLE = ("steps=60", "eval_every=30", "eval_images=500", "tracking.log_model=false",
+             "tracking.flush_seconds=0")
 
 
 def histories(store: str, run_id: str) -> dict[str, list[tuple[int, float]]]:

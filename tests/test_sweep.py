@@ -94,7 +94,7 @@ def test_optuna_search_returns_and_logs_its_best(tmp_path, data_root):
 def test_a_diverging_job_is_marked_failed_and_the_sweep_goes_on(tmp_path, data_root):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = cli(tmp_path, "-m", "optimizer=sgd", "optimizer.lr=1e6,0.01", "steps=5",
-                 "log_every=5", "eval_every=5", "tracking.log_model=false",
+                 "log_every=5", "eval_every=5", "eval_images=500", "tracking.log_model=false",
                  f"tracking.uri={uri}", data_root=data_root)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "error: loss became nan at step" in result.stderr
