@@ -120,8 +120,8 @@ def load_resumed(cfg: DictConfig, config: dict[str, Any], folder: Path) -> Resum
     return Resumed(path, state)
 
 
-def first_test_images(data: CifarData, count: int) -> CifarData:
-    """`data` evaluated on its first `count` test images only (`eval_images`), said in the log."""
+def limit_test_set(data: CifarData, count: int) -> CifarData:
+    """`data` with only its first `count` test images (`eval_images`), said in the log."""
     available = data.test_images.shape[0]
     if count > available:
         raise ConfigError(f"eval_images={count} is more than the {available} test images; "
@@ -161,7 +161,7 @@ def train_job(cfg: DictConfig, device: torch.device,
     data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.verify,
                       cfg.data.manifest).to(device)
     if cfg.eval_images is not None:
-        data = first_test_images(data, cfg.eval_images)
+        data = limit_test_set(data, cfg.eval_images)
     experiment = build_experiment(cfg, data)
     experiment.settings.progress &= world.is_main
     parts = (experiment.model, experiment.optimizer, experiment.scheduler, experiment.ema)

@@ -4,7 +4,7 @@ flip and cutout."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
@@ -18,9 +18,6 @@ from cifar_exp.augment.ops import (
     random_offsets,
 )
 from cifar_exp.errors import ConfigError
-
-if TYPE_CHECKING:  # imported where used: only the bench's baseline needs torchvision
-    from torchvision.transforms import v2
 
 
 class CropFlip:
@@ -58,9 +55,9 @@ class CropFlip:
             out = cutout(out, top, left, self.cutout)
         return out
 
-    def per_image_transform(self) -> v2.Compose:
+    def per_image_transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
         # One image at a time there is no epoch to alternate with: a coin per image.
-        from torchvision.transforms import v2
+        from torchvision.transforms import v2  # here: only the bench's baseline needs it
 
         steps = [v2.RandomCrop(self.image_size, padding=self.padding, padding_mode="reflect")]
         if self.flip:

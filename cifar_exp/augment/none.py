@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
 from cifar_exp.augment import AUGMENTATIONS
 from cifar_exp.augment.ops import channel_stats, normalize
-
-if TYPE_CHECKING:  # imported where used: only the bench's baseline needs torchvision
-    from torchvision.transforms import v2
 
 
 class NoAugmentation:
@@ -22,8 +19,8 @@ class NoAugmentation:
               indices: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
         return self.eval(images)
 
-    def per_image_transform(self) -> v2.Compose:
-        from torchvision.transforms import v2
+    def per_image_transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        from torchvision.transforms import v2  # here: only the bench's baseline needs it
 
         return v2.Compose([v2.ToDtype(torch.float32, scale=True),
                            v2.Normalize(self.mean, self.std)])

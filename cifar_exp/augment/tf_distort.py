@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
@@ -15,9 +15,6 @@ from cifar_exp.augment.ops import (
     random_uniform,
 )
 from cifar_exp.errors import ConfigError
-
-if TYPE_CHECKING:  # imported where used: only the bench's baseline needs torchvision
-    from torchvision.transforms import v2
 
 
 class TfDistort:
@@ -45,8 +42,8 @@ class TfDistort:
         channel_mean = x.mean(dim=(2, 3), keepdim=True)
         return (x - channel_mean) * factor + channel_mean
 
-    def per_image_transform(self) -> v2.Compose:
-        from torchvision.transforms import v2
+    def per_image_transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        from torchvision.transforms import v2  # here: only the bench's baseline needs it
 
         steps = [v2.RandomCrop(self.image_size)]
         if self.flip:
