@@ -49,6 +49,13 @@ def resolve_device(name: str, job_number: int | None = None) -> torch.device:
     return torch.device(name)
 
 
+def select_gpu(device: torch.device) -> None:
+    """Make a sweep job's or a rank's GPU (`cuda:N`) the current one. A plain `cuda` keeps
+    the current GPU: set_device refuses a device without an index."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def build_experiment(cfg: DictConfig, data: CifarData) -> Experiment:
     """Build every part named by `cfg` for `data` (already on the training device)."""
     num_train = data.train_labels.numel()

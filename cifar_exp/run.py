@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp import checkpoint, distributed
-from cifar_exp.build import build_experiment, resolve_device
+from cifar_exp.build import build_experiment, resolve_device, select_gpu
 from cifar_exp.config import register_schema, validate
 from cifar_exp.data import CifarData, load_cifar
 from cifar_exp.errors import (
@@ -140,8 +140,7 @@ def run_experiment(cfg: DictConfig) -> TrainResult:
     world = distributed.current_world()
     distributed.check_batch_size(cfg.batch_size, world)
     device = resolve_device(distributed.device_for(cfg.device, world), sweep_job_number())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    select_gpu(device)
     with distributed.process_group(world, device):
         return train_job(cfg, device, world)
 

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from cifar_exp.build import build_experiment, resolve_device
+from cifar_exp.build import build_experiment, resolve_device, select_gpu
 from cifar_exp.config import CONF_DIR, compose_config, validate
 from cifar_exp.data import CifarData
 from cifar_exp.errors import ConfigError
@@ -179,6 +179,16 @@ def test_sweep_jobs_take_the_visible_gpus_in_turn(monkeypatch):
         torch.device("cuda", index) for index in (0, 1, 2, 0)]
     assert resolve_device("cuda") == torch.device("cuda")  # a single run: the current GPU
     assert resolve_device("cpu", 5) == torch.device("cpu")
+
+
+def test_only_a_numbered_gpu_is_selected(monkeypatch):
+    # torch.cuda.set_device refuses a plain `cuda` (a single run), which broke every
+    # single run on a GPU; sweep jobs and ranks get `cuda:N` and select it.
+    selected = []
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    for device in (torch.device("cpu"), torch.device("cuda"), torch.device("cuda", 2)):
+        select_gpu(device)
+    assert selected == [torch.device("cuda", 2)]
 
 
 @pytest.mark.parametrize("option", options("hparams_search"))
