@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cifar_exp import bench
 
 
@@ -56,3 +58,14 @@ def test_bare_only_measures_the_step_alone(tmp_path, data_root, capsys):
     assert figures["bare_examples_per_sec"] > 0 and "framework_examples_per_sec" not in figures
     assert figures["precision"] == "fp32" and figures["channels_last"] is False
     assert "(b)" not in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_bench_on_the_gpu_names_the_card(tmp_path, data_root):
+    out = tmp_path / "bench.json"
+    bench.main([f"data.root={data_root}", "batch_size=128", "--windows", "2",
+                "--window-steps", "20", "--workers", "2", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["device"].startswith("NVIDIA") and figures["precision"] == "bf16"
+    assert figures["framework_examples_per_sec"] > 0
+    assert figures["dataloader_examples_per_sec"]["2"] > 0

@@ -121,3 +121,16 @@ def test_sharded_evaluation_over_two_processes_matches_one(cifar10, tmp_path):
         precision, loss = torch.load(tmp_path / f"rank{rank}.pt")
         assert precision == pytest.approx(alone[0], abs=1e-12)
         assert loss == pytest.approx(alone[1], rel=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_evaluation_matches_the_cpu(cifar10):
+    model = small_convnet()
+    augmentation = build_augmentation("tf_distort", cifar10.train_images)
+    images, labels = cifar10.test_images[:2000], cifar10.test_labels[:2000]
+    on_cpu = evaluate(model, augmentation, images, labels, tta="flip_translate")
+    cuda = torch.device("cuda")
+    on_gpu = evaluate(model.to(cuda), augmentation, images.to(cuda), labels.to(cuda),
+                      tta="flip_translate")
+    assert on_gpu[0] == pytest.approx(on_cpu[0], abs=0.002)  # a few images may tie-break
+    assert on_gpu[1] == pytest.approx(on_cpu[1], rel=1e-3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from cifar_exp import run as run_module
@@ -68,3 +69,17 @@ def test_every_recipe_runs_as_written_for_two_steps(tmp_path, data_root, recipe)
     assert run.info.status == "FINISHED"
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert [m.name for m in logged] == ["model"]  # the model exports (torch.export)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["tf_tutorial_adam", "tf_tutorial_sgd_decay", "fast94",
+                                    "fast96", "resnet18"])
+def test_every_recipe_trains_on_the_gpu_in_bf16(tmp_path, data_root, recipe):
+    _, run = run_recipe(tmp_path, data_root, recipe, "steps=20", "log_every=10",
+                        "device=cuda", "tracking.log_model=false")
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["device"] == torch.cuda.get_device_name()  # the card's name
+    assert (tags["precision"], tags["compile"]) == ("bf16", "none")
+    assert math.isfinite(run.data.metrics["loss"])
+    assert 0.0 < run.data.metrics["precision"] <= 1.0

@@ -113,3 +113,16 @@ def test_label_smoothing_keeps_confident_logits_from_zero_loss():
     assert plain < 1e-6
     # 0.1 of the target spread over 10 classes: 9 of them cost ~50 nats each, x 0.01.
     assert smoothed == pytest.approx(0.01 * 9 * 50, rel=1e-3)
+
+
+@pytest.mark.gpu
+def test_bf16_step_on_the_gpu_keeps_fp32_weights_and_learns():
+    cuda = torch.device("cuda")
+    assert resolve_precision("auto", cuda) == "bf16"
+    inputs, labels = (tensor.to(cuda) for tensor in batch())
+    model, optimizer = model_and_optimizer()
+    model.to(cuda)
+    step = TrainingStep(model, optimizer, cuda, "bf16")
+    losses = [step(inputs, labels).item() for _ in range(30)]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < losses[0]
