@@ -7,8 +7,10 @@
 #   CIFAR_EXP_DATA=/path/to/data bash experiments/gpu_bench.sh [extra overrides]
 #
 # Environment: OUT (results folder, default ./gpu_bench_results), STEPS (default 100000),
-# BATCHES (default "128 1024"), BENCH_ARGS (extra bench flags, e.g. "--windows 3"),
-# PYTHON (default python3). The Python
+# BATCHES (default "128 1024"), BENCH_ARGS (bench flags, default "--window-steps 100
+# --workers 4,8,16": GPU steps take milliseconds), SGD_ARGS (overrides for the long run,
+# default "compile=reduce-overhead log_every=100": CUDA graphs made tf_cnn's step 1.8x
+# faster on an H200), PYTHON (default python3). The Python
 # packages must already be importable (pip install -e ., or wheels unpacked onto PYTHONPATH).
 set -euo pipefail
 out=${OUT:-gpu_bench_results}
@@ -21,14 +23,15 @@ export PYTHONUNBUFFERED=1
 
 for batch in ${BATCHES:-128 1024}; do
   # shellcheck disable=SC2086
-  "$python" -m cifar_exp.bench model=tf_cnn batch_size=$batch "$@" ${BENCH_ARGS:-} \
+  "$python" -m cifar_exp.bench model=tf_cnn batch_size=$batch "$@" ${BENCH_ARGS---window-steps 100 --workers 4,8,16} \
     --json "$out/bench_$batch.json" | tee "$out/bench_$batch.txt"
 done
 
 start=$(date +%s.%N)
+# shellcheck disable=SC2086
 "$python" -m cifar_exp.run optimizer=sgd_decay steps="$steps" eval_every=10000 \
   tracking.uri="sqlite:///$out/mlflow.db" tracking.experiment=gpu_bench \
-  hydra.run.dir="$out/hydra" "$@" \
+  hydra.run.dir="$out/hydra" ${SGD_ARGS-compile=reduce-overhead log_every=100} "$@" \
   2>&1 | tee "$out/sgd_decay.log"
 end=$(date +%s.%N)
 

@@ -18,7 +18,7 @@ def test_gpu_bench_script_prints_its_table(tmp_path, data_root):
     env = {**os.environ, "PYTHON": sys.executable, "CIFAR_EXP_DATA": str(data_root),
            "OUT": str(tmp_path / "out"),
            "STEPS": "20", "BATCHES": "16 32",
-           "BENCH_ARGS": "--windows 1 --window-steps 2 --workers 0"}
+           "BENCH_ARGS": "--windows 1 --window-steps 2 --workers 0", "SGD_ARGS": ""}
     result = subprocess.run(["bash", str(REPO / "experiments" / "gpu_bench.sh"),
                              "eval_images=500", "tracking.log_model=false"], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=600)
