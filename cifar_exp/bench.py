@@ -33,7 +33,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from cifar_exp.build import Experiment, build_experiment, build_settings, resolve_device
+from cifar_exp.build import (
+    Experiment,
+    build_experiment,
+    build_settings,
+    device_name,
+    resolve_device,
+)
 from cifar_exp.config import compose_config, validate
 from cifar_exp.data import CifarData, load_cifar
 from cifar_exp.loader_baseline import ArrayDataset, endless_batches
@@ -173,7 +179,7 @@ def _description(cfg: DictConfig, data: CifarData, overrides: Sequence[str]) -> 
     device = data.train_images.device
     settings = build_settings(cfg, device)
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "overrides": list(overrides),

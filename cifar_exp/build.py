@@ -49,6 +49,11 @@ def resolve_device(name: str, job_number: int | None = None) -> torch.device:
     return torch.device(name)
 
 
+def device_name(device: torch.device) -> str:
+    """The card's name for a GPU (as runs are tagged and the bench reports), else `cpu`."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def select_gpu(device: torch.device) -> None:
     """Make a sweep job's or a rank's GPU (`cuda:N`) the current one. A plain `cuda` keeps
     the current GPU: set_device refuses a device without an index."""

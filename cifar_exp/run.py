@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp import checkpoint, distributed
-from cifar_exp.build import build_experiment, resolve_device, select_gpu
+from cifar_exp.build import build_experiment, device_name, resolve_device, select_gpu
 from cifar_exp.config import register_schema, validate
 from cifar_exp.data import CifarData, load_cifar
 from cifar_exp.errors import (
@@ -169,7 +169,7 @@ def train_job(cfg: DictConfig, device: torch.device,
 
     tags = {"command": command_line(),
             "overrides": " ".join(task_overrides()),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device": device_name(device),
             # What `auto` became on this device (the params hold the config as written).
             "precision": experiment.settings.precision,
             "compile": experiment.settings.compile,
