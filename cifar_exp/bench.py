@@ -2,7 +2,7 @@
 the usual DataLoader pipeline.
 
     python -m cifar_exp.bench [overrides] [--windows N] [--window-steps N] [--workers 0,2]
-                              [--bare-only] [--json FILE]
+                              [--bare-only | --profile FOLDER] [--json FILE]
 
 (a) the bare model step: forward, loss, backward and optimizer step on random tensors
     already on the device -- the ceiling for this model, batch size and device;
@@ -39,18 +39,15 @@ from cifar_exp.build import (
     build_settings,
     device_name,
     resolve_device,
+    synchronize,
 )
 from cifar_exp.config import compose_config, validate
 from cifar_exp.data import CifarData, load_cifar
 from cifar_exp.loader_baseline import ArrayDataset, endless_batches
+from cifar_exp.profiling import StepProfile, WindowProfiler
 from cifar_exp.step import TrainingStep, memory_format
 from cifar_exp.tracking import RunTracker
-from cifar_exp.train import train
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from cifar_exp.train import StopCheck, TrainResult, train
 
 
 def _timed_windows(one_step: Callable[[], object], device: torch.device, batch_size: int,
@@ -58,11 +55,11 @@ def _timed_windows(one_step: Callable[[], object], device: torch.device, batch_s
     """Examples/sec of `one_step` per window, after one warm-up window."""
     rates = []
     for window in range(windows + 1):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(window_steps):
             one_step()
-        _sync(device)
+        synchronize(device)
         if window:
             rates.append(window_steps * batch_size / (time.perf_counter() - start))
     return rates
@@ -82,14 +79,20 @@ def _training_step(cfg: DictConfig, data: CifarData) -> tuple[TrainingStep, Expe
 def bare_step_rates(cfg: DictConfig, data: CifarData, windows: int,
                     window_steps: int) -> list[float]:
     """(a) The step alone, on fixed random tensors already on the device."""
+    bare_step = _bare_step(cfg, data)
+    return _timed_windows(bare_step, data.train_images.device, cfg.batch_size, windows,
+                          window_steps)
+
+
+def _bare_step(cfg: DictConfig, data: CifarData) -> Callable[[], torch.Tensor]:
+    """The trainer's step function on a fixed batch of random tensors on the device."""
     step, experiment = _training_step(cfg, data)
     device = data.train_images.device
     size = experiment.augmentation.image_size
     inputs = torch.randn(cfg.batch_size, 3, size, size, device=device)
     inputs = inputs.contiguous(memory_format=memory_format(cfg.channels_last))
     labels = torch.randint(0, data.num_classes, (cfg.batch_size,), device=device)
-    return _timed_windows(lambda: step(inputs, labels), device, cfg.batch_size, windows,
-                          window_steps)
+    return lambda: step(inputs, labels)
 
 
 def dataloader_step_rates(cfg: DictConfig, data: CifarData, cpu_data: CifarData, windows: int,
@@ -143,8 +146,16 @@ def framework_step_rates(cfg: DictConfig, data: CifarData, windows: int, window_
                          store: str | None) -> FrameworkTiming:
     """(b) The real training loop, timed as it logs every `log_every` steps to the MLflow
     store `store` (None: tracking off), after a warm-up of `window_steps` steps."""
+    recorder, result = _run_framework(cfg, data, (windows + 1) * window_steps, store)
+    rates = [rate for step, rate in recorder.rates if step > window_steps]
+    return FrameworkTiming(rates, result.train_seconds, recorder.logging_seconds)
+
+
+def _run_framework(cfg: DictConfig, data: CifarData, steps: int, store: str | None,
+                   stop: StopCheck | None = None) -> tuple[_RateRecorder, TrainResult]:
+    """The real training loop for `steps` steps, logging to the MLflow store `store` (None:
+    tracking off); `stop` is its per-step stop check."""
     experiment = build_experiment(cfg, data)
-    steps = (windows + 1) * window_steps
     settings = replace(experiment.settings, steps=steps, eval_every=steps, progress=False)
     # The closing evaluation is not timed; one batch of test images keeps it short.
     data = data.first_test_images(cfg.eval_batch_size)
@@ -152,13 +163,55 @@ def framework_step_rates(cfg: DictConfig, data: CifarData, windows: int, window_
         recorder = _RateRecorder(tracker)
         result = train(experiment.model, experiment.optimizer, experiment.scheduler,
                        experiment.augmentation, data, settings, recorder, experiment.ema,
-                       lookahead=experiment.lookahead)
+                       stop=stop, lookahead=experiment.lookahead)
         if tracker is not None:
             start = time.perf_counter()
             tracker.flush()
             recorder.logging_seconds += time.perf_counter() - start
-    rates = [rate for step, rate in recorder.rates if step > window_steps]
-    return FrameworkTiming(rates, result.train_seconds, recorder.logging_seconds)
+    return recorder, result
+
+
+class _ProfiledSteps:
+    """A stop check for the training loop that never asks it to stop: the loop calls it
+    after each step, so it starts `profiler` after `warmup` steps and stops it `steps`
+    steps later."""
+
+    def __init__(self, profiler: WindowProfiler, warmup: int, steps: int) -> None:
+        self.profiler, self.warmup, self.steps = profiler, warmup, steps
+        self.done = 0
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.done == self.warmup:
+            self.profiler.start()
+        elif self.done == self.warmup + self.steps:
+            self.profiler.stop()
+
+
+def profile_steps(cfg: DictConfig, data: CifarData, warmup: int, steps: int,
+                  folder: Path) -> dict[str, StepProfile]:
+    """Profile `steps` steps of (a) and of (b) after `warmup` (at least 1) steps of each;
+    the Chrome traces go to `folder`."""
+    if warmup < 1 or steps < 1:
+        raise ValueError("profiling needs at least one warm-up step and one profiled step")
+    device = data.train_images.device
+    bare_step = _bare_step(cfg, data)
+    for _ in range(warmup):
+        bare_step()
+    profiler = WindowProfiler(device)
+    profiler.start()
+    for _ in range(steps):
+        bare_step()
+    profiler.stop()
+    bare = profiler.summary(steps, folder / "bare_step.json")
+
+    profiler = WindowProfiler(device)
+    with tempfile.TemporaryDirectory() as store_folder:
+        # One step more, so that the closing evaluation falls outside the profile.
+        _run_framework(cfg, data, warmup + steps + 1, f"sqlite:///{store_folder}/bench.db",
+                       _ProfiledSteps(profiler, warmup, steps))
+    framework = profiler.summary(steps, folder / "framework_step.json")
+    return {"bare": bare, "framework": framework}
 
 
 def default_workers() -> list[int]:
@@ -255,6 +308,44 @@ MARKDOWN_HEADER = ("| device | torch | model | batch | precision | (a) bare step
                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
+def measure_profiles(overrides: Sequence[str], warmup: int, steps: int,
+                     folder: Path) -> dict:
+    """Profile (a) and (b) and return the per-step figures."""
+    cfg, _, data = _setup(overrides)
+    profiles = profile_steps(cfg, data, warmup, steps, folder)
+    return {**_description(cfg, data, overrides), "profiled_steps": steps,
+            **{name: {"ms_per_step": profile.ms_per_step,
+                      "operators_per_step": profile.operators_per_step,
+                      "launches_per_step": profile.launches_per_step,
+                      "trace": str(profile.trace)}
+               for name, profile in profiles.items()},
+            "tables": {name: profile.table for name, profile in profiles.items()}}
+
+
+def _print_profiles(overrides: Sequence[str], steps: int, folder: Path,
+                    json_path: Path | None) -> None:
+    figures = measure_profiles(overrides, steps, steps, folder)
+    tables = figures.pop("tables")
+    _print_description(figures)
+    print(f"profile of {steps} steps after {steps} warm-up steps; Chrome traces in {folder}")
+    print(f"{'':22}{'ms/step':>10}{'operators/step':>16}{'GPU launches/step':>19}")
+    for name, label in (("bare", "(a) bare model step"), ("framework", "(b) framework step")):
+        row = figures[name]
+        launches = row["launches_per_step"]
+        print(f"{label:22}{row['ms_per_step']:10.2f}{row['operators_per_step']:16.1f}"
+              f"{'-' if launches is None else f'{launches:.1f}':>19}")
+    print("\nthe costliest operators of (b), all profiled steps together:")
+    print(tables["framework"])
+    if json_path:
+        json_path.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def _print_description(figures: dict) -> None:
+    print(f"device {figures['device']}, torch {figures['torch']}, {figures['threads']} threads, "
+          f"{figures['model']}, batch {figures['batch_size']}, {figures['precision']}, "
+          f"compile {figures['compile']}, channels_last {figures['channels_last']}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, as for cifar_exp.run")
@@ -265,16 +356,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "(default: 0 and powers of two up to the core count)")
     parser.add_argument("--bare-only", action="store_true",
                         help="measure (a) alone, e.g. to compare speed options")
+    parser.add_argument("--profile", type=Path, metavar="FOLDER",
+                        help="instead of rates: profile one window of (a) and of (b) after a "
+                        "warm-up window, print where the time goes and write Chrome traces "
+                        "to this folder")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
+    if args.windows < 1 or args.window_steps < 1:
+        parser.error("--windows and --window-steps must be at least 1")
     logging.basicConfig(level=logging.WARNING)
+    if args.profile:
+        _print_profiles(args.overrides, args.window_steps, args.profile, args.json)
+        return
     if args.bare_only:
         figures = measure_bare(args.overrides, args.windows, args.window_steps)
     else:
         figures = measure(args.overrides, args.windows, args.window_steps, args.workers)
-    print(f"device {figures['device']}, torch {figures['torch']}, {figures['threads']} threads, "
-          f"{figures['model']}, batch {figures['batch_size']}, {figures['precision']}, "
-          f"compile {figures['compile']}, channels_last {figures['channels_last']}")
+    _print_description(figures)
     print(f"(a) bare model step   {figures['bare_examples_per_sec']:10.1f} examples/sec")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

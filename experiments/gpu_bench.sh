@@ -2,7 +2,9 @@
 # One call on a GPU host (sized for one H100, under 10 minutes), nothing from the network:
 #   1. python -m cifar_exp.bench for tf_cnn at batch 128 and at batch 1024;
 #   2. the tutorial's full recipe: optimizer=sgd_decay steps=100000, end to end;
-#   3. a table of the figures.
+#   3. a table of the figures;
+#   4. a profile of the bare and the framework step at the first batch size, for each
+#      setting in PROFILES: where the time goes, operators and kernel launches per step.
 #
 #   CIFAR_EXP_DATA=/path/to/data bash experiments/gpu_bench.sh [extra overrides]
 #
@@ -10,7 +12,8 @@
 # BATCHES (default "128 1024"), BENCH_ARGS (bench flags, default "--window-steps 100
 # --workers 4,8,16": GPU steps take milliseconds), SGD_ARGS (overrides for the long run,
 # default "compile=reduce-overhead log_every=100": CUDA graphs made tf_cnn's step 1.8x
-# faster on an H200), PYTHON (default python3). The Python
+# faster on an H200), PROFILES (default "compile=none compile=reduce-overhead"; empty:
+# none), PROFILE_STEPS (default 50), PYTHON (default python3). The Python
 # packages must already be importable (pip install -e ., or wheels unpacked onto PYTHONPATH).
 set -euo pipefail
 out=${OUT:-gpu_bench_results}
@@ -51,3 +54,11 @@ precision, rate = final[-1] if final else ("?", "?")
 print(f"\noptimizer=sgd_decay steps={steps}: precision {precision}, "
       f"{end - start:.0f} s end to end, {rate} examples/sec")
 PY
+
+read -r first_batch _ <<< "${BATCHES:-128 1024}"
+for setting in ${PROFILES-compile=none compile=reduce-overhead}; do
+  name=profile_${setting//[^a-z0-9-]/_}
+  "$python" -m cifar_exp.bench model=tf_cnn batch_size="$first_batch" "$setting" "$@" \
+    --window-steps "${PROFILE_STEPS:-50}" --profile "$out/$name" --json "$out/$name.json" \
+    | tee "$out/$name.txt"
+done

@@ -70,3 +70,25 @@ def test_bench_on_the_gpu_names_the_card(tmp_path, data_root):
     assert figures["device"] == torch.cuda.get_device_name() and figures["precision"] == "bf16"
     assert figures["framework_examples_per_sec"] > 0
     assert figures["dataloader_examples_per_sec"]["2"] > 0
+
+
+def test_profile_shows_what_the_framework_adds_to_the_bare_step(tmp_path, data_root, capsys):
+    out, traces = tmp_path / "profile.json", tmp_path / "traces"
+    bench.main([f"data.root={data_root}", "batch_size=16", "--window-steps", "2",
+                "--profile", str(traces), "--json", str(out)])
+    figures = json.loads(out.read_text())
+    bare, framework = figures["bare"], figures["framework"]
+    assert figures["profiled_steps"] == 2 and figures["model"] == "tf_cnn"
+    # The same model step, plus sampling, augmentation and bookkeeping around it.
+    assert framework["operators_per_step"] > bare["operators_per_step"] > 50
+    assert bare["launches_per_step"] is None and framework["ms_per_step"] > 0
+    assert {path.name for path in traces.iterdir()} == {"bare_step.json", "framework_step.json"}
+    printed = capsys.readouterr().out
+    assert "(b) framework step" in printed and "aten::convolution_backward" in printed
+    assert "examples/sec" not in printed  # profiling replaces the rate measurement
+
+
+def test_windows_of_no_steps_are_refused(data_root):
+    with pytest.raises(SystemExit) as refused:
+        bench.main([f"data.root={data_root}", "--window-steps", "0", "--bare-only"])
+    assert refused.value.code == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,8 @@ def test_gpu_bench_script_prints_its_table(tmp_path, data_root):
     env = {**os.environ, "PYTHON": sys.executable, "CIFAR_EXP_DATA": str(data_root),
            "OUT": str(tmp_path / "out"),
            "STEPS": "20", "BATCHES": "16 32",
-           "BENCH_ARGS": "--windows 1 --window-steps 2 --workers 0", "SGD_ARGS": ""}
+           "BENCH_ARGS": "--windows 1 --window-steps 2 --workers 0", "SGD_ARGS": "",
+           "PROFILES": "compile=none", "PROFILE_STEPS": "2"}
     result = subprocess.run(["bash", str(REPO / "experiments" / "gpu_bench.sh"),
                              "eval_images=500", "tracking.log_model=false"], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=600)
@@ -31,6 +33,10 @@ def test_gpu_bench_script_prints_its_table(tmp_path, data_root):
     [summary] = [line for line in lines if line.startswith("optimizer=sgd_decay steps=20:")]
     assert "precision 0." in summary and " s end to end" in summary
     assert (tmp_path / "out" / "bench_32.json").exists()
+    profile = json.loads((tmp_path / "out" / "profile_compile_none.json").read_text())
+    assert profile["batch_size"] == 16 and profile["compile"] == "none"
+    assert profile["framework"]["operators_per_step"] > profile["bare"]["operators_per_step"]
+    assert "(b) framework step" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # writes nowhere else
 
 
