@@ -53,6 +53,44 @@ def test_lrn_matches_torch_with_scaled_alpha():
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+def torch_lrn(x: torch.Tensor, radius: int, bias: float, alpha: float,
+              beta: float) -> torch.Tensor:
+    """The same formula in torch ops, channel by channel, for autograd's own gradient."""
+    channels = x.shape[1]
+    outputs = []
+    for c in range(channels):
+        window = x[:, max(0, c - radius) : min(channels, c + radius + 1)]
+        outputs.append(x[:, c] / (bias + alpha * window.square().sum(1)) ** beta)
+    return torch.stack(outputs, 1)
+
+
+@pytest.mark.parametrize("radius, bias, alpha, beta, channels",
+                         [(4, 1.0, 0.001 / 9, 0.75, 64), (4, 1.0, 0.5, 0.75, 7),
+                          (1, 0.5, 0.3, 1.5, 5), (2, 2.0, 1.0, 0.5, 3)])
+def test_lrn_gradient_is_the_formula_s(radius, bias, alpha, beta, channels):
+    # The written-out gradient against autograd through the plain formula (float64),
+    # with alphas large enough for the window term to matter.
+    x = torch.randn(2, channels, 3, 4, dtype=torch.float64, generator=torch.Generator()
+                    .manual_seed(channels)).mul(3).requires_grad_()
+    layer = LocalResponseNorm(radius, bias=bias, alpha=alpha, beta=beta)
+    upstream = torch.randn_like(x)
+    [ours] = torch.autograd.grad(layer(x), x, upstream)
+    [formula] = torch.autograd.grad(torch_lrn(x, radius, bias, alpha, beta), x, upstream)
+    torch.testing.assert_close(ours, formula, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+def test_lrn_keeps_channels_last_and_gives_the_same_output_with_and_without_grad():
+    x = torch.randn(4, 64, 12, 12).mul(5).contiguous(memory_format=torch.channels_last)
+    layer = LocalResponseNorm(4, bias=1.0, alpha=0.001 / 9, beta=0.75)
+    with torch.no_grad():
+        inference = layer(x)
+    training = layer(x.clone().requires_grad_())
+    training.sum().backward()
+    assert torch.equal(inference, training.detach())
+    assert training.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("size", [24, 12, 25, 7])
 def test_max_pool_same_matches_tf_formula(size):
     x = np.random.default_rng(size).normal(0, 1, (2, 3, size, size)).astype(np.float32)
