@@ -92,3 +92,14 @@ def test_windows_of_no_steps_are_refused(data_root):
     with pytest.raises(SystemExit) as refused:
         bench.main([f"data.root={data_root}", "--window-steps", "0", "--bare-only"])
     assert refused.value.code == 2
+
+
+@pytest.mark.gpu
+def test_profile_on_the_gpu_counts_kernel_launches(tmp_path, data_root):
+    out = tmp_path / "profile.json"
+    bench.main([f"data.root={data_root}", "batch_size=128", "--window-steps", "5",
+                "--profile", str(tmp_path / "traces"), "--json", str(out)])
+    figures = json.loads(out.read_text())
+    # Eager mode: at least one kernel for each convolution, forward and backward.
+    assert figures["bare"]["launches_per_step"] >= 6
+    assert figures["framework"]["launches_per_step"] > figures["bare"]["launches_per_step"]
