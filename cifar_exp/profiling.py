@@ -4,7 +4,6 @@ operators, and a Chrome trace (open in Perfetto or chrome://tracing)."""
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +43,6 @@ class WindowProfiler:
 
     def start(self) -> None:
         synchronize(self.device)
-        # Kineto prints its own start and stop lines at INFO; the bench's output is the table.
-        logging.getLogger("torch.profiler").setLevel(logging.WARNING)
         self._profiler.start()
         self._started = time.perf_counter()
 
