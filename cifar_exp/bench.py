@@ -39,13 +39,12 @@ from cifar_exp.build import (
     build_settings,
     device_name,
     resolve_device,
-    synchronize,
 )
 from cifar_exp.config import compose_config, validate
 from cifar_exp.data import CifarData, load_cifar
 from cifar_exp.loader_baseline import ArrayDataset, endless_batches
 from cifar_exp.profiling import StepProfile, WindowProfiler
-from cifar_exp.step import TrainingStep, memory_format
+from cifar_exp.step import TrainingStep, memory_format, synchronize
 from cifar_exp.tracking import RunTracker
 from cifar_exp.train import StopCheck, TrainResult, train
 

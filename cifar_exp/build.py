@@ -54,12 +54,6 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on a GPU (a no-op on the CPU), e.g. before reading a clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def select_gpu(device: torch.device) -> None:
     """Make a sweep job's or a rank's GPU (`cuda:N`) the current one. A plain `cuda` keeps
     the current GPU: set_device refuses a device without an index."""

@@ -49,6 +49,12 @@ def resolve_compile(mode: str, device: torch.device) -> str:
     return "none" if mode == "auto" else mode
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a GPU (a no-op on the CPU), e.g. before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def memory_format(channels_last: bool) -> torch.memory_format:
     """The layout of activations (and of the model's weights) for `channels_last`."""
     return torch.channels_last if channels_last else torch.contiguous_format

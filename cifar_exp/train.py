@@ -28,7 +28,7 @@ from cifar_exp.errors import NonFiniteLoss, Stopped
 from cifar_exp.evaluate import evaluate
 from cifar_exp.lookahead import Lookahead
 from cifar_exp.models import frozen_parameters
-from cifar_exp.step import TrainingStep, memory_format
+from cifar_exp.step import TrainingStep, memory_format, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +255,7 @@ class _SpeedWindow:
 
     def pause(self) -> None:
         """Stop the clock (for evaluation) once queued training work has finished."""
-        if self.losses.device.type == "cuda":
-            torch.cuda.synchronize(self.losses.device)
+        synchronize(self.losses.device)
         self._paused_at = time.perf_counter()
 
     def resume(self) -> None:
