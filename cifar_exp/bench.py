@@ -71,7 +71,8 @@ def _training_step(cfg: DictConfig, data: CifarData) -> tuple[TrainingStep, Expe
     experiment.model.to(memory_format=memory_format(settings.channels_last)).train()
     step = TrainingStep(experiment.model, experiment.optimizer, data.train_images.device,
                         settings.precision, settings.compile,
-                        label_smoothing=settings.label_smoothing)
+                        label_smoothing=settings.label_smoothing,
+                        cuda_graph=settings.cuda_graph)
     return step, experiment
 
 
@@ -240,6 +241,7 @@ def _description(cfg: DictConfig, data: CifarData, overrides: Sequence[str]) -> 
         "batch_size": cfg.batch_size,
         "precision": settings.precision,
         "compile": settings.compile,
+        "cuda_graph": settings.cuda_graph,
         "channels_last": settings.channels_last,
     }
 
@@ -294,12 +296,22 @@ def markdown_row(figures: dict) -> str:
     """One row for a results table (header: MARKDOWN_HEADER)."""
     best = figures["dataloader_best_workers"]
     return (f"| {figures['device']} | {figures['torch']} | {figures['model']} | "
-            f"{figures['batch_size']} | {figures['precision']} | "
+            f"{figures['batch_size']} | {_speed_options(figures)} | "
             f"{figures['bare_examples_per_sec']:,.0f} | "
             f"{figures['framework_examples_per_sec']:,.0f} | "
             f"{figures['dataloader_examples_per_sec'][str(best)]:,.0f} ({best} workers) | "
             f"{figures['framework_over_bare']:.3f} | {figures['framework_over_dataloader']:.2f} | "
             f"{100 * figures['logging_share']:.2f}% |")
+
+
+def _speed_options(figures: dict) -> str:
+    """The precision, and the compile mode and CUDA graphs where used."""
+    options = [figures["precision"]]
+    if figures["compile"] != "none":
+        options.append(f"compile {figures['compile']}")
+    if figures["cuda_graph"]:
+        options.append("CUDA graph")
+    return ", ".join(options)
 
 
 MARKDOWN_HEADER = ("| device | torch | model | batch | precision | (a) bare step | "
@@ -342,7 +354,8 @@ def _print_profiles(overrides: Sequence[str], steps: int, folder: Path,
 def _print_description(figures: dict) -> None:
     print(f"device {figures['device']}, torch {figures['torch']}, {figures['threads']} threads, "
           f"{figures['model']}, batch {figures['batch_size']}, {figures['precision']}, "
-          f"compile {figures['compile']}, channels_last {figures['channels_last']}")
+          f"compile {figures['compile']}, cuda_graph {figures['cuda_graph']}, "
+          f"channels_last {figures['channels_last']}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.errors import ConfigError
 from cifar_exp.evaluate import TTA_MODES
-from cifar_exp.step import check_speed_names
+from cifar_exp.step import check_cuda_graph_setting, check_speed_names
 
 DEVICES = ("auto", "cpu", "cuda")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -77,6 +77,7 @@ class Config:
     channels_last: bool = True
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: str = "auto"  # auto | none | a torch.compile mode
+    cuda_graph: Any = "auto"  # auto | true | false: the whole step replayed as CUDA graphs
     cudnn_benchmark: bool = True
     label_smoothing: float = 0.0  # of the training loss; test_loss stays plain cross-entropy
     tta: str = "none"  # test-time augmentation at evaluation: none | flip | flip_translate
@@ -132,6 +133,7 @@ def validate(cfg: DictConfig) -> None:
     if lr is None or lr <= 0:
         raise ConfigError(f"optimizer.lr={lr} must be a positive number")
     check_speed_names(cfg.precision, cfg.compile)
+    check_cuda_graph_setting(cfg.cuda_graph)
     if not 0 <= cfg.label_smoothing < 1:
         raise ConfigError(f"label_smoothing={cfg.label_smoothing} must lie in [0, 1)")
     if cfg.tta not in TTA_MODES:

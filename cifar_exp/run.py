@@ -173,6 +173,7 @@ def train_job(cfg: DictConfig, device: torch.device,
             # What `auto` became on this device (the params hold the config as written).
             "precision": experiment.settings.precision,
             "compile": experiment.settings.compile,
+            "cuda_graph": str(experiment.settings.cuda_graph).lower(),
             "processes": str(world.size),  # 1, or the data-parallel ranks of the job
             **git_tags()}
     tracking: dict[str, Any] = {}

@@ -82,6 +82,7 @@ class TrainSettings:
     channels_last: bool = True  # NHWC activations: faster convolutions and pooling
     precision: str = "fp32"  # fp32 | bf16 | fp16 autocast; the weights stay fp32
     compile: str = "none"  # a torch.compile mode, or none
+    cuda_graph: bool = False  # replay the whole step as CUDA graphs
     label_smoothing: float = 0.0  # of the training loss
     tta: str = "none"  # test-time augmentation at evaluation (evaluate.TTA_MODES)
     progress: bool = True
@@ -122,7 +123,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
     model.train()
     training_step = TrainingStep(model, optimizer, device, settings.precision, settings.compile,
                                  data_parallel=world.distributed,
-                                 label_smoothing=settings.label_smoothing)
+                                 label_smoothing=settings.label_smoothing,
+                                 cuda_graph=settings.cuda_graph)
 
     window = _SpeedWindow(settings.batch_size, settings.log_every, device)
     train_seconds = 0.0

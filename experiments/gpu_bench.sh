@@ -11,9 +11,9 @@
 # Environment: OUT (results folder, default ./gpu_bench_results), STEPS (default 100000),
 # BATCHES (default "128 1024"), BENCH_ARGS (bench flags, default "--window-steps 100
 # --workers 4,8,16": GPU steps take milliseconds), SGD_ARGS (overrides for the long run,
-# default "compile=reduce-overhead log_every=100": CUDA graphs made tf_cnn's step 1.8x
-# faster on an H200), PROFILES (default "compile=none compile=reduce-overhead"; empty:
-# none), PROFILE_STEPS (default 50), PYTHON (default python3). The Python
+# default "log_every=100"; cuda_graph=auto replays the whole step as a CUDA graph),
+# PROFILES (default "cuda_graph=false cuda_graph=true"; empty: none), PROFILE_STEPS
+# (default 50), PYTHON (default python3). The Python
 # packages must already be importable (pip install -e ., or wheels unpacked onto PYTHONPATH).
 set -euo pipefail
 out=${OUT:-gpu_bench_results}
@@ -34,7 +34,7 @@ start=$(date +%s.%N)
 # shellcheck disable=SC2086
 "$python" -m cifar_exp.run optimizer=sgd_decay steps="$steps" eval_every=10000 \
   tracking.uri="sqlite:///$out/mlflow.db" tracking.experiment=gpu_bench \
-  hydra.run.dir="$out/hydra" ${SGD_ARGS-compile=reduce-overhead log_every=100} "$@" \
+  hydra.run.dir="$out/hydra" ${SGD_ARGS-log_every=100} "$@" \
   2>&1 | tee "$out/sgd_decay.log"
 end=$(date +%s.%N)
 
@@ -56,7 +56,7 @@ print(f"\noptimizer=sgd_decay steps={steps}: precision {precision}, "
 PY
 
 read -r first_batch _ <<< "${BATCHES:-128 1024}"
-for setting in ${PROFILES-compile=none compile=reduce-overhead}; do
+for setting in ${PROFILES-cuda_graph=false cuda_graph=true}; do
   name=profile_${setting//[^a-z0-9-]/_}
   "$python" -m cifar_exp.bench model=tf_cnn batch_size="$first_batch" "$setting" "$@" \
     --window-steps "${PROFILE_STEPS:-50}" --profile "$out/$name" --json "$out/$name.json" \

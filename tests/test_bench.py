@@ -96,10 +96,18 @@ def test_windows_of_no_steps_are_refused(data_root):
 
 @pytest.mark.gpu
 def test_profile_on_the_gpu_counts_kernel_launches(tmp_path, data_root):
-    out = tmp_path / "profile.json"
-    bench.main([f"data.root={data_root}", "batch_size=128", "--window-steps", "5",
-                "--profile", str(tmp_path / "traces"), "--json", str(out)])
-    figures = json.loads(out.read_text())
+    figures = {}
+    for setting in ("false", "true"):
+        out = tmp_path / f"profile_{setting}.json"
+        bench.main([f"data.root={data_root}", "batch_size=128", f"cuda_graph={setting}",
+                    "--window-steps", "5", "--profile", str(tmp_path / setting),
+                    "--json", str(out)])
+        figures[setting] = json.loads(out.read_text())
+    eager, graphed = figures["false"], figures["true"]
+    assert (eager["cuda_graph"], graphed["cuda_graph"]) == (False, True)
     # Eager mode: at least one kernel for each convolution, forward and backward.
-    assert figures["bare"]["launches_per_step"] >= 6
-    assert figures["framework"]["launches_per_step"] > figures["bare"]["launches_per_step"]
+    assert eager["bare"]["launches_per_step"] >= 6
+    assert eager["framework"]["launches_per_step"] > eager["bare"]["launches_per_step"]
+    # Graphed: the whole bare step is one replay (the batch is copied in, not launched).
+    assert 1 <= graphed["bare"]["launches_per_step"] <= 2
+    assert graphed["framework"]["launches_per_step"] < eager["framework"]["launches_per_step"]

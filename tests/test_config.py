@@ -142,6 +142,7 @@ def test_schema_rejects_wrong_types():
     ("lookahead.start_epochs=-1", "lookahead.start_epochs=-1 must be >= 0"),
     ("precision=fp8", "precision=fp8 is unknown; use auto or one of fp32, bf16, fp16"),
     ("compile=fastest", "compile=fastest is unknown"),
+    ("cuda_graph=sometimes", "cuda_graph=sometimes is unknown; use auto, true or false"),
     ("checkpoint.every=-1", r"checkpoint.every=-1 must be a number of steps, or 0 \(or null\)"),
     ("resume=3", "resume=3 must be true, false, auto or the path of a checkpoint file"),
     ("tracking.flush_seconds=-1", r"tracking.flush_seconds=-1.0 must be >= 0"),

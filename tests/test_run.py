@@ -75,7 +75,7 @@ def test_twenty_step_run_logs_everything(tmp_path, data_root):
     assert run.data.tags["git_dirty"] in ("true", "false")
     assert run.data.params["precision"] == "auto" and run.data.tags["precision"] == "fp32"
     assert run.data.tags["compile"] == "none" and run.data.tags["device"] == "cpu"
-    assert run.data.tags["processes"] == "1"
+    assert run.data.tags["cuda_graph"] == "false" and run.data.tags["processes"] == "1"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "overrides.txt", "weights.pt"} <= artifacts
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from cifar_exp.errors import ConfigError
 from cifar_exp.models import build_model, regularization_loss
-from cifar_exp.step import TrainingStep, resolve_compile, resolve_precision
+from cifar_exp.step import TrainingStep, resolve_compile, resolve_cuda_graph, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -72,6 +72,39 @@ def test_auto_precision_and_compile_resolve_per_device():
         resolve_precision("fp8", CPU)
     with pytest.raises(ConfigError, match="compile=fastest is unknown"):
         resolve_compile("fastest", CPU)
+
+
+def test_cuda_graph_auto_is_on_only_where_the_step_can_be_captured():
+    cuda = torch.device("cuda")  # a device name only: nothing runs on it
+    capturable = {"precision": "bf16", "compile_mode": "none", "fused_optimizer": True,
+                  "data_parallel": False}
+    assert resolve_cuda_graph("auto", cuda, **capturable)
+    assert not resolve_cuda_graph(False, cuda, **capturable)
+    assert not resolve_cuda_graph("auto", CPU, **capturable)
+    for obstacle in ({"precision": "fp16"}, {"compile_mode": "reduce-overhead"},
+                     {"compile_mode": "max-autotune"}, {"fused_optimizer": False},
+                     {"data_parallel": True}):
+        assert not resolve_cuda_graph("auto", cuda, **{**capturable, **obstacle}), obstacle
+    assert resolve_cuda_graph("auto", cuda, **{**capturable, "compile_mode": "default"})
+
+
+@pytest.mark.parametrize("device,obstacle,message", [
+    ("cpu", {}, "it needs a CUDA GPU"),
+    ("cuda", {"precision": "fp16"}, "fp16's loss scaling reads the GPU each step"),
+    ("cuda", {"fused_optimizer": False}, r"it needs a fused optimizer \(optimizer.fused=true\)"),
+    ("cuda", {"compile_mode": "reduce-overhead"}, "compile=reduce-overhead makes its own"),
+    ("cuda", {"data_parallel": True}, "data-parallel steps are not captured"),
+])
+def test_cuda_graph_true_where_it_cannot_work_says_why(device, obstacle, message):
+    settings = {"precision": "bf16", "compile_mode": "none", "fused_optimizer": True,
+                "data_parallel": False, **obstacle}
+    with pytest.raises(ConfigError, match=f"cuda_graph=true cannot work here: {message}"):
+        resolve_cuda_graph(True, torch.device(device), **settings)
+
+
+def test_unknown_cuda_graph_setting_is_refused():
+    with pytest.raises(ConfigError, match="cuda_graph=always is unknown; use auto, true or false"):
+        resolve_cuda_graph("always", CPU, "fp32", "none", True, False)
 
 
 @pytest.mark.slow
