@@ -19,6 +19,7 @@ reported."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -98,6 +99,9 @@ def _bare_step(cfg: DictConfig, data: CifarData) -> Callable[[], torch.Tensor]:
 def dataloader_step_rates(cfg: DictConfig, data: CifarData, cpu_data: CifarData, windows: int,
                           window_steps: int, num_workers: int) -> list[float]:
     """(c) The same step fed by a DataLoader running per-image torchvision v2 transforms."""
+    # The earlier measurements' CUDA graphs go before the workers fork: a forked child
+    # that inherited one fails (with a warning) to release it.
+    gc.collect()
     step, experiment = _training_step(cfg, data)
     device = data.train_images.device
     dataset = ArrayDataset(cpu_data.train_images, cpu_data.train_labels,
