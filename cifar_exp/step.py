@@ -61,7 +61,8 @@ def resolve_compile(mode: str, device: torch.device) -> str:
 def resolve_cuda_graph(setting: object, device: torch.device, precision: str,
                        compile_mode: str, fused_optimizer: bool, data_parallel: bool) -> bool:
     """Whether to replay the whole step as CUDA graphs. `auto` -> wherever the step can be
-    captured; `true` where it cannot is refused with the reason."""
+    captured and is not compiled; `true` where it cannot be captured is refused with the
+    reason."""
     check_cuda_graph_setting(setting)
     obstacles = [reason for present, reason in (
         (device.type != "cuda", "it needs a CUDA GPU"),
@@ -73,7 +74,9 @@ def resolve_cuda_graph(setting: object, device: torch.device, precision: str,
                                                     f"CUDA graphs"),
         (data_parallel, "data-parallel steps are not captured")) if present]
     if setting == "auto":
-        return not obstacles
+        # Graphs around a torch.compile'd step are allowed with `true` but not yet measured
+        # on a GPU, so `auto` leaves them out.
+        return not obstacles and compile_mode == "none"
     if setting and obstacles:
         raise ConfigError(f"cuda_graph=true cannot work here: {obstacles[0]}; use "
                           f"cuda_graph=auto or false")
@@ -101,37 +104,21 @@ def autocast(device: torch.device, precision: str,
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
-class TrainingStep:
-    """Callable `step(inputs, labels) -> loss` (detached, still on the device; with
-    `cuda_graph`, in the graph's memory until the next step)."""
+class EagerStep:
+    """The step op by op: what `TrainingStep` runs without CUDA graphs, and what its graphs
+    capture. It holds no reference back to them, so a finished step's graphs (and their
+    GPU memory) go the moment the step does, not at the next cycle collection."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, precision: str = "fp32", compile_mode: str = "none",
-                 data_parallel: bool = False, label_smoothing: float = 0.0,
-                 cuda_graph: bool = False) -> None:
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, device: torch.device, precision: str,
+                 label_smoothing: float, autocast_cache: bool) -> None:
+        self.model, self.forward, self.optimizer, self.scaler = model, forward, optimizer, scaler
         self.device, self.precision = device, precision
-        self.label_smoothing = label_smoothing
-        # Under torchrun the forward goes through DDP, whose backward averages gradients.
-        forward = distributed.data_parallel(model, device) if data_parallel else model
-        self.forward = (forward if compile_mode == "none"
-                        else torch.compile(forward, mode=compile_mode))
-        # fp16 needs loss scaling to keep small gradients; bf16 and fp32 do not.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.graphs = StepGraphs(self.eager, optimizer, device) if cuda_graph else None
+        self.label_smoothing, self.autocast_cache = label_smoothing, autocast_cache
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
                  frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """One step; the `frozen` parameters get no update (their gradients, already
-        averaged over the ranks, are dropped, so the optimizer skips them)."""
-        if self.graphs is not None:
-            return self.graphs(inputs, labels, frozen)
-        return self.eager(inputs, labels, frozen)
-
-    def eager(self, inputs: torch.Tensor, labels: torch.Tensor,
-              frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """The step op by op, as the graphs capture it."""
-        with autocast(self.device, self.precision, cache=self.graphs is None):
+        with autocast(self.device, self.precision, cache=self.autocast_cache):
             logits = self.forward(inputs)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         loss = loss + regularization_loss(self.model)
@@ -142,3 +129,32 @@ class TrainingStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach()
+
+
+class TrainingStep:
+    """Callable `step(inputs, labels) -> loss` (detached, still on the device; with
+    `cuda_graph`, in the graph's memory until the next step)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, precision: str = "fp32", compile_mode: str = "none",
+                 data_parallel: bool = False, label_smoothing: float = 0.0,
+                 cuda_graph: bool = False) -> None:
+        self.model, self.optimizer = model, optimizer
+        # Under torchrun the forward goes through DDP, whose backward averages gradients.
+        forward = distributed.data_parallel(model, device) if data_parallel else model
+        if compile_mode != "none":
+            forward = torch.compile(forward, mode=compile_mode)
+        # fp16 needs loss scaling to keep small gradients; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        # A cached autocast cast made outside a graph's capture would not be replayed.
+        self.eager = EagerStep(model, forward, optimizer, self.scaler, device, precision,
+                               label_smoothing, autocast_cache=not cuda_graph)
+        self.graphs = StepGraphs(self.eager, optimizer, device) if cuda_graph else None
+
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
+                 frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """One step; the `frozen` parameters get no update (their gradients, already
+        averaged over the ranks, are dropped, so the optimizer skips them)."""
+        if self.graphs is not None:
+            return self.graphs(inputs, labels, frozen)
+        return self.eager(inputs, labels, frozen)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,7 +88,24 @@ def test_cuda_graph_auto_is_on_only_where_the_step_can_be_captured():
                      {"compile_mode": "max-autotune"}, {"fused_optimizer": False},
                      {"data_parallel": True}):
         assert not resolve_cuda_graph("auto", cuda, **{**capturable, **obstacle}), obstacle
-    assert resolve_cuda_graph("auto", cuda, **{**capturable, "compile_mode": "default"})
+    for compiled in ("default", "max-autotune-no-cudagraphs"):
+        assert not resolve_cuda_graph("auto", cuda, **{**capturable, "compile_mode": compiled})
+        assert resolve_cuda_graph(True, cuda, **{**capturable, "compile_mode": compiled})
+
+
+def test_graphs_of_a_finished_step_go_with_it():
+    """No reference cycle between the step and its graphs: their GPU memory is freed when
+    the step goes, e.g. between the jobs of an in-process sweep, not at a later collection."""
+    model, _ = model_and_optimizer()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    step = TrainingStep(model, optimizer, CPU, cuda_graph=True)  # built only: nothing replays
+    graphs = weakref.ref(step.graphs)
+    gc.disable()
+    try:
+        del step
+        assert graphs() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("device,obstacle,message", [

@@ -68,8 +68,9 @@ def test_installed_lrs_declare_adam_capturable_and_restore_it():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_name", ["tf_cnn", "resnet9"])
-def test_graphed_steps_train_as_the_eager_steps(monkeypatch, model_name):
+@pytest.mark.parametrize("model_name,compile_mode", [
+    ("tf_cnn", "none"), ("resnet9", "none"), ("tf_cnn", "default")])
+def test_graphed_steps_train_as_the_eager_steps(monkeypatch, model_name, compile_mode):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     cuda, steps = torch.device("cuda"), 10
     runs = {}
@@ -77,7 +78,7 @@ def test_graphed_steps_train_as_the_eager_steps(monkeypatch, model_name):
         torch.manual_seed(0)
         model = build_model(model_name, 10, 24).to(cuda)
         optimizer, schedule = sgd_with_schedule(model, steps)
-        step = TrainingStep(model, optimizer, cuda, "fp32", cuda_graph=graphed)
+        step = TrainingStep(model, optimizer, cuda, "fp32", compile_mode, cuda_graph=graphed)
         generator = torch.Generator(cuda).manual_seed(1)
         losses = []
         for _ in range(steps):
