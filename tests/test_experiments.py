@@ -43,7 +43,8 @@ def test_gpu_bench_script_prints_its_table(tmp_path, data_root):
 @pytest.mark.slow
 def test_fast_gpu_script_prints_its_table(tmp_path, data_root):
     env = {**os.environ, "PYTHON": sys.executable, "CIFAR_EXP_DATA": str(data_root),
-           "OUT": str(tmp_path / "out"), "SEEDS": "0 1", "OTHERS": ""}
+           "OUT": str(tmp_path / "out"), "SEEDS": "0 1", "OTHERS": "tf_tutorial_adam",
+           "OTHER_SEEDS": "0 1"}
     result = subprocess.run(["bash", str(REPO / "experiments" / "fast_gpu.sh"), "steps=2",
                              "batch_size=64", "tta=none", "eval_images=500",
                              "tracking.log_model=false"],
@@ -53,4 +54,8 @@ def test_fast_gpu_script_prints_its_table(tmp_path, data_root):
     assert [row.split("|")[2].strip() for row in rows] == ["0", "1"]
     assert all(0 <= float(row.split("|")[3]) <= 1 for row in rows)
     assert "fast94 over 2 seeds: " in result.stdout
+    others = [line for line in result.stdout.splitlines()
+              if line.startswith("| tf_tutorial_adam |")]
+    assert [row.split("|")[2].strip() for row in others] == ["0", "1"]
+    assert "tf_tutorial_adam over 2 seeds: " in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # writes nowhere else
