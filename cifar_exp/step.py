@@ -139,7 +139,6 @@ class TrainingStep:
                  device: torch.device, precision: str = "fp32", compile_mode: str = "none",
                  data_parallel: bool = False, label_smoothing: float = 0.0,
                  cuda_graph: bool = False) -> None:
-        self.model, self.optimizer = model, optimizer
         # Under torchrun the forward goes through DDP, whose backward averages gradients.
         forward = distributed.data_parallel(model, device) if data_parallel else model
         if compile_mode != "none":
