@@ -10,8 +10,8 @@
 #   CIFAR_EXP_DATA=/path/to/data bash experiments/fast_gpu.sh [extra overrides]
 #
 # Environment: OUT (results folder, default ./fast_gpu_results), SEEDS, OTHERS (either may
-# be empty), OTHER_SEEDS, PYTHON (default python3). Extra overrides apply to every run (e.g. steps=20
-# for a smoke test).
+# be empty), OTHER_SEEDS, PYTHON (default python3). Extra overrides apply to every run
+# (e.g. steps=20 for a smoke test).
 set -euo pipefail
 out=${OUT:-fast_gpu_results}
 python=${PYTHON:-python3}
