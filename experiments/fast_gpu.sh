@@ -3,7 +3,8 @@
 # from the network:
 #   1. +experiment=fast94 for each seed in SEEDS (default 0 1 2 3 4);
 #   2. each recipe in OTHERS (default "fast96 resnet18") for each seed in OTHER_SEEDS
-#      (default 0; "0 1 2 3 4" for 5 seeds each, about 10 more minutes on an H200);
+#      (default 0; "0 1 2 3 4" for 5 seeds each: about 10 minutes for both on an H200,
+#      estimated from one seed's training times and start-up);
 #   3. a table: precision@1 and training seconds per run, and each recipe's mean ± std
 #      where it ran more than one seed.
 #
