@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from cifar_exp.errors import UserError
-from cifar_exp.report import write_report
+from cifar_exp.tools.report import write_report
 from cifar_exp.tracking import (
     PARENT_RUN_ENV,
     check_tracking_uri,

@@ -43,7 +43,7 @@ import json, re, sys
 from pathlib import Path
 
 out, start, end, steps = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-from cifar_exp.bench import MARKDOWN_HEADER, markdown_row
+from cifar_exp.tools.bench import MARKDOWN_HEADER, markdown_row
 
 print("\n" + MARKDOWN_HEADER)
 for path in sorted(out.glob("bench_*.json"), key=lambda p: int(p.stem.split("_")[1])):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar_exp import bench
+from cifar_exp.tools import bench
 
 REPO = Path(__file__).resolve().parent.parent
 

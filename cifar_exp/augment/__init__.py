@@ -5,7 +5,6 @@ training images (uint8, N x 3 x 32 x 32, on the device) are there for data stati
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -29,11 +28,6 @@ class Augmentation(Protocol):
 
     def eval(self, images: torch.Tensor) -> torch.Tensor:
         """The deterministic float batch for evaluation."""
-        ...
-
-    def per_image_transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The same training augmentation as the per-image torchvision.transforms.v2
-        pipeline a DataLoader would run (uint8 3x32x32 -> float): the benchmark's baseline."""
         ...
 
 

@@ -4,8 +4,6 @@ flip and cutout."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from cifar_exp.augment import AUGMENTATIONS
@@ -55,31 +53,8 @@ class CropFlip:
             out = cutout(out, top, left, self.cutout)
         return out
 
-    def per_image_transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        # One image at a time there is no epoch to alternate with: a coin per image.
-        from torchvision.transforms import v2  # here: only the bench's baseline needs it
-
-        steps = [v2.RandomCrop(self.image_size, padding=self.padding, padding_mode="reflect")]
-        if self.flip:
-            steps.append(v2.RandomHorizontalFlip())
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
-        if self.cutout:
-            steps.append(_Cutout(self.cutout))
-        return v2.Compose(steps)
-
     def eval(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.mean, self.std)
-
-
-class _Cutout:
-    """Per-image cutout for the DataLoader baseline: a square inside the image, zeroed."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        corner = torch.randint(0, image.shape[-1] - self.size + 1, (2,))
-        return cutout(image[None], corner[:1], corner[1:], self.size)[0]
 
 
 @AUGMENTATIONS.register("crop_flip")

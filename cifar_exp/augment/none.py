@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from cifar_exp.augment import AUGMENTATIONS
@@ -18,12 +16,6 @@ class NoAugmentation:
     def train(self, images: torch.Tensor, generator: torch.Generator,
               indices: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
         return self.eval(images)
-
-    def per_image_transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        from torchvision.transforms import v2  # here: only the bench's baseline needs it
-
-        return v2.Compose([v2.ToDtype(torch.float32, scale=True),
-                           v2.Normalize(self.mean, self.std)])
 
     def eval(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.mean, self.std)

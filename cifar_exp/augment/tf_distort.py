@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from cifar_exp.augment import AUGMENTATIONS
@@ -42,43 +40,10 @@ class TfDistort:
         channel_mean = x.mean(dim=(2, 3), keepdim=True)
         return (x - channel_mean) * factor + channel_mean
 
-    def per_image_transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        from torchvision.transforms import v2  # here: only the bench's baseline needs it
-
-        steps = [v2.RandomCrop(self.image_size)]
-        if self.flip:
-            steps.append(v2.RandomHorizontalFlip())
-        steps += [v2.ToDtype(torch.float32), _Brightness(self.max_brightness),
-                  _Contrast(*self.contrast), _standardize]
-        return v2.Compose(steps)
-
     def eval(self, images: torch.Tensor) -> torch.Tensor:
         count, device = images.shape[0], images.device
         offset = torch.full((count,), (images.shape[-1] - self.image_size) // 2, device=device)
         return per_image_standardization(crop(images, offset, offset, self.image_size).float())
-
-
-# Per-image versions of the steps torchvision lacks, for the DataLoader baseline.
-class _Brightness:
-    def __init__(self, max_delta: float) -> None:
-        self.max_delta = max_delta
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return image + (torch.rand(()) * 2 - 1) * self.max_delta
-
-
-class _Contrast:
-    def __init__(self, lower: float, upper: float) -> None:
-        self.lower, self.upper = lower, upper
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        factor = torch.rand(()) * (self.upper - self.lower) + self.lower
-        mean = image.mean(dim=(1, 2), keepdim=True)
-        return (image - mean) * factor + mean
-
-
-def _standardize(image: torch.Tensor) -> torch.Tensor:
-    return per_image_standardization(image[None])[0]
 
 
 @AUGMENTATIONS.register("tf_distort")

@@ -10,7 +10,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from cifar_exp.report import (
+from cifar_exp.tools.report import (
     RunSummary,
     main,
     parse_overrides,

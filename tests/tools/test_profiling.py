@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_exp.profiling import WindowProfiler
+from cifar_exp.tools.profiling import WindowProfiler
 
 
 def _model_step() -> Callable[[], None]:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cifar_exp import bench
+from cifar_exp.tools import bench
 
 
 def test_bench_reports_both_rates_and_their_ratio(tmp_path, data_root, capsys):
