@@ -24,8 +24,8 @@ class TriangleFactor:
 
 
 @SCHEDULES.register("triangle")
-def build(optimizer, total_steps: int, steps_per_epoch: float, start_factor: float = 0.2,
-          peak_fraction: float = 0.23, end_factor: float = 0.07) -> LambdaLR:
+def triangle(optimizer, total_steps: int, steps_per_epoch: float, start_factor: float = 0.2,
+             peak_fraction: float = 0.23, end_factor: float = 0.07) -> LambdaLR:
     if not 0 <= peak_fraction <= 1:
         raise ConfigError(f"schedule.peak_fraction={peak_fraction} must lie in [0, 1]")
     peak_step = int(peak_fraction * total_steps)
