@@ -19,7 +19,7 @@ from cifar_exp.models import build_model, initialize_from_data, wants_data
 from cifar_exp.optim import build_optimizer
 from cifar_exp.optim.groups import parameter_groups
 from cifar_exp.schedules import build_schedule
-from cifar_exp.step import resolve_compile, resolve_cuda_graph, resolve_precision
+from cifar_exp.speed import resolve_amp, resolve_compile, resolve_cuda_graph
 from cifar_exp.train import TrainSettings
 
 # Models that initialize from data (e.g. a whitening layer) see this many training images,
@@ -92,13 +92,13 @@ def build_experiment(cfg: DictConfig, data: CifarData) -> Experiment:
 
 def build_settings(cfg: DictConfig, device: torch.device) -> TrainSettings:
     """The trainer's settings from `cfg`, with `auto` speed options resolved for `device`."""
-    precision = resolve_precision(cfg.precision, device)
+    amp = resolve_amp(cfg.amp, device)
     compile_mode = resolve_compile(cfg.compile, device)
-    cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device, precision, compile_mode,
+    cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device, amp, compile_mode,
                                     fused_optimizer=bool(cfg.optimizer.get("fused")),
                                     data_parallel=current_world().distributed)
     return TrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
                          log_every=cfg.log_every, eval_every=cfg.eval_every,
                          eval_batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
-                         precision=precision, compile=compile_mode, cuda_graph=cuda_graph,
+                         amp=amp, compile=compile_mode, cuda_graph=cuda_graph,
                          label_smoothing=cfg.label_smoothing, tta=cfg.tta)

@@ -1,4 +1,7 @@
-"""The typed schema of a run's configuration, and the value checks done before any work."""
+"""The typed schema of a run's configuration, and the value checks done before any work.
+
+It imports nothing that trains: the allowed values of the speed options come from
+cifar_exp.speed, so validating a config builds no model and starts no process group."""
 
 from __future__ import annotations
 
@@ -12,18 +15,23 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.errors import ConfigError
-from cifar_exp.evaluate import TTA_MODES
-from cifar_exp.step import check_cuda_graph_setting, check_speed_names
+from cifar_exp.speed import check_amp, check_compile, check_cuda_graph, check_tta
 
 DEVICES = ("auto", "cpu", "cuda")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The data folder when none is configured: $CIFAR_EXP_DATA, else ./data.
+DATA_ROOT_ENV = "CIFAR_EXP_DATA"
+DEFAULT_DATA_ROOT = "./data"
+# Keys that were renamed: old name -> new name. `precision` names the accuracy metric; the
+# numeric format of the step is `amp`.
+RENAMED_KEYS = {"precision": "amp"}
 
 
 @dataclass
 class DataConfig:
     name: str = "cifar10"
-    root: str = "${oc.env:CIFAR_EXP_DATA,./data}"
-    download: bool = False
+    root: str = f"${{oc.env:{DATA_ROOT_ENV},{DEFAULT_DATA_ROOT}}}"  # holds cifar-10-batches-*/
+    download: bool = False  # true: fetch the official archive if it is absent
     verify: bool = False  # check the files' MD5s (the official ones, or `manifest`'s)
     manifest: str | None = None  # a file of `md5  path` lines; given, it implies verify
 
@@ -75,7 +83,7 @@ class Config:
     eval_batch_size: int = 500
     eval_images: int | None = None  # null: the whole test set; N: its first N images
     channels_last: bool = True
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    amp: str = "auto"  # mixed precision: auto | fp32 | bf16 | fp16 (autocast)
     compile: str = "auto"  # auto | none | a torch.compile mode
     cuda_graph: Any = "auto"  # auto | true | false: the whole step replayed as CUDA graphs
     cudnn_benchmark: bool = True
@@ -101,12 +109,25 @@ def register_schema() -> None:
         OmegaConf.register_new_resolver("batch_scaled", batch_scaled)
 
 
+def command_overrides(overrides: Sequence[str]) -> list[str]:
+    """Command-line arguments as Hydra should see them: a key that was renamed is refused
+    with its new name, before Hydra would call it merely unknown."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        new_key = RENAMED_KEYS.get(key.lstrip("+~"))
+        if new_key is not None:
+            raise ConfigError(f"{override}: `{key.lstrip('+~')}` was renamed to `{new_key}`; "
+                              f"write {new_key}={value}")
+    return list(overrides)
+
+
 def compose_config(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConfig:
     """The run configuration for command-line style overrides, outside a Hydra app;
     `with_hydra` keeps Hydra's own node (sweeper, launcher, callbacks)."""
     register_schema()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
+        return compose("config", overrides=command_overrides(overrides),
+                       return_hydra_config=with_hydra)
 
 
 def split_name(group: DictConfig) -> tuple[str, dict[str, Any]]:
@@ -132,12 +153,12 @@ def validate(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if lr is None or lr <= 0:
         raise ConfigError(f"optimizer.lr={lr} must be a positive number")
-    check_speed_names(cfg.precision, cfg.compile)
-    check_cuda_graph_setting(cfg.cuda_graph)
+    check_amp(cfg.amp)
+    check_compile(cfg.compile)
+    check_cuda_graph(cfg.cuda_graph)
+    check_tta(cfg.tta)
     if not 0 <= cfg.label_smoothing < 1:
         raise ConfigError(f"label_smoothing={cfg.label_smoothing} must lie in [0, 1)")
-    if cfg.tta not in TTA_MODES:
-        raise ConfigError(f"tta={cfg.tta} is unknown; use one of {', '.join(TTA_MODES)}")
     decay = cfg.ema.decay
     if decay is not None and not 0 <= decay < 1:
         raise ConfigError(f"ema.decay={decay} must lie in [0, 1), or be null to turn EMA off")

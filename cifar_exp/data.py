@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cifar_exp import checksums
+from cifar_exp.config import DATA_ROOT_ENV, DEFAULT_DATA_ROOT
 from cifar_exp.errors import DataError
 
 IMAGE_SHAPE = (3, 32, 32)
@@ -116,7 +117,7 @@ class CifarData:
 
 def default_root() -> str:
     """The data folder used when none is configured: $CIFAR_EXP_DATA, else ./data."""
-    return os.environ.get("CIFAR_EXP_DATA", "./data")
+    return os.environ.get(DATA_ROOT_ENV, DEFAULT_DATA_ROOT)
 
 
 def load_cifar(name: str = "cifar10", root: str | os.PathLike | None = None,

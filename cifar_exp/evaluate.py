@@ -10,9 +10,8 @@ from torch import nn
 from cifar_exp.augment import Augmentation
 from cifar_exp.augment.ops import crop
 from cifar_exp.distributed import SINGLE, World, share_buffers_of_main, sum_over_ranks
+from cifar_exp.speed import TTA_MODES
 from cifar_exp.step import autocast
-
-TTA_MODES = ("none", "flip", "flip_translate")
 
 
 def _shifted(inputs: torch.Tensor, offset: int) -> torch.Tensor:
@@ -43,11 +42,11 @@ def tta_views(inputs: torch.Tensor, mode: str) -> list[tuple[float, torch.Tensor
 
 def predict(model: nn.Module, inputs: torch.Tensor, tta: str = "none",
             memory_format: torch.memory_format = torch.contiguous_format,
-            precision: str = "fp32") -> torch.Tensor:
+            amp: str = "fp32") -> torch.Tensor:
     """The model's fp32 logits for `inputs`, averaged over the views of `tta`."""
     logits = None
     for weight, view in tta_views(inputs, tta):
-        with autocast(inputs.device, precision):
+        with autocast(inputs.device, amp):
             out = model(view.contiguous(memory_format=memory_format)).float()
         logits = weight * out if logits is None else logits + weight * out
     return logits
@@ -57,7 +56,7 @@ def predict(model: nn.Module, inputs: torch.Tensor, tta: str = "none",
 def evaluate(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
              labels: torch.Tensor, batch_size: int = 500,
              memory_format: torch.memory_format = torch.contiguous_format,
-             precision: str = "fp32", tta: str = "none",
+             amp: str = "fp32", tta: str = "none",
              world: World = SINGLE) -> tuple[float, float]:
     """Return (precision@1, mean cross-entropy) over every image exactly once.
 
@@ -72,7 +71,7 @@ def evaluate(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
     loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
     for image_batch, label_batch in zip(images.split(batch_size), labels.split(batch_size),
                                         strict=True):
-        logits = predict(model, augmentation.eval(image_batch), tta, memory_format, precision)
+        logits = predict(model, augmentation.eval(image_batch), tta, memory_format, amp)
         correct += (logits.argmax(1) == label_batch).sum()
         loss_sum += F.cross_entropy(logits, label_batch, reduction="sum").double()
     model.train(was_training)

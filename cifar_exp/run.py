@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp import checkpoint, distributed
 from cifar_exp.build import build_experiment, device_name, resolve_device, select_gpu
-from cifar_exp.config import register_schema, validate
+from cifar_exp.config import command_overrides, register_schema, validate
 from cifar_exp.data import CifarData, load_cifar
 from cifar_exp.errors import (
     CheckpointError,
@@ -171,7 +171,7 @@ def train_job(cfg: DictConfig, device: torch.device,
             "overrides": " ".join(task_overrides()),
             "device": device_name(device),
             # What `auto` became on this device (the params hold the config as written).
-            "precision": experiment.settings.precision,
+            "amp": experiment.settings.amp,
             "compile": experiment.settings.compile,
             "cuda_graph": str(experiment.settings.cuda_graph).lower(),
             "processes": str(world.size),  # 1, or the data-parallel ranks of the job
@@ -253,6 +253,11 @@ if __name__ == "__main__":
     if world.distributed and {"-m", "--multirun"} & set(sys.argv):
         print("error: a sweep (-m) under torchrun would run once per process; run its jobs "
               "one by one under torchrun", file=sys.stderr)
+        sys.exit(2)
+    try:
+        sys.argv[1:] = command_overrides(sys.argv[1:])
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     # Under torchrun, ranks other than 0 run without an output folder of their own (Hydra
     # would otherwise create one per process).

@@ -80,11 +80,11 @@ class TrainSettings:
     eval_every: int = 1000
     eval_batch_size: int = 500
     channels_last: bool = True  # NHWC activations: faster convolutions and pooling
-    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast; the weights stay fp32
+    amp: str = "fp32"  # mixed precision: fp32 | bf16 | fp16 autocast; weights stay fp32
     compile: str = "none"  # a torch.compile mode, or none
     cuda_graph: bool = False  # replay the whole step as CUDA graphs
     label_smoothing: float = 0.0  # of the training loss
-    tta: str = "none"  # test-time augmentation at evaluation (evaluate.TTA_MODES)
+    tta: str = "none"  # test-time augmentation at evaluation (speed.TTA_MODES)
     progress: bool = True
 
 
@@ -121,7 +121,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
     evaluated = ema.model if ema is not None else model
     evaluated.to(memory_format=layout)
     model.train()
-    training_step = TrainingStep(model, optimizer, device, settings.precision, settings.compile,
+    training_step = TrainingStep(model, optimizer, device, settings.amp, settings.compile,
                                  data_parallel=world.distributed,
                                  label_smoothing=settings.label_smoothing,
                                  cuda_graph=settings.cuda_graph)
@@ -188,7 +188,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
                 window.pause()
                 precision, test_loss = evaluate(evaluated, augmentation, data.test_images,
                                                 data.test_labels, settings.eval_batch_size,
-                                                layout, settings.precision, settings.tta,
+                                                layout, settings.amp, settings.tta,
                                                 world)
                 sink.log_metrics({"precision": precision, "test_loss": test_loss}, step)
                 log.info("step %d, precision @ 1 = %.4f, test loss = %.4f",

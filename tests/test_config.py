@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+
 import pytest
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -140,7 +144,7 @@ def test_schema_rejects_wrong_types():
     ("lookahead.every=0", "lookahead.every=0 must be a positive number of steps, or null"),
     ("lookahead.decay=1.5", r"lookahead.decay=1.5 must lie in \[0, 1\]"),
     ("lookahead.start_epochs=-1", "lookahead.start_epochs=-1 must be >= 0"),
-    ("precision=fp8", "precision=fp8 is unknown; use auto or one of fp32, bf16, fp16"),
+    ("amp=fp8", "amp=fp8 is unknown; use auto or one of fp32, bf16, fp16"),
     ("compile=fastest", "compile=fastest is unknown"),
     ("cuda_graph=sometimes", "cuda_graph=sometimes is unknown; use auto, true or false"),
     ("checkpoint.every=-1", r"checkpoint.every=-1 must be a number of steps, or 0 \(or null\)"),
@@ -203,3 +207,20 @@ def test_every_search_space_composes_and_names_real_keys(option):
     for override in parsed:
         assert override.is_sweep_override(), override.input_line
         assert OmegaConf.select(cfg, override.key_or_group) is not None, override.key_or_group
+
+
+def test_the_renamed_precision_key_names_its_new_name():
+    with pytest.raises(ConfigError, match=r"precision=bf16: `precision` was renamed to `amp`; "
+                                          r"write amp=bf16"):
+        compose_config(["precision=bf16"])
+    assert compose_config(["amp=bf16"]).amp == "bf16"
+
+
+def test_the_schema_imports_nothing_that_trains():
+    # A fresh interpreter: which project modules does importing the schema load?
+    code = ("import sys, cifar_exp.config; "
+            "print(sorted(m for m in sys.modules if m.startswith('cifar_exp')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout
+    assert ast.literal_eval(loaded) == ["cifar_exp", "cifar_exp.config", "cifar_exp.errors",
+                            "cifar_exp.speed"]

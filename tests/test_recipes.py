@@ -80,6 +80,6 @@ def test_every_recipe_trains_on_the_gpu_in_bf16(tmp_path, data_root, recipe):
     assert run.info.status == "FINISHED"
     tags = run.data.tags
     assert tags["device"] == torch.cuda.get_device_name()  # the card's name
-    assert (tags["precision"], tags["compile"], tags["cuda_graph"]) == ("bf16", "none", "true")
+    assert (tags["amp"], tags["compile"], tags["cuda_graph"]) == ("bf16", "none", "true")
     assert math.isfinite(run.data.metrics["loss"])
     assert 0.0 < run.data.metrics["precision"] <= 1.0

@@ -73,7 +73,7 @@ def test_twenty_step_run_logs_everything(tmp_path, data_root):
     assert run.data.tags["command"].startswith("python -m cifar_exp.run steps=20")
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
     assert run.data.tags["git_dirty"] in ("true", "false")
-    assert run.data.params["precision"] == "auto" and run.data.tags["precision"] == "fp32"
+    assert run.data.params["amp"] == "auto" and run.data.tags["amp"] == "fp32"
     assert run.data.tags["compile"] == "none" and run.data.tags["device"] == "cpu"
     assert run.data.tags["cuda_graph"] == "false" and run.data.tags["processes"] == "1"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -126,6 +126,8 @@ def test_resume_true_looks_where_checkpoint_path_points(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["data.root=/nonexistent/cifar"], "error: CIFAR-10 not found: no cifar-10-batches-bin/"),
     (["steps=0"], "error: steps=0 must be a positive integer"),
+    (["precision=bf16"], "error: precision=bf16: `precision` was renamed to `amp`; write "
+                         "amp=bf16"),
     (["optimizer.lr=-1"], "error: optimizer.lr=-1 must be a positive number"),
     (["augmentation.crop_size=40"], "error: augmentation.crop_size=40 must lie in 1..32"),
     (["checkpoint.every=-5"], "error: checkpoint.every=-5 must be a number of steps"),

@@ -1,4 +1,4 @@
-"""The training step and its speed options."""
+"""The training step, with the speed options applied."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifar_exp.errors import ConfigError
 from cifar_exp.models import build_model, regularization_loss
-from cifar_exp.step import TrainingStep, resolve_compile, resolve_cuda_graph, resolve_precision
+from cifar_exp.speed import resolve_amp
+from cifar_exp.step import TrainingStep
 
 CPU = torch.device("cpu")
 
@@ -56,41 +56,15 @@ def test_fp32_step_is_the_plain_step():
         torch.testing.assert_close(ours, theirs)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_low_precision_keeps_fp32_weights_and_learns(precision):
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_low_precision_keeps_fp32_weights_and_learns(amp):
     inputs, labels = batch()
     model, optimizer = model_and_optimizer()
-    step = TrainingStep(model, optimizer, CPU, precision)
-    assert step.scaler.is_enabled() == (precision == "fp16")
+    step = TrainingStep(model, optimizer, CPU, amp)
+    assert step.scaler.is_enabled() == (amp == "fp16")
     losses = [step(inputs, labels).item() for _ in range(15)]
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert losses[-1] < losses[0]
-
-
-def test_auto_precision_and_compile_resolve_per_device():
-    assert resolve_precision("auto", CPU) == "fp32"
-    assert resolve_precision("fp16", CPU) == "fp16"
-    assert resolve_compile("auto", CPU) == "none"
-    with pytest.raises(ConfigError, match="precision=fp8 is unknown"):
-        resolve_precision("fp8", CPU)
-    with pytest.raises(ConfigError, match="compile=fastest is unknown"):
-        resolve_compile("fastest", CPU)
-
-
-def test_cuda_graph_auto_is_on_only_where_the_step_can_be_captured():
-    cuda = torch.device("cuda")  # a device name only: nothing runs on it
-    capturable = {"precision": "bf16", "compile_mode": "none", "fused_optimizer": True,
-                  "data_parallel": False}
-    assert resolve_cuda_graph("auto", cuda, **capturable)
-    assert not resolve_cuda_graph(False, cuda, **capturable)
-    assert not resolve_cuda_graph("auto", CPU, **capturable)
-    for obstacle in ({"precision": "fp16"}, {"compile_mode": "reduce-overhead"},
-                     {"compile_mode": "max-autotune"}, {"fused_optimizer": False},
-                     {"data_parallel": True}):
-        assert not resolve_cuda_graph("auto", cuda, **{**capturable, **obstacle}), obstacle
-    for compiled in ("default", "max-autotune-no-cudagraphs"):
-        assert not resolve_cuda_graph("auto", cuda, **{**capturable, "compile_mode": compiled})
-        assert resolve_cuda_graph(True, cuda, **{**capturable, "compile_mode": compiled})
 
 
 def test_graphs_of_a_finished_step_go_with_it():
@@ -106,25 +80,6 @@ def test_graphs_of_a_finished_step_go_with_it():
         assert graphs() is None
     finally:
         gc.enable()
-
-
-@pytest.mark.parametrize("device,obstacle,message", [
-    ("cpu", {}, "it needs a CUDA GPU"),
-    ("cuda", {"precision": "fp16"}, "fp16's loss scaling reads the GPU each step"),
-    ("cuda", {"fused_optimizer": False}, r"it needs a fused optimizer \(optimizer.fused=true\)"),
-    ("cuda", {"compile_mode": "reduce-overhead"}, "compile=reduce-overhead makes its own"),
-    ("cuda", {"data_parallel": True}, "data-parallel steps are not captured"),
-])
-def test_cuda_graph_true_where_it_cannot_work_says_why(device, obstacle, message):
-    settings = {"precision": "bf16", "compile_mode": "none", "fused_optimizer": True,
-                "data_parallel": False, **obstacle}
-    with pytest.raises(ConfigError, match=f"cuda_graph=true cannot work here: {message}"):
-        resolve_cuda_graph(True, torch.device(device), **settings)
-
-
-def test_unknown_cuda_graph_setting_is_refused():
-    with pytest.raises(ConfigError, match="cuda_graph=always is unknown; use auto, true or false"):
-        resolve_cuda_graph("always", CPU, "fp32", "none", True, False)
 
 
 @pytest.mark.slow
@@ -171,7 +126,7 @@ def test_label_smoothing_keeps_confident_logits_from_zero_loss():
 @pytest.mark.gpu
 def test_bf16_step_on_the_gpu_keeps_fp32_weights_and_learns():
     cuda = torch.device("cuda")
-    assert resolve_precision("auto", cuda) == "bf16"
+    assert resolve_amp("auto", cuda) == "bf16"
     inputs, labels = (tensor.to(cuda) for tensor in batch())
     model, optimizer = model_and_optimizer()
     model.to(cuda)

@@ -71,7 +71,7 @@ def _training_step(cfg: DictConfig, data: CifarData) -> tuple[TrainingStep, Expe
     settings = experiment.settings
     experiment.model.to(memory_format=memory_format(settings.channels_last)).train()
     step = TrainingStep(experiment.model, experiment.optimizer, data.train_images.device,
-                        settings.precision, settings.compile,
+                        settings.amp, settings.compile,
                         label_smoothing=settings.label_smoothing,
                         cuda_graph=settings.cuda_graph)
     return step, experiment
@@ -243,7 +243,7 @@ def _description(cfg: DictConfig, data: CifarData, overrides: Sequence[str]) -> 
         "model": cfg.model.name,
         "augmentation": cfg.augmentation.name,
         "batch_size": cfg.batch_size,
-        "precision": settings.precision,
+        "amp": settings.amp,
         "compile": settings.compile,
         "cuda_graph": settings.cuda_graph,
         "channels_last": settings.channels_last,
@@ -309,8 +309,8 @@ def markdown_row(figures: dict) -> str:
 
 
 def _speed_options(figures: dict) -> str:
-    """The precision, and the compile mode and CUDA graphs where used."""
-    options = [figures["precision"]]
+    """The amp format, and the compile mode and CUDA graphs where used."""
+    options = [figures["amp"]]
     if figures["compile"] != "none":
         options.append(f"compile {figures['compile']}")
     if figures["cuda_graph"]:
@@ -318,7 +318,7 @@ def _speed_options(figures: dict) -> str:
     return ", ".join(options)
 
 
-MARKDOWN_HEADER = ("| device | torch | model | batch | precision | (a) bare step | "
+MARKDOWN_HEADER = ("| device | torch | model | batch | amp | (a) bare step | "
                    "(b) framework | (c) DataLoader | b/a | b/c | MLflow time |\n"
                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
@@ -357,7 +357,7 @@ def _print_profiles(overrides: Sequence[str], steps: int, folder: Path,
 
 def _print_description(figures: dict) -> None:
     print(f"device {figures['device']}, torch {figures['torch']}, {figures['threads']} threads, "
-          f"{figures['model']}, batch {figures['batch_size']}, {figures['precision']}, "
+          f"{figures['model']}, batch {figures['batch_size']}, {figures['amp']}, "
           f"compile {figures['compile']}, cuda_graph {figures['cuda_graph']}, "
           f"channels_last {figures['channels_last']}")
 

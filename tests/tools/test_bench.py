@@ -52,12 +52,12 @@ def test_framework_rates_without_tracking(cifar10):
 
 def test_bare_only_measures_the_step_alone(tmp_path, data_root, capsys):
     out = tmp_path / "bare.json"
-    bench.main([f"data.root={data_root}", "batch_size=16", "precision=fp32",
+    bench.main([f"data.root={data_root}", "batch_size=16", "amp=fp32",
                 "channels_last=false", "--bare-only", "--windows", "1", "--window-steps", "2",
                 "--json", str(out)])
     figures = json.loads(out.read_text())
     assert figures["bare_examples_per_sec"] > 0 and "framework_examples_per_sec" not in figures
-    assert figures["precision"] == "fp32" and figures["channels_last"] is False
+    assert figures["amp"] == "fp32" and figures["channels_last"] is False
     assert "(b)" not in capsys.readouterr().out
 
 
@@ -67,7 +67,7 @@ def test_bench_on_the_gpu_names_the_card(tmp_path, data_root):
     bench.main([f"data.root={data_root}", "batch_size=128", "--windows", "2",
                 "--window-steps", "20", "--workers", "2", "--json", str(out)])
     figures = json.loads(out.read_text())
-    assert figures["device"] == torch.cuda.get_device_name() and figures["precision"] == "bf16"
+    assert figures["device"] == torch.cuda.get_device_name() and figures["amp"] == "bf16"
     assert figures["framework_examples_per_sec"] > 0
     assert figures["dataloader_examples_per_sec"]["2"] > 0
 
