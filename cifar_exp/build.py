@@ -1,17 +1,15 @@
-"""Config -> the parts of a run: augmentation, model, optimizer, schedule, EMA, lookahead,
-settings."""
+"""Config -> the parts of a run as one `Experiment`: augmentation, model, optimizer,
+schedule, EMA, lookahead, and the trainer's settings."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
 
-from cifar_exp.augment import Augmentation, build_augmentation
+from cifar_exp.augment import build_augmentation
 from cifar_exp.config import split_name
 from cifar_exp.data import CifarData
-from cifar_exp.distributed import current_world
+from cifar_exp.distributed import SINGLE, World
 from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import ConfigError
 from cifar_exp.lookahead import Lookahead
@@ -20,22 +18,11 @@ from cifar_exp.optim import build_optimizer
 from cifar_exp.optim.groups import parameter_groups
 from cifar_exp.schedules import build_schedule
 from cifar_exp.speed import resolve_amp, resolve_compile, resolve_cuda_graph
-from cifar_exp.train import TrainSettings
+from cifar_exp.train import Experiment, TrainSettings
 
 # Models that initialize from data (e.g. a whitening layer) see this many training images,
 # as airbench's whitening does: plenty for a 12 x 12 patch covariance.
 DATA_INIT_IMAGES = 5000
-
-
-@dataclass
-class Experiment:
-    augmentation: Augmentation
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    ema: WeightAverage | None
-    lookahead: Lookahead | None
-    settings: TrainSettings
 
 
 def resolve_device(name: str, job_number: int | None = None) -> torch.device:
@@ -62,8 +49,9 @@ def select_gpu(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def build_experiment(cfg: DictConfig, data: CifarData) -> Experiment:
-    """Build every part named by `cfg` for `data` (already on the training device)."""
+def build_experiment(cfg: DictConfig, data: CifarData, world: World = SINGLE) -> Experiment:
+    """Build every part named by `cfg` for `data` (already on the training device), to
+    train in `world` (one process, or the ranks of a data-parallel job)."""
     num_train = data.train_labels.numel()
     if cfg.batch_size > num_train:
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {num_train} training images")
@@ -86,19 +74,22 @@ def build_experiment(cfg: DictConfig, data: CifarData) -> Experiment:
                  if cfg.lookahead.every is not None else None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # shapes are static
-    return Experiment(augmentation, model, optimizer, scheduler, ema, lookahead,
-                      build_settings(cfg, device))
+    return Experiment(augmentation, model, optimizer, scheduler, ema=ema, lookahead=lookahead,
+                      settings=build_settings(cfg, device, world))
 
 
-def build_settings(cfg: DictConfig, device: torch.device) -> TrainSettings:
-    """The trainer's settings from `cfg`, with `auto` speed options resolved for `device`."""
+def build_settings(cfg: DictConfig, device: torch.device,
+                   world: World = SINGLE) -> TrainSettings:
+    """The trainer's settings from `cfg`, with `auto` speed options resolved for `device`
+    and `world`; only the main process shows a progress bar."""
     amp = resolve_amp(cfg.amp, device)
     compile_mode = resolve_compile(cfg.compile, device)
     cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device, amp, compile_mode,
                                     fused_optimizer=bool(cfg.optimizer.get("fused")),
-                                    data_parallel=current_world().distributed)
+                                    data_parallel=world.distributed)
     return TrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
                          log_every=cfg.log_every, eval_every=cfg.eval_every,
                          eval_batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
                          amp=amp, compile=compile_mode, cuda_graph=cuda_graph,
-                         label_smoothing=cfg.label_smoothing, tta=cfg.tta)
+                         label_smoothing=cfg.label_smoothing, tta=cfg.tta,
+                         progress=world.is_main)

@@ -1,9 +1,10 @@
 """Checkpoints: the whole state of a run at a step boundary, written atomically and read
 back without running any code from the file.
 
-A checkpoint holds the model, optimizer, scheduler, EMA and lookahead state, the loop's
-state (step, training generator, batch sampler, log window, training time, loss scaler),
-the global torch RNG states (CPU, and CUDA when it was used), the flattened config it was
+A checkpoint holds the state of each named part it is given (`states`: the model,
+optimizer and scheduler, and EMA and lookahead where a run has them), the loop's state
+(step, training generator, batch sampler, log window, training time, loss scaler), the
+global torch RNG states (CPU, and CUDA when it was used), the flattened config it was
 trained with, and whatever the tracker needs to continue its run (`tracking`: run id,
 points the store did not take yet). It knows nothing of MLflow or Hydra: the caller
 supplies both."""
@@ -21,17 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import CheckpointError, ConfigError
-from cifar_exp.lookahead import Lookahead
-from cifar_exp.train import LoopState
+from cifar_exp.train import OPTIONAL_PARTS, LoopState, Stateful
 
 log = logging.getLogger(__name__)
 
 RESUME_AUTO = "auto"  # resume=auto: continue if this job has a checkpoint, else start
-FORMAT = 1  # bumped when the layout of the saved dict changes
+# Bumped when the layout of the saved dict changes. 2: the parts' states by name under
+# `states`; 1 (read and upgraded) kept them as top-level keys, None for an absent part.
+FORMAT = 2
+FORMAT_1_PARTS = ("model", "optimizer", "scheduler", "ema", "lookahead")
 FILENAME = "checkpoint.pt"
 # Config keys that say where things live, not what is trained: they may differ between a
 # run and its resumption. Every other key must match, or the result would not be the run's.
@@ -79,11 +80,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as error:  # truncated, not a torch file, unreadable: all the same here
         raise CheckpointError(f"{path}: not a readable checkpoint "
                               f"({_one_line(error)}); resume from another file") from error
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+    found = state.get("format") if isinstance(state, dict) else type(state).__name__
+    if found == 1:
+        return _upgraded_from_format_1(state)
+    if found != FORMAT:
         raise CheckpointError(f"{path}: not a cifar_exp checkpoint of format {FORMAT} "
                               f"(found {found!r})")
     return state
+
+
+def _upgraded_from_format_1(state: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 checkpoint in the current layout: its top-level parts, absent ones (None,
+    or no key in files written before lookahead existed) left out, under `states`."""
+    parts = {name: state.pop(name, None) for name in FORMAT_1_PARTS}
+    return {**state, "format": FORMAT,
+            "states": {name: part for name, part in parts.items() if part is not None}}
 
 
 def find_checkpoint(resume: bool | str, default: Path) -> Path | None:
@@ -118,25 +129,18 @@ def check_config(state: Mapping[str, Any], config: Mapping[str, Any], path: Path
                           f"with the run's own overrides (its .hydra/overrides.yaml)")
 
 
-def restore(state: Mapping[str, Any], path: Path, model: nn.Module,
-            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-            ema: WeightAverage | None, lookahead: Lookahead | None = None) -> LoopState:
-    """Load the parts and the global RNG states from `state`; return the loop's state."""
-    for part, key, label, option in ((ema, "ema", "EMA", "ema.decay"),
-                                     (lookahead, "lookahead", "lookahead", "lookahead.every")):
-        saved = state.get(key)  # checkpoints from before lookahead existed have no entry
-        if (part is None) != (saved is None):
-            raise ConfigError(f"{path}: the checkpoint was trained "
-                              f"{'without' if saved is None else 'with'} {label}; resume "
-                              f"with the same {option}")
+def restore(state: Mapping[str, Any], path: Path, states: Mapping[str, Stateful]) -> LoopState:
+    """Load each named part of `states` and the global RNG states from `state`; return the
+    loop's state. The checkpoint must hold exactly the parts this config builds."""
+    saved = state["states"]
+    for name in sorted(saved.keys() ^ states.keys()):
+        label, option = OPTIONAL_PARTS.get(name, (name, name))
+        raise ConfigError(f"{path}: the checkpoint was trained "
+                          f"{'with' if name in saved else 'without'} {label}; resume "
+                          f"with the same {option}")
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        if lookahead is not None:
-            lookahead.load_state_dict(state["lookahead"])
+        for name, part in states.items():
+            part.load_state_dict(saved[name])
     except (RuntimeError, ValueError, KeyError) as error:
         raise ConfigError(f"{path} does not fit the model built from this config "
                           f"({_one_line(error)})") from error
@@ -152,22 +156,19 @@ class Checkpointer:
     write: it makes the tracker write its buffered points and returns what the tracker
     needs to continue the run, so the file never runs ahead of the store."""
 
-    def __init__(self, path: Path, every: int, model: nn.Module,
-                 optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, ema: WeightAverage | None,
+    def __init__(self, path: Path, every: int, states: Mapping[str, Stateful],
                  config: Mapping[str, Any],
-                 tracking_state: Callable[[], dict[str, Any]] = dict,
-                 lookahead: Lookahead | None = None) -> None:
+                 tracking_state: Callable[[], dict[str, Any]] = dict) -> None:
         self.path, self.every = path, every
-        self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
-        self.lookahead = lookahead
+        self.states = dict(states)
         self.config = dict(config)
         self.tracking_state = tracking_state
         self.seconds = 0.0  # spent writing checkpoints, for the log and the cost figures
 
     def save(self, loop: LoopState) -> None:
         start = time.perf_counter()  # the whole cost: checks, store flush and file write
-        if not self._weights_finite():
+        states = {name: part.state_dict() for name, part in self.states.items()}
+        if not _all_finite(states):
             log.warning("step %d, weights are not finite: checkpoint not written, %s keeps "
                         "the last good one", loop.step, self.path)
             return
@@ -176,11 +177,7 @@ class Checkpointer:
             "format": FORMAT,
             "step": loop.step,
             "config": self.config,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
+            "states": states,
             "rng": {"torch": torch.get_rng_state(),
                     # Only when CUDA is in use: asking would otherwise start a CUDA context.
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized()
@@ -192,9 +189,17 @@ class Checkpointer:
         self.seconds += seconds
         log.info("step %d, checkpoint saved to %s (%.3f s)", loop.step, self.path, seconds)
 
-    def _weights_finite(self) -> bool:
-        models = [self.model] + ([self.ema.model] if self.ema is not None else [])
-        return all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters())
+
+
+def _all_finite(state: object) -> bool:
+    """Whether every floating-point tensor in a nest of dicts and lists is finite."""
+    if isinstance(state, torch.Tensor):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, Mapping):
+        return all(_all_finite(value) for value in state.values())
+    if isinstance(state, list | tuple):
+        return all(_all_finite(value) for value in state)
+    return True
 
 
 def _unpickler_reason(error: pickle.UnpicklingError) -> str:

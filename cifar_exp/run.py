@@ -161,11 +161,9 @@ def train_job(cfg: DictConfig, device: torch.device,
                       cfg.data.manifest).to(device)
     if cfg.eval_images is not None:
         data = limit_test_set(data, cfg.eval_images)
-    experiment = build_experiment(cfg, data)
-    experiment.settings.progress &= world.is_main
-    parts = (experiment.model, experiment.optimizer, experiment.scheduler, experiment.ema)
-    loop_state = (checkpoint.restore(resumed.state, resumed.path, *parts,
-                                     experiment.lookahead) if resumed else None)
+    experiment = build_experiment(cfg, data, world)
+    loop_state = (checkpoint.restore(resumed.state, resumed.path, experiment.states())
+                  if resumed else None)
 
     tags = {"command": command_line(),
             "overrides": " ".join(task_overrides()),
@@ -200,22 +198,19 @@ def train_job(cfg: DictConfig, device: torch.device,
                 if HydraConfig.initialized():
                     tracker.log_text("\n".join(task_overrides()) + "\n", "overrides.txt")
             every = cfg.checkpoint.every or 0
-            checkpointer = checkpoint.Checkpointer(path, every, *parts, config,
-                                                   tracker.checkpoint_state,
-                                                   experiment.lookahead)
+            checkpointer = checkpoint.Checkpointer(path, every, experiment.states(), config,
+                                                   tracker.checkpoint_state)
             log.info("checkpoints to %s %s", path,
                      f"every {every} steps and at the end" if every else "at the end")
-            result = train(experiment.model, experiment.optimizer, experiment.scheduler,
-                           experiment.augmentation, data, experiment.settings, tracker,
-                           experiment.ema, checkpointer if world.is_main else None,
-                           loop_state, stop, world, experiment.lookahead)
+            result = train(experiment, data, tracker,
+                           checkpoints=checkpointer if world.is_main else None,
+                           resume=loop_state, stop=stop, world=world)
             tracker.log_state_dict(experiment.model, "weights.pt")
-            evaluated = experiment.model
             if experiment.ema is not None:
-                evaluated = experiment.ema.model
-                tracker.log_state_dict(evaluated, "ema_weights.pt")
+                tracker.log_state_dict(experiment.ema.model, "ema_weights.pt")
             if cfg.tracking.log_model:
-                tracker.log_model(evaluated, experiment.augmentation.eval(data.test_images[:8]))
+                tracker.log_model(experiment.evaluated,
+                                  experiment.augmentation.eval(data.test_images[:8]))
     except Stopped as stopped:
         if stopped.step is not None:
             stopped.hint = f"checkpoint {path}; continue with: {resume_command(path)}"

@@ -1,8 +1,10 @@
-"""The generic training loop: steps, periodic logging and evaluation, optional EMA and
-lookahead, checkpoints at step boundaries, and a stop on request (SIGINT/SIGTERM).
+"""The generic training loop over one parts object (an `Experiment`): steps, periodic
+logging and evaluation, optional EMA and lookahead, checkpoints at step boundaries, and a
+stop on request (SIGINT/SIGTERM).
 
-It knows nothing of Hydra or MLflow: it takes built parts, plain settings, a metric sink
-and, optionally, a checkpoint saver, the state to resume from and a stop request."""
+It knows nothing of Hydra or MLflow: it takes the built parts with their plain settings, a
+metric sink and, optionally, a checkpoint saver, the state to resume from, a stop request
+and the world of processes it trains in."""
 
 from __future__ import annotations
 
@@ -37,11 +39,18 @@ class MetricSink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
 
+class Stateful(Protocol):
+    """A part whose state a checkpoint saves and restores."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
 @dataclass
 class LoopState:
     """What the loop itself holds at a step boundary, beyond the state of the parts it is
-    given (model, optimizer, scheduler, EMA, lookahead): enough to continue exactly where
-    it stopped."""
+    given (`Experiment.states()`): enough to continue exactly where it stopped."""
 
     step: int  # the last step done
     generator: torch.Tensor  # the training generator: batch order and augmentation draws
@@ -88,6 +97,36 @@ class TrainSettings:
     progress: bool = True
 
 
+# The optional parts: how a message names each, and the config option that turns it on.
+OPTIONAL_PARTS = {"ema": ("EMA", "ema.decay"), "lookahead": ("lookahead", "lookahead.every")}
+
+
+@dataclass
+class Experiment:
+    """The built parts of a run as one object: what the loop trains and what a checkpoint
+    saves. EMA and lookahead are None when the config turns them off."""
+
+    augmentation: Augmentation
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    settings: TrainSettings
+    ema: WeightAverage | None = None
+    lookahead: Lookahead | None = None
+
+    def states(self) -> dict[str, Stateful]:
+        """The parts that carry state, by name, absent ones left out: model, optimizer,
+        scheduler, and ema and lookahead where present."""
+        parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                 "ema": self.ema, "lookahead": self.lookahead}
+        return {name: part for name, part in parts.items() if part is not None}
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model that is scored and logged: the EMA copy when there is one."""
+        return self.ema.model if self.ema is not None else self.model
+
+
 @dataclass
 class TrainResult:
     precision: float
@@ -96,13 +135,11 @@ class TrainResult:
     train_seconds: float
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer,
-          scheduler: torch.optim.lr_scheduler.LRScheduler, augmentation: Augmentation,
-          data: CifarData, settings: TrainSettings, sink: MetricSink,
-          ema: WeightAverage | None = None, checkpoints: CheckpointSaver | None = None,
-          resume: LoopState | None = None, stop: StopCheck | None = None,
-          world: World = SINGLE, lookahead: Lookahead | None = None) -> TrainResult:
-    """Train for `settings.steps` steps on `data` (already on the model's device).
+def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
+          checkpoints: CheckpointSaver | None = None, resume: LoopState | None = None,
+          stop: StopCheck | None = None, world: World = SINGLE) -> TrainResult:
+    """Train `experiment` for its `settings.steps` steps on `data` (already on the model's
+    device).
 
     With `resume` (and the parts already loaded from the same checkpoint) the loop goes on
     from the step after `resume.step`, exactly as if it had never stopped. `checkpoints`
@@ -113,12 +150,14 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
     logged loss is the global batch's, each rank evaluates its part of the test set (the
     sums are added over the ranks) and the caller gives only rank 0 a `checkpoints` saver
     and a real `sink`."""
+    settings, model, optimizer = experiment.settings, experiment.model, experiment.optimizer
+    augmentation, ema, lookahead = experiment.augmentation, experiment.ema, experiment.lookahead
     device = data.train_images.device
     generator = torch.Generator(device).manual_seed(settings.seed)
     sampler = EpochSampler(data.train_labels.numel(), settings.batch_size, generator, device)
     layout = memory_format(settings.channels_last)
     model.to(memory_format=layout)
-    evaluated = ema.model if ema is not None else model
+    evaluated = experiment.evaluated
     evaluated.to(memory_format=layout)
     model.train()
     training_step = TrainingStep(model, optimizer, device, settings.amp, settings.compile,
@@ -164,7 +203,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer,
             loss = training_step(inputs, labels, frozen_parameters(model, sampler.epoch))
             if world.distributed:
                 loss = mean_over_ranks(loss)
-            scheduler.step()
+            experiment.scheduler.step()
             if lookahead is not None:
                 lookahead.after_step(step, sampler.epoch, sampler.epoch_ended)
             if ema is not None:

@@ -28,12 +28,14 @@ from cifar_exp.train import LoopState
 from tests.test_config import options
 
 
-def make_parts(schedule: str = "constant", ema: bool = True):
+def make_parts(schedule: str = "constant", ema: bool = True) -> dict:
+    """The named states of a tf_cnn run: model, optimizer, scheduler and (with `ema`) EMA."""
     torch.manual_seed(0)
     model = build_model("tf_cnn", 10, 24)
     optimizer = build_optimizer("adam", model.parameters(), lr=1e-3)
     scheduler = build_schedule(schedule, optimizer, 100, 390.625)
-    return model, optimizer, scheduler, WeightAverage(model, 0.99) if ema else None
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    return {**parts, "ema": WeightAverage(model, 0.99)} if ema else parts
 
 
 def loop_state(step: int = 5) -> LoopState:
@@ -44,7 +46,9 @@ def loop_state(step: int = 5) -> LoopState:
                      train_seconds=1.5, scaler={}, precision=0.25, test_loss=2.0)
 
 
-def take_steps(model, optimizer, scheduler, ema, steps: int = 2) -> None:
+def take_steps(parts: dict, steps: int = 2) -> None:
+    model, optimizer, scheduler = parts["model"], parts["optimizer"], parts["scheduler"]
+    ema = parts.get("ema")
     for _ in range(steps):
         loss = model(torch.randn(4, 3, 24, 24)).square().mean()
         optimizer.zero_grad()
@@ -81,12 +85,12 @@ def test_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypat
 
 def test_checkpoint_round_trips_every_state(tmp_path):
     parts = make_parts("onecycle")
-    take_steps(*parts)
+    take_steps(parts)
     torch.manual_seed(42)
     rng = torch.get_rng_state()
     path = tmp_path / "sub" / "checkpoint.pt"
     tracking = {"run_id": "abc", "pending": [("loss", 2.0, 1000, 5)]}
-    saver = Checkpointer(path, 10, *parts, {"steps": 100, "seed": 0}, lambda: tracking)
+    saver = Checkpointer(path, 10, parts, {"steps": 100, "seed": 0}, lambda: tracking)
     saver.save(loop_state())
     state = load_checkpoint(path)
     assert state["format"] == FORMAT and state["step"] == 5
@@ -95,31 +99,33 @@ def test_checkpoint_round_trips_every_state(tmp_path):
 
     fresh = make_parts("onecycle")
     torch.manual_seed(7)
-    loop = restore(state, path, *fresh)
+    loop = restore(state, path, fresh)
     assert torch.equal(torch.get_rng_state(), rng)
     assert loop.step == 5 and loop.window["lrs"] == [1e-3] and loop.sampler["epoch"] == 2
     assert torch.equal(loop.generator, loop_state().generator)
-    for name, tensor in parts[0].state_dict().items():
-        assert torch.equal(fresh[0].state_dict()[name], tensor), name
-    for name, tensor in parts[3].model.state_dict().items():
-        assert torch.equal(fresh[3].model.state_dict()[name], tensor), name
-    assert fresh[3].updates == parts[3].updates == 2
-    assert fresh[2].state_dict() == parts[2].state_dict()
+    assert state["states"].keys() == {"model", "optimizer", "scheduler", "ema"}
+    for name, tensor in parts["model"].state_dict().items():
+        assert torch.equal(fresh["model"].state_dict()[name], tensor), name
+    for name, tensor in parts["ema"].model.state_dict().items():
+        assert torch.equal(fresh["ema"].model.state_dict()[name], tensor), name
+    assert fresh["ema"].updates == parts["ema"].updates == 2
+    assert fresh["scheduler"].state_dict() == parts["scheduler"].state_dict()
     # The optimizer goes on exactly: one more step from both lands on the same weights.
     torch.manual_seed(3)
-    take_steps(*parts, steps=1)
+    take_steps(parts, steps=1)
     torch.manual_seed(3)
-    take_steps(*fresh, steps=1)
-    for a, b in zip(parts[0].parameters(), fresh[0].parameters(), strict=True):
+    take_steps(fresh, steps=1)
+    for a, b in zip(parts["model"].parameters(), fresh["model"].parameters(), strict=True):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("schedule", options("schedule"))
 def test_every_schedule_state_loads_as_plain_data(tmp_path, schedule):
-    model, optimizer, scheduler, _ = make_parts(schedule, ema=False)
-    take_steps(model, optimizer, scheduler, None)
+    parts = make_parts(schedule, ema=False)
+    take_steps(parts)
+    scheduler = parts["scheduler"]
     atomic_save(scheduler.state_dict(), tmp_path / "s.pt")
-    fresh = make_parts(schedule, ema=False)[2]
+    fresh = make_parts(schedule, ema=False)["scheduler"]
     fresh.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert fresh.get_last_lr() == scheduler.get_last_lr()
 
@@ -127,10 +133,10 @@ def test_every_schedule_state_loads_as_plain_data(tmp_path, schedule):
 def test_non_finite_weights_never_replace_the_last_good_checkpoint(tmp_path, caplog):
     parts = make_parts()
     path = tmp_path / "checkpoint.pt"
-    saver = Checkpointer(path, 10, *parts, {})
+    saver = Checkpointer(path, 10, parts, {})
     saver.save(loop_state(step=10))
     with torch.no_grad():
-        next(parts[0].parameters())[0] = float("nan")
+        next(parts["model"].parameters())[0] = float("nan")
     saver.save(loop_state(step=20))
     assert load_checkpoint(path)["step"] == 10
     assert any("weights are not finite: checkpoint not written" in m for m in caplog.messages)
@@ -179,7 +185,7 @@ def test_unreadable_checkpoints_are_one_line(tmp_path):
         load_checkpoint(truncated)
     other = tmp_path / "other.pt"
     atomic_save({"weights": torch.zeros(1)}, other)
-    with pytest.raises(CheckpointError, match="not a cifar_exp checkpoint of format 1"):
+    with pytest.raises(CheckpointError, match=f"not a cifar_exp checkpoint of format {FORMAT}"):
         load_checkpoint(other)
 
 
@@ -220,16 +226,39 @@ def test_config_must_match_except_where_things_live(tmp_path):
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
     parts = make_parts()
     path = tmp_path / "checkpoint.pt"
-    Checkpointer(path, 10, *parts, {}).save(loop_state())
+    Checkpointer(path, 10, parts, {}).save(loop_state())
     state = load_checkpoint(path)
-    state["model"]["local4.weight"] = torch.zeros(100, 384)
+    state["states"]["model"]["local4.weight"] = torch.zeros(100, 384)
     with pytest.raises(ConfigError, match=r"checkpoint.pt does not fit the model built from "
                                           r"this config \(.*size mismatch for local4.weight"):
-        restore(state, path, *make_parts())
+        restore(state, path, make_parts())
     without_ema = make_parts(ema=False)
     with pytest.raises(ConfigError, match="trained with EMA; resume with the same ema.decay"):
-        restore(load_checkpoint(path), path, *without_ema)
-    with_lookahead = Lookahead(parts[0], 5, 0.95, 100)
+        restore(load_checkpoint(path), path, without_ema)
+    averaged = {**make_parts(), "lookahead": Lookahead(parts["model"], 5, 0.95, 100)}
     with pytest.raises(ConfigError, match="trained without lookahead; resume with the same "
                                           "lookahead.every"):
-        restore(load_checkpoint(path), path, *make_parts(), with_lookahead)
+        restore(load_checkpoint(path), path, averaged)
+
+
+@pytest.mark.parametrize("lookahead_key", [True, False])
+def test_a_format_1_checkpoint_is_read_in_the_current_layout(tmp_path, lookahead_key):
+    # Format 1 kept each part at the top level, None for an absent one; files written
+    # before lookahead existed have no lookahead key at all.
+    parts = make_parts(ema=False)
+    take_steps(parts)
+    path = tmp_path / "old.pt"
+    Checkpointer(path, 10, parts, {"steps": 100}).save(loop_state())
+    state = torch.load(path, weights_only=True)
+    old = {key: value for key, value in state.items() if key != "states"}
+    old.update(format=1, ema=None, **state["states"])
+    if lookahead_key:
+        old["lookahead"] = None
+    atomic_save(old, path)
+    upgraded = load_checkpoint(path)
+    assert upgraded["format"] == FORMAT
+    assert upgraded["states"].keys() == {"model", "optimizer", "scheduler"}
+    fresh = make_parts(ema=False)
+    assert restore(upgraded, path, fresh).step == 5
+    for name, tensor in parts["model"].state_dict().items():
+        assert torch.equal(fresh["model"].state_dict()[name], tensor), name

@@ -61,7 +61,7 @@ def finished_job(folder: Path) -> tuple[list, dict[str, torch.Tensor], list[Path
     runs = client.search_runs([client.get_experiment_by_name("cifar_exp").experiment_id])
     outputs = sorted(folder.glob("outputs/*/*"))
     [checkpoint] = folder.glob("outputs/*/*/checkpoint.pt")
-    weights = torch.load(checkpoint, weights_only=True)["model"]
+    weights = torch.load(checkpoint, weights_only=True)["states"]["model"]
     return runs, weights, outputs
 
 
@@ -140,7 +140,7 @@ def test_killed_two_process_job_resumes_to_the_uninterrupted_weights(tmp_path, d
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [
         10, 20, 30]
-    resumed = torch.load(checkpoint, weights_only=True)["model"]
+    resumed = torch.load(checkpoint, weights_only=True)["states"]["model"]
     for name, weight in torch.load(whole / "run" / "checkpoint.pt",
-                                   weights_only=True)["model"].items():
+                                   weights_only=True)["states"]["model"].items():
         torch.testing.assert_close(resumed[name], weight, rtol=0, atol=0)

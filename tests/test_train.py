@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from cifar_exp.augment import Augmentation, build_augmentation
+from cifar_exp.augment import build_augmentation
 from cifar_exp.checkpoint import Checkpointer, load_checkpoint, restore
 from cifar_exp.data import CifarData
 from cifar_exp.ema import WeightAverage
@@ -20,7 +19,7 @@ from cifar_exp.lookahead import Lookahead
 from cifar_exp.models import build_model
 from cifar_exp.optim import build_optimizer
 from cifar_exp.schedules import build_schedule
-from cifar_exp.train import LoopState, TrainResult, TrainSettings, train
+from cifar_exp.train import Experiment, LoopState, TrainResult, TrainSettings, train
 
 
 class ListSink:
@@ -43,28 +42,18 @@ def slice_data(cifar10) -> CifarData:
                      cifar10.test_images[:300], cifar10.test_labels[:300], cifar10.classes)
 
 
-@dataclass
-class Parts:
-    augmentation: Augmentation
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    ema: WeightAverage | None
-    lookahead: Lookahead | None = None
+def saved_by(parts: Experiment, path: Path, every: int = 0) -> Checkpointer:
+    return Checkpointer(path, every, parts.states(), {"steps": 1})
 
-    def saved_by(self, path: Path, every: int = 0) -> Checkpointer:
-        return Checkpointer(path, every, self.model, self.optimizer, self.scheduler, self.ema,
-                            {"steps": 1}, lookahead=self.lookahead)
 
-    def restore(self, path: Path) -> LoopState:
-        return restore(load_checkpoint(path), path, self.model, self.optimizer,
-                       self.scheduler, self.ema, self.lookahead)
+def restored(parts: Experiment, path: Path) -> LoopState:
+    return restore(load_checkpoint(path), path, parts.states())
 
 
 def build_parts(data: CifarData, settings: TrainSettings, ema_decay: float | None = None,
                 schedule: str = "constant",
                 optimizer: tuple[str, dict] = ("adam", {"lr": 1e-3}),
-                lookahead_every: int | None = None) -> Parts:
+                lookahead_every: int | None = None) -> Experiment:
     torch.manual_seed(0)
     augmentation = build_augmentation("tf_distort", data.train_images)
     model = build_model("tf_cnn", 10, augmentation.image_size)
@@ -77,22 +66,21 @@ def build_parts(data: CifarData, settings: TrainSettings, ema_decay: float | Non
     lookahead = (Lookahead(model, lookahead_every, 0.95, settings.steps, start_epochs=1,
                            reset_each_epoch=True)
                  if lookahead_every is not None else None)
-    return Parts(augmentation, model, built_optimizer, scheduler, ema, lookahead)
+    return Experiment(augmentation, model, built_optimizer, scheduler, ema=ema,
+                      lookahead=lookahead, settings=settings)
 
 
-def train_parts(parts: Parts, data: CifarData, settings: TrainSettings,
-                sink: ListSink | None = None, **options) -> tuple[TrainResult, ListSink]:
+def train_parts(parts: Experiment, data: CifarData, sink: ListSink | None = None,
+                **options) -> tuple[TrainResult, ListSink]:
     sink = sink if sink is not None else ListSink()
-    result = train(parts.model, parts.optimizer, parts.scheduler, parts.augmentation, data,
-                   settings, sink, parts.ema, lookahead=parts.lookahead, **options)
-    return result, sink
+    return train(parts, data, sink, **options), sink
 
 
 def run(data: CifarData, settings: TrainSettings, ema_decay: float | None = None,
         schedule: str = "constant", optimizer: tuple[str, dict] = ("adam", {"lr": 1e-3}),
         sink: ListSink | None = None):
     parts = build_parts(data, settings, ema_decay, schedule, optimizer)
-    result, sink = train_parts(parts, data, settings, sink)
+    result, sink = train_parts(parts, data, sink)
     return result, sink, parts.model, parts.ema
 
 
@@ -153,7 +141,7 @@ def test_lookahead_leaves_the_weights_at_its_average(slice_data):
             average_at_10.update({k: v.clone() for k, v in parts.model.state_dict().items()})
 
     parts.lookahead.after_step = note_average
-    result, _ = train_parts(parts, slice_data, settings)
+    result, _ = train_parts(parts, slice_data)
     assert calls == [(step, (step - 1) // 8, step == 8) for step in range(1, 13)]
     for key, value in parts.model.state_dict().items():
         if value.is_floating_point():
@@ -223,26 +211,27 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(slice_data, tmp_pa
                              eval_batch_size=150, progress=False)
     options = {"ema_decay": 0.99, "schedule": "onecycle", "lookahead_every": 5}
     whole = build_parts(slice_data, settings, **options)
-    whole_result, whole_sink = train_parts(whole, slice_data, settings)
+    whole_result, whole_sink = train_parts(whole, slice_data)
 
     path = tmp_path / "checkpoint.pt"
     first = build_parts(slice_data, settings, **options)
     first_sink = ListSink()
     with pytest.raises(Stopped) as stopped:
-        train_parts(first, slice_data, settings, first_sink,
-                    checkpoints=first.saved_by(path), stop=stop_after(11))
+        train_parts(first, slice_data, first_sink, checkpoints=saved_by(first, path),
+                    stop=stop_after(11))
     assert stopped.value.step == 11 and stopped.value.exit_code == 143
     assert load_checkpoint(path)["step"] == 11
 
     second = build_parts(slice_data, settings, **options)
     torch.manual_seed(123)  # the checkpoint restores the global RNG too
-    loop = second.restore(path)
+    loop = restored(second, path)
     assert loop.step == 11
-    result, second_sink = train_parts(second, slice_data, settings,
-                                      checkpoints=second.saved_by(path), resume=loop)
+    result, second_sink = train_parts(second, slice_data, checkpoints=saved_by(second, path),
+                                      resume=loop)
 
-    for name in ("model", "optimizer", "scheduler", "ema", "lookahead"):
-        assert_identical(getattr(second, name).state_dict(), getattr(whole, name).state_dict())
+    assert second.states().keys() == {"model", "optimizer", "scheduler", "ema", "lookahead"}
+    for name, part in second.states().items():
+        assert_identical(part.state_dict(), whole.states()[name].state_dict())
     assert result.precision == whole_result.precision
     # Every point is logged once, by one of the two jobs, with the uninterrupted values.
     for key in ("loss", "lr", "precision", "test_loss"):
@@ -259,8 +248,7 @@ def test_checkpoints_on_schedule_and_at_the_end(slice_data, tmp_path, caplog, ev
                              eval_batch_size=150, progress=False)
     parts = build_parts(slice_data, settings)
     with caplog.at_level("INFO", logger="cifar_exp.checkpoint"):
-        train_parts(parts, slice_data, settings,
-                    checkpoints=parts.saved_by(tmp_path / "c.pt", every=every))
+        train_parts(parts, slice_data, checkpoints=saved_by(parts, tmp_path / "c.pt", every))
     saved = [m.split(",")[0] for m in caplog.messages if "checkpoint saved" in m]
     assert saved == [f"step {step}" for step in saved_at]
 
@@ -274,11 +262,11 @@ def test_diverged_run_keeps_the_last_good_checkpoint(slice_data, tmp_path):
         parts.optimizer, lambda step: 1.0 if step < 10 else 1e8)
     path = tmp_path / "checkpoint.pt"
     with pytest.raises(NonFiniteLoss) as error:
-        train_parts(parts, slice_data, settings, checkpoints=parts.saved_by(path, every=5))
+        train_parts(parts, slice_data, checkpoints=saved_by(parts, path, every=5))
     assert error.value.step > 10
     kept = load_checkpoint(path)
     assert kept["step"] == 10
-    assert all(torch.isfinite(tensor).all() for tensor in kept["model"].values())
+    assert all(torch.isfinite(tensor).all() for tensor in kept["states"]["model"].values())
 
 
 class RecordingAugmentation:
@@ -305,7 +293,7 @@ def test_augmentation_sees_the_drawn_images_and_their_epoch(slice_data):
     scheduler = build_schedule("constant", optimizer, 10, 4)
     settings = TrainSettings(steps=10, batch_size=64, log_every=5, eval_every=10,
                              progress=False, label_smoothing=0.1, tta="flip")
-    train(model, optimizer, scheduler, augmentation, slice_data, settings, ListSink())
+    train(Experiment(augmentation, model, optimizer, scheduler, settings), slice_data, ListSink())
     assert [epoch for _, epoch in augmentation.calls] == [0] * 4 + [1] * 4 + [2] * 2
     for epoch in (0, 1):  # 256 images in batches of 64: each epoch draws every image once
         drawn = torch.cat([idx for idx, e in augmentation.calls if e == epoch])

@@ -34,20 +34,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from cifar_exp.build import (
-    Experiment,
-    build_experiment,
-    build_settings,
-    device_name,
-    resolve_device,
-)
+from cifar_exp.build import build_experiment, build_settings, device_name, resolve_device
 from cifar_exp.config import compose_config, validate
 from cifar_exp.data import CifarData, load_cifar
 from cifar_exp.step import TrainingStep, memory_format, synchronize
 from cifar_exp.tools.loader_baseline import ArrayDataset, endless_batches, per_image_transform
 from cifar_exp.tools.profiling import StepProfile, WindowProfiler
 from cifar_exp.tracking import RunTracker
-from cifar_exp.train import StopCheck, TrainResult, train
+from cifar_exp.train import Experiment, StopCheck, TrainResult, train
 
 
 def _timed_windows(one_step: Callable[[], object], device: torch.device, batch_size: int,
@@ -160,14 +154,13 @@ def _run_framework(cfg: DictConfig, data: CifarData, steps: int, store: str | No
     """The real training loop for `steps` steps, logging to the MLflow store `store` (None:
     tracking off); `stop` is its per-step stop check."""
     experiment = build_experiment(cfg, data)
-    settings = replace(experiment.settings, steps=steps, eval_every=steps, progress=False)
+    experiment.settings = replace(experiment.settings, steps=steps, eval_every=steps,
+                                  progress=False)
     # The closing evaluation is not timed; one batch of test images keeps it short.
     data = data.first_test_images(cfg.eval_batch_size)
     with RunTracker(store, "bench", "bench") if store else nullcontext() as tracker:
         recorder = _RateRecorder(tracker)
-        result = train(experiment.model, experiment.optimizer, experiment.scheduler,
-                       experiment.augmentation, data, settings, recorder, experiment.ema,
-                       stop=stop, lookahead=experiment.lookahead)
+        result = train(experiment, data, recorder, stop=stop)
         if tracker is not None:
             start = time.perf_counter()
             tracker.flush()
