@@ -22,6 +22,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # The data folder when none is configured: $CIFAR_EXP_DATA, else ./data.
 DATA_ROOT_ENV = "CIFAR_EXP_DATA"
 DEFAULT_DATA_ROOT = "./data"
+# Groups whose entry in the defaults list is `null`: `+group=option` (the form a group
+# missing from the defaults needs) is taken as `group=option`, which Hydra requires here.
+NULL_DEFAULT_GROUPS = ("experiment", "hparams_search", "debug")
 # Keys that were renamed: old name -> new name. `precision` names the accuracy metric; the
 # numeric format of the step is `amp`.
 RENAMED_KEYS = {"precision": "amp"}
@@ -59,6 +62,7 @@ class TrackingConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = True  # false: none is written, e.g. for quick checks (debug=quick)
     every: int | None = 1000  # steps between checkpoints; 0 or null: only at the end
     path: str | None = None  # null: checkpoint.pt in the run's Hydra output folder
 
@@ -110,15 +114,20 @@ def register_schema() -> None:
 
 
 def command_overrides(overrides: Sequence[str]) -> list[str]:
-    """Command-line arguments as Hydra should see them: a key that was renamed is refused
-    with its new name, before Hydra would call it merely unknown."""
+    """Command-line arguments as Hydra should see them: `+experiment=fast94` as
+    `experiment=fast94` (both forms work), and a key that was renamed refused with its new
+    name, before Hydra would call it merely unknown."""
+    accepted = []
     for override in overrides:
         key, _, value = override.partition("=")
         new_key = RENAMED_KEYS.get(key.lstrip("+~"))
         if new_key is not None:
             raise ConfigError(f"{override}: `{key.lstrip('+~')}` was renamed to `{new_key}`; "
                               f"write {new_key}={value}")
-    return list(overrides)
+        if key.startswith("+") and key[1:] in NULL_DEFAULT_GROUPS:
+            override = override[1:]
+        accepted.append(override)
+    return accepted
 
 
 def compose_config(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConfig:

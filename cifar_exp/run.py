@@ -154,7 +154,7 @@ def train_job(cfg: DictConfig, device: torch.device,
     folder = distributed.from_main(output_dir()) if world.distributed else output_dir()
     resumed = load_resumed(cfg, config, folder)
     path = checkpoint_path(cfg, resumed.path if resumed else None, folder)
-    if resumed is None and path.exists():
+    if resumed is None and cfg.checkpoint.enabled and path.exists():
         raise CheckpointError(f"{path} exists: resume=true continues that run; to start "
                               f"afresh remove it or choose another hydra.run.dir")
     data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.verify,
@@ -197,11 +197,16 @@ def train_job(cfg: DictConfig, device: torch.device,
                 tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
                 if HydraConfig.initialized():
                     tracker.log_text("\n".join(task_overrides()) + "\n", "overrides.txt")
-            every = cfg.checkpoint.every or 0
-            checkpointer = checkpoint.Checkpointer(path, every, experiment.states(), config,
-                                                   tracker.checkpoint_state)
-            log.info("checkpoints to %s %s", path,
-                     f"every {every} steps and at the end" if every else "at the end")
+            checkpointer = None
+            if cfg.checkpoint.enabled:
+                every = cfg.checkpoint.every or 0
+                checkpointer = checkpoint.Checkpointer(path, every, experiment.states(),
+                                                       config, tracker.checkpoint_state)
+                log.info("checkpoints to %s %s", path,
+                         f"every {every} steps and at the end" if every else "at the end")
+            else:
+                log.info("no checkpoints (checkpoint.enabled=false): a stopped run cannot be "
+                         "resumed")
             result = train(experiment, data, tracker,
                            checkpoints=checkpointer if world.is_main else None,
                            resume=loop_state, stop=stop, world=world)
@@ -213,11 +218,13 @@ def train_job(cfg: DictConfig, device: torch.device,
                                   experiment.augmentation.eval(data.test_images[:8]))
     except Stopped as stopped:
         if stopped.step is not None:
-            stopped.hint = f"checkpoint {path}; continue with: {resume_command(path)}"
+            stopped.hint = (f"checkpoint {path}; continue with: {resume_command(path)}"
+                            if cfg.checkpoint.enabled
+                            else "no checkpoint was written (checkpoint.enabled=false)")
         raise
     log.info("final precision @ 1 = %.4f (%.0f examples/sec, %.1f s training, %.1f s "
              "writing checkpoints)", result.precision, result.examples_per_sec,
-             result.train_seconds, checkpointer.seconds)
+             result.train_seconds, checkpointer.seconds if checkpointer else 0.0)
     return result
 
 

@@ -81,6 +81,32 @@ def test_every_experiment_recipe_composes_and_builds(option, small_data):
     assert experiment.settings.steps == cfg.steps
 
 
+@pytest.mark.parametrize("option", options("experiment"))
+def test_a_recipe_is_named_with_or_without_a_plus(option):
+    assert compose_config([f"experiment={option}"]) == compose_config([f"+experiment={option}"])
+
+
+def test_debug_quick_shortens_any_command():
+    for recipe in ([], ["experiment=fast94"]):
+        full, quick = compose_config(recipe), compose_config([*recipe, "debug=quick"])
+        assert (quick.steps, quick.log_every, quick.eval_images) == (20, 5, 500)
+        assert not quick.tracking.log_model and not quick.checkpoint.enabled
+        assert quick.model == full.model and quick.batch_size == full.batch_size
+
+
+@pytest.mark.parametrize("option", options("debug"))
+def test_every_debug_option_composes_and_builds(option, small_data):
+    cfg = compose_config([f"debug={option}"])
+    validate(cfg)
+    assert build_experiment(cfg, small_data).settings.steps == cfg.steps
+
+
+def test_data_options_take_the_schemas_defaults():
+    cfg = compose_config(["data=cifar100"])
+    assert cfg.data.name == "cifar100" and cfg.data.root == compose_config().data.root
+    assert cfg.data.download is False and cfg.data.manifest is None
+
+
 def test_sgd_decay_recipe_is_the_tutorials():
     cfg = compose_config(["+experiment=tf_tutorial_sgd_decay"])
     assert cfg.steps == 100_000 and cfg.optimizer.name == "sgd" and cfg.ema.decay == 0.9999

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from cifar_exp import run as run_module
@@ -81,6 +82,29 @@ def test_twenty_step_run_logs_everything(tmp_path, data_root):
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert [m.name for m in logged] == ["model"]
     assert not (tmp_path / "mlruns").exists()  # artifacts go to mlartifacts/ beside the db
+
+
+def test_a_recipe_and_debug_quick_compose_from_the_command_line(tmp_path, data_root):
+    result = cli(tmp_path, "experiment=fast94", "debug=quick", "--cfg", "job",
+                 data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = yaml.safe_load(result.stdout)
+    assert job["model"]["name"] == "airbench" and job["batch_size"] == 1024
+    assert job["steps"] == 20 and job["eval_images"] == 500
+    assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
+
+
+def test_debug_quick_runs_without_a_checkpoint_or_a_logged_model(tmp_path, data_root):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = cli(tmp_path, "debug=quick", f"tracking.uri={store}",
+                 f"hydra.run.dir={tmp_path / 'run'}", data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run] = runs_in(store)
+    assert run.info.status == "FINISHED" and run.data.params["eval_images"] == "500"
+    client = MlflowClient(store)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10, 15, 20]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert client.search_logged_models(experiment_ids=[run.info.experiment_id]) == []
 
 
 def test_task_function_returns_the_final_precision(tmp_path, data_root):
@@ -305,3 +329,18 @@ def test_malicious_checkpoint_is_refused_before_any_work(tmp_path, data_root):
         f"module posix is blocked.); a cifar_exp checkpoint holds only tensors and plain "
         f"values, so this file is not one: do not trust it")
     assert not marker.exists()
+
+
+def test_a_stopped_run_without_checkpoints_says_there_is_none(tmp_path, data_root):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process, output = start(tmp_path, "debug=quick", "steps=400", f"tracking.uri={store}",
+                            f"hydra.run.dir={tmp_path / 'run'}", data_root=data_root)
+    wait_for(lambda: "step 10, loss = " in output.read_text(), process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 143
+    last_line = output.read_text().strip().splitlines()[-1]
+    assert re.fullmatch(r"stopped by SIGTERM at step \d+; the MLflow run is marked KILLED; no "
+                        r"checkpoint was written \(checkpoint.enabled=false\)", last_line)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    [run] = runs_in(store)
+    assert run.info.status == "KILLED"
