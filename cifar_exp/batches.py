@@ -8,14 +8,12 @@ import torch
 
 
 class EpochSampler:
-    """Yields index tensors of `batch_size`, walking a fresh random permutation of the
-    training set each epoch; the last partial batch of an epoch is dropped so every step
-    has the same shape."""
+    """Yields index tensors of `batch_size` (at most `num_items`: build_experiment refuses a
+    larger batch), walking a fresh random permutation of the training set each epoch; the
+    last partial batch of an epoch is dropped so every step has the same shape."""
 
     def __init__(self, num_items: int, batch_size: int, generator: torch.Generator,
                  device: torch.device) -> None:
-        if batch_size > num_items:
-            raise ValueError(f"batch_size {batch_size} exceeds the {num_items} training images")
         self.num_items, self.batch_size = num_items, batch_size
         self.generator, self.device = generator, device
         self.epoch = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,8 +35,29 @@ T = TypeVar("T")
 
 
 def command_line() -> str:
-    """The command as the user typed it, for the runs' `command` tag."""
+    """The command as the user typed it, for the runs' `command` tag: `python -m
+    cifar_exp.run ARGS`, or under torchrun the torchrun command that started this rank."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun for the processes it starts
+        launcher = torchrun_arguments(os.getppid())
+        if launcher is None:  # its process unreadable: the part torchrun must have had
+            launcher = [f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}", "-m",
+                        "cifar_exp.run", *sys.argv[1:]]
+        return " ".join(["torchrun", *launcher])
     return " ".join(["python -m cifar_exp.run", *sys.argv[1:]])
+
+
+def torchrun_arguments(pid: int) -> list[str] | None:
+    """The arguments of the torchrun (or `python -m torch.distributed.run`) process `pid`,
+    read from /proc; None where that cannot be read or `pid` is not torchrun."""
+    try:
+        argv = [arg.decode() for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return None
+    for index, arg in enumerate(argv):
+        if Path(arg).name == "torchrun" or (arg == "torch.distributed.run"
+                                            and argv[index - 1] == "-m"):
+            return [arg for arg in argv[index + 1:] if arg]
+    return None
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fast recipes on one GPU, in one call sized for one H100 (a few minutes), nothing
 # from the network:
-#   1. +experiment=fast94 for each seed in SEEDS (default 0 1 2 3 4);
+#   1. experiment=fast94 for each seed in SEEDS (default 0 1 2 3 4);
 #   2. each recipe in OTHERS (default "fast96 resnet18") for each seed in OTHER_SEEDS
 #      (default 0; "0 1 2 3 4" for 5 seeds each: about 10 minutes for both on an H200,
 #      estimated from one seed's training times and start-up);
@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1
 run() {  # run RECIPE SEED [overrides]
   local recipe=$1 seed=$2
   shift 2
-  "$python" -m cifar_exp.run +experiment="$recipe" seed="$seed" \
+  "$python" -m cifar_exp.run experiment="$recipe" seed="$seed" \
     tracking.uri="sqlite:///$out/mlflow.db" hydra.run.dir="$out/hydra/${recipe}_$seed" "$@" \
     2>&1 | tee "$out/${recipe}_$seed.log"
 }

@@ -71,6 +71,17 @@ def cifar10(data_root: Path) -> CifarData:
     return load_cifar("cifar10", data_root)
 
 
+class MkdirPayload:
+    """What an attacker would pickle: unpickling it calls os.mkdir(marker). A loader that
+    refuses it leaves `marker` absent; one that runs code from the file creates it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
 def synthetic_images(count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, 3, 32, 32), dtype=np.uint8)
 

@@ -43,11 +43,6 @@ def test_same_seed_same_batches():
         assert torch.equal(a.next(), b.next())
 
 
-def test_batch_larger_than_the_data_is_refused():
-    with pytest.raises(ValueError, match="batch_size 11 exceeds the 10 training images"):
-        make(10, 11)
-
-
 def test_state_continues_the_walk_across_epochs():
     walked = make(50, 8, seed=3)
     for _ in range(7):  # into the second epoch

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from cifar_exp.models import build_model
 from cifar_exp.optim import build_optimizer
 from cifar_exp.schedules import build_schedule
 from cifar_exp.train import LoopState
+from tests.conftest import MkdirPayload
 from tests.test_config import options
 
 
@@ -142,20 +142,12 @@ def test_non_finite_weights_never_replace_the_last_good_checkpoint(tmp_path, cap
     assert any("weights are not finite: checkpoint not written" in m for m in caplog.messages)
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (str(self.marker),))
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("writer", ["torch.save", "pickle protocol 2", "pickle protocol 5"])
 def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, writer):
     marker = tmp_path / "payload-ran"
     path = tmp_path / "checkpoint.pt"
-    content = {"format": FORMAT, "step": 1, "model": _Payload(marker)}
+    content = {"format": FORMAT, "step": 1, "model": MkdirPayload(marker)}
     if writer == "torch.save":
         torch.save(content, path)
     else:

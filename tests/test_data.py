@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torchvision.datasets
 from cifar_exp import checksums
 from cifar_exp.data import data_files, load_cifar, main
 from cifar_exp.errors import DataError
-from tests.conftest import synthetic_images, write_binary_batch, write_pickle
+from tests.conftest import MkdirPayload, synthetic_images, write_binary_batch, write_pickle
 
 
 def test_real_cifar10_loads_whole(cifar10):
@@ -114,18 +113,10 @@ def test_python_file_that_is_not_cifar_is_named(tiny_cifar10_python):
         load_cifar("cifar10", tiny_cifar10_python)
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (str(self.marker),))
-
-
 def test_malicious_pickle_is_refused_and_never_runs(tiny_cifar10_python, tmp_path):
     marker = tmp_path / "payload-ran"
     broken = tiny_cifar10_python / "cifar-10-batches-py" / "data_batch_1"
-    broken.write_bytes(pickle.dumps({b"data": _Payload(marker), b"labels": [0]}))
+    broken.write_bytes(pickle.dumps({b"data": MkdirPayload(marker), b"labels": [0]}))
     with pytest.raises(DataError, match="refused to load posix.mkdir"):
         load_cifar("cifar10", tiny_cifar10_python)
     assert not marker.exists()

@@ -82,6 +82,8 @@ def test_two_processes_train_as_one_does(tmp_path, data_root):
     assert len(ddp_runs) == 1 and len(ddp_outputs) == 1
     [single], [ddp] = single_runs, ddp_runs
     assert ddp.info.status == "FINISHED" and ddp.data.tags["processes"] == "2"
+    assert ddp.data.tags["command"] == ("torchrun --standalone --nproc_per_node=2 -m "
+                                        f"cifar_exp.run {' '.join(args)}")
     assert ddp.data.metrics["loss"] == pytest.approx(single.data.metrics["loss"], rel=1e-5)
     assert ddp.data.metrics["precision"] == pytest.approx(single.data.metrics["precision"],
                                                           abs=2e-3)
