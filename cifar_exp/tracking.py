@@ -296,9 +296,10 @@ class RunTracker:
             mlflow.log_artifact(str(path))
 
     def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
-        """Log `model` as the MLflow PyTorch model 'model', taking preprocessed images.
-        The example holds several images: a batch of one would pin the exported model to
-        batch size 1."""
+        """Log `model` as the MLflow PyTorch model 'model', taking preprocessed images,
+        exported with torch.export (`data/model.pt2`: a program and its weights, not a
+        pickle). The example holds several images: a batch of one would pin the exported
+        model to batch size 1."""
         # A contiguous CPU copy: the logged model loads on any machine.
         model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
         example = example.cpu().float()
@@ -311,6 +312,7 @@ class RunTracker:
             signature=infer_signature(inputs, output),
             input_example=inputs,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            serialization_format="pt2",  # MLflow's default, except on Databricks
         )
 
 

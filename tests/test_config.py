@@ -32,7 +32,7 @@ def small_data(cifar10) -> CifarData:
                      cifar10.test_images[:64], cifar10.test_labels[:64], cifar10.classes)
 
 
-def test_defaults_are_the_seed_experiment():
+def test_defaults_are_the_tf_tutorial_run():
     cfg = compose_config()
     assert cfg.model.name == "tf_cnn" and cfg.optimizer.name == "adam"
     assert cfg.optimizer.lr == 1e-3 and cfg.batch_size == 128 and cfg.steps == 3000

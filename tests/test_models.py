@@ -1,4 +1,4 @@
-"""The model registry, the seed's CNN and the fast models (airbench, ResNet-9, ResNet-18)."""
+"""The model registry, the TF tutorial's CNN and the fast models (airbench, ResNet-9, ResNet-18)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from cifar_exp.optim.groups import parameter_groups
 from cifar_exp.step import TrainingStep
 
 
-def test_tf_cnn_has_the_seed_parameter_count():
+def test_tf_cnn_has_the_tutorials_parameter_count():
     model = build_model("tf_cnn", 10, 24)
     assert sum(p.numel() for p in model.parameters()) == 1_068_298
 
@@ -41,7 +41,7 @@ def test_tf_cnn_shapes():
     assert big.local3.in_features == 8 * 8 * 64
 
 
-def test_tf_cnn_initialisation_follows_the_seed():
+def test_tf_cnn_initialisation_follows_the_tutorial():
     torch.manual_seed(0)
     model = build_model("tf_cnn", 10, 24)
     expected = {"conv1": (5e-2, 0.0), "conv2": (5e-2, 0.1), "local3": (0.04, 0.1),
@@ -85,7 +85,7 @@ def test_fast_models_parameter_counts_and_shapes(name, count):
     model = build_model(name, 10, 32)
     assert sum(p.numel() for p in model.parameters()) == count
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
-    # CIFAR-100, and the seed's 24x24 crops, work too (global pooling before the head).
+    # CIFAR-100, and the TF tutorial's 24x24 crops, work too (global pooling before the head).
     assert build_model(name, 100, 24)(torch.randn(2, 3, 24, 24)).shape == (2, 100)
 
 

@@ -18,7 +18,7 @@ def test_registered_optimizers():
     assert {"adam", "adamw", "sgd"} <= set(OPTIMIZERS.names())
 
 
-def test_adam_defaults_are_the_seeds():
+def test_adam_defaults_are_the_tutorials():
     optimizer = build_optimizer("adam", params())
     group = optimizer.param_groups[0]
     assert isinstance(optimizer, torch.optim.Adam)

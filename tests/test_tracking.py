@@ -122,6 +122,11 @@ def test_logged_model_serves_any_batch_size(store, tmp_path):
     logged = client.search_logged_models(
         experiment_ids=[client.get_experiment_by_name("unit").experiment_id])
     assert [m.name for m in logged if m.source_run_id == run.run_id] == ["model"]
+    # Exported with torch.export (a .pt2 program), not pickled.
+    model_folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.run_id}/model",
+                                                            dst_path=str(tmp_path / "m")))
+    assert [p.name for p in (model_folder / "data").iterdir() if p.suffix == ".pt2"] == [
+        "model.pt2"]
     loaded = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model")
     batch = torch.randn(3, 3, 24, 24)
     with torch.no_grad():

@@ -151,7 +151,7 @@ def test_lookahead_leaves_the_weights_at_its_average(slice_data):
                     settings.eval_batch_size, torch.channels_last)[0] == result.precision
 
 
-def test_console_line_matches_the_seed(slice_data, caplog):
+def test_console_line_matches_the_tutorials(slice_data, caplog):
     settings = TrainSettings(steps=10, batch_size=32, log_every=10, eval_every=10,
                              progress=False)
     with caplog.at_level("INFO", logger="cifar_exp.train"):

@@ -1,4 +1,5 @@
-"""The seed's distortions: random crop, flip, brightness, contrast, per-image standardization."""
+"""The TF tutorial's distortions: random crop, flip, brightness, contrast, per-image
+standardization."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ def build_model(name: str, num_classes: int, image_size: int, **options: Any) ->
 
 
 def regularization_loss(model: nn.Module) -> torch.Tensor | float:
-    """The model's own penalty term (e.g. the seed's L2 on two layers), or 0 if it has none."""
+    """The model's own penalty term (e.g. the TF tutorial's L2 on two layers), or 0 if it
+    has none."""
     penalty = getattr(model, "regularization_loss", None)
     return penalty() if penalty is not None else 0.0
 

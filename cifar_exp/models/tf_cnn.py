@@ -1,4 +1,4 @@
-"""The TensorFlow CIFAR-10 tutorial's CNN (cuda-convnet style), initialised as the seed does."""
+"""The TensorFlow CIFAR-10 tutorial's CNN (cuda-convnet style), initialised as the tutorial does."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ class TfCnn(nn.Module):
         return self.logits(x)
 
     def regularization_loss(self) -> torch.Tensor:
-        """The seed's weight decay: wd * sum(w^2) / 2 on the local3 and local4 weights only."""
+        """The TF tutorial's weight decay: wd * sum(w^2) / 2 on the local3 and local4 weights
+        only."""
         # w * w: a third of the time of w.square() (a pow) with its gradient, on the CPU.
         local3, local4 = self.local3.weight, self.local4.weight
         squares = (local3 * local3).sum() + (local4 * local4).sum()
