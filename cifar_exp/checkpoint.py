@@ -15,15 +15,17 @@ import contextlib
 import logging
 import os
 import pickle
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cifar_exp.errors import CheckpointError, ConfigError
+from cifar_exp.errors import CheckpointError, ConfigError, one_line
 from cifar_exp.train import OPTIONAL_PARTS, LoopState, Stateful
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,6 @@ RESUME_AUTO = "auto"  # resume=auto: continue if this job has a checkpoint, else
 # `states`; 1 (read and upgraded) kept them as top-level keys, None for an absent part.
 FORMAT = 2
 FORMAT_1_PARTS = ("model", "optimizer", "scheduler", "ema", "lookahead")
-FILENAME = "checkpoint.pt"
 # Config keys that say where things live, not what is trained: they may differ between a
 # run and its resumption. Every other key must match, or the result would not be the run's.
 FREE_KEYS = ("resume", "checkpoint.", "tracking.", "data.root", "data.download",
@@ -71,7 +72,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = _unpickler_reason(error)
-        if "GLOBAL" in reason:  # the file names a function or class to call: code
+        if "code to call" in reason:
             raise CheckpointError(f"{path}: refused to load ({reason}); a cifar_exp checkpoint "
                                   f"holds only tensors and plain values, so this file is not "
                                   f"one: do not trust it") from error
@@ -79,20 +80,41 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                               f"another file") from error
     except Exception as error:  # truncated, not a torch file, unreadable: all the same here
         raise CheckpointError(f"{path}: not a readable checkpoint "
-                              f"({_one_line(error)}); resume from another file") from error
+                              f"({one_line(error)}); resume from another file") from error
     found = state.get("format") if isinstance(state, dict) else type(state).__name__
     if found == 1:
-        return _upgraded_from_format_1(state)
-    if found != FORMAT:
+        state = _upgraded_from_format_1(state)
+    elif found != FORMAT:
         raise CheckpointError(f"{path}: not a cifar_exp checkpoint of format {FORMAT} "
                               f"(found {found!r})")
+    _check_whole(state, path)
     return state
+
+
+def _check_whole(state: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint that lacks what resuming reads (a file cut down or made by hand)."""
+    expected = {"step": int, "config": dict, "states": dict, "rng": dict, "loop": dict,
+                "tracking": dict}
+    wrong = [key for key, kind in expected.items() if not isinstance(state.get(key), kind)]
+    if not wrong:
+        loop_fields = {field.name for field in fields(LoopState)}
+        wrong = [f"loop.{name}" for name in sorted(loop_fields ^ set(state["loop"]))]
+        wrong += [f"tracking.{name}" for name in ("run_id", "pending")
+                  if name not in state["tracking"]]
+        wrong += [f"rng.{name}" for name in ("torch", "cuda") if name not in state["rng"]]
+    if wrong:
+        raise CheckpointError(f"{path}: not a whole cifar_exp checkpoint (missing or wrong: "
+                              f"{', '.join(wrong[:5])}); resume from another file")
 
 
 def _upgraded_from_format_1(state: dict[str, Any]) -> dict[str, Any]:
     """A format-1 checkpoint in the current layout: its top-level parts, absent ones (None,
-    or no key in files written before lookahead existed) left out, under `states`."""
+    or no key in files written before lookahead existed) left out, under `states`; its log
+    window, which kept every loss of the window in one buffer, with no partial sums."""
     parts = {name: state.pop(name, None) for name in FORMAT_1_PARTS}
+    window = state.get("loop", {}).get("window")
+    if isinstance(window, dict):
+        window.update(sums=[], summed=0)
     return {**state, "format": FORMAT,
             "states": {name: part for name, part in parts.items() if part is not None}}
 
@@ -141,29 +163,65 @@ def restore(state: Mapping[str, Any], path: Path, states: Mapping[str, Stateful]
     try:
         for name, part in states.items():
             part.load_state_dict(saved[name])
-    except (RuntimeError, ValueError, KeyError) as error:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ConfigError(f"{path} does not fit the model built from this config "
-                          f"({_one_line(error)})") from error
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+                          f"({one_line(error)})") from error
+    try:
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    except (RuntimeError, TypeError) as error:
+        raise CheckpointError(f"{path}: its RNG state is damaged ({one_line(error)}); resume "
+                              f"from another file") from error
     return LoopState.from_dict(dict(state["loop"]))
+
+
+def check_loop(loop: LoopState, path: Path, num_items: int) -> None:
+    """Refuse a loop state that cannot go on over `num_items` training images (a file
+    edited by hand, or damaged), before any run is reopened."""
+    sampler, window = loop.sampler, loop.window
+    order = sampler.get("order")
+    checks = {
+        "generator": isinstance(loop.generator, torch.Tensor)
+        and loop.generator.dtype == torch.uint8,
+        "sampler.order": isinstance(order, torch.Tensor) and order.shape == (num_items,)
+        and not order.is_floating_point()
+        and torch.equal(order.sort().values, torch.arange(num_items)),
+        "sampler.position": isinstance(sampler.get("position"), int)
+        and 0 <= sampler["position"] <= num_items,
+        "sampler.epoch": isinstance(sampler.get("epoch"), int) and sampler["epoch"] >= 0,
+        "window": isinstance(window.get("losses"), torch.Tensor)
+        and isinstance(window.get("lrs"), list)
+        and window["losses"].shape == (len(window["lrs"]),)
+        and isinstance(window.get("sums"), list) and isinstance(window.get("summed"), int),
+    }
+    wrong = [name for name, fine in checks.items() if not fine]
+    if wrong:
+        raise CheckpointError(f"{path}: its loop state is damaged ({', '.join(wrong)}); resume "
+                              f"from another file")
 
 
 class Checkpointer:
     """Writes a run's checkpoint file every `every` steps (0: only at the end and when
     stopped), on the training loop's call. `tracking_state` is called just before each
     write: it makes the tracker write its buffered points and returns what the tracker
-    needs to continue the run, so the file never runs ahead of the store."""
+    needs to continue the run, so the file never runs ahead of the store.
+
+    A write that fails (a full disk, a folder gone) leaves the previous file whole and
+    training going on; `failures` and `saved_step` tell the caller what the file holds."""
 
     def __init__(self, path: Path, every: int, states: Mapping[str, Stateful],
                  config: Mapping[str, Any],
-                 tracking_state: Callable[[], dict[str, Any]] = dict) -> None:
+                 tracking_state: Callable[[], dict[str, Any]] = lambda: {"run_id": "",
+                                                                          "pending": []},
+                 saved_step: int | None = None) -> None:
         self.path, self.every = path, every
         self.states = dict(states)
         self.config = dict(config)
         self.tracking_state = tracking_state
         self.seconds = 0.0  # spent writing checkpoints, for the log and the cost figures
+        self.saved_step = saved_step  # the step the file holds (a resumed run's at first)
+        self.failures: list[tuple[int, str]] = []  # (step, why) of each write that failed
 
     def save(self, loop: LoopState) -> None:
         start = time.perf_counter()  # the whole cost: checks, store flush and file write
@@ -173,6 +231,21 @@ class Checkpointer:
                         "the last good one", loop.step, self.path)
             return
         tracking = self.tracking_state()  # first: the store gets every point up to this step
+        try:
+            self._write(loop, states, tracking)
+        except OSError as error:
+            self.failures.append((loop.step, error.strerror or one_line(error)))
+            log.warning("step %d, checkpoint not written to %s (%s): it still holds step %s; "
+                        "training goes on", loop.step, self.path,
+                        error.strerror or one_line(error), self.saved_step or "none")
+            return
+        self.saved_step = loop.step
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        log.info("step %d, checkpoint saved to %s (%.3f s)", loop.step, self.path, seconds)
+
+    def _write(self, loop: LoopState, states: dict[str, Any],
+               tracking: dict[str, Any]) -> None:
         atomic_save({
             "format": FORMAT,
             "step": loop.step,
@@ -185,10 +258,6 @@ class Checkpointer:
             "loop": loop.to_dict(),
             "tracking": tracking,
         }, self.path)
-        seconds = time.perf_counter() - start
-        self.seconds += seconds
-        log.info("step %d, checkpoint saved to %s (%.3f s)", loop.step, self.path, seconds)
-
 
 
 def _all_finite(state: object) -> bool:
@@ -203,14 +272,14 @@ def _all_finite(state: object) -> bool:
 
 
 def _unpickler_reason(error: pickle.UnpicklingError) -> str:
-    """The line of torch's weights-only refusal that says what was refused, without the
-    paragraphs around it (about torch.load's defaults and where to read more)."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    """What torch's weights-only unpickler refused, without its advice on how to load the
+    file anyway (weights_only=False, allow-listing): that advice is for trusted files."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if named:
+        return f"it names {named[1]}, code to call, which a checkpoint never holds"
+    advice = ("weights_only", "Weights only", "file an issue", "Check the documentation",
+              "allowlist", "safe_globals", "trusted source", "WeightsUnpickler error:")
     lines = [line.strip() for line in str(error).splitlines()]
-    specific = [line for line in lines if line and not line.startswith(boilerplate)]
-    return " ".join(specific) if specific else _one_line(error)
+    specific = [line for line in lines if line and not any(a in line for a in advice)]
+    return " ".join(specific) if specific else "its contents are not plain tensors and values"
 
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -25,6 +25,7 @@ KNOWN_MD5 = {
     "cifar-100-python/meta": "7973b15100ade9c7d40fb424638fde48",
 }
 WRITE_HINT = "python -m cifar_exp.data --write-manifest FILE"
+MAX_MANIFEST_BYTES = 1 << 20
 
 
 def md5(path: Path) -> str:
@@ -39,8 +40,16 @@ def read_manifest(path: Path) -> dict[str, str]:
     """{relative path: md5} from a manifest; blank lines and # comments are skipped."""
     if not path.is_file():
         raise DataError(f"data.manifest={path}: no such file; write one with {WRITE_HINT}")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:  # a few hundred bytes a data set
+        raise DataError(f"data.manifest={path}: {path.stat().st_size:,} bytes is not a "
+                        f"manifest; write one with {WRITE_HINT}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as error:
+        raise DataError(f"data.manifest={path}: not a text file of 'md5  path' lines; write "
+                        f"one with {WRITE_HINT}") from error
     expected: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         checksum, _, name = line.strip().partition(" ")

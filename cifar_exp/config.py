@@ -5,6 +5,7 @@ cifar_exp.speed, so validating a config builds no model and starts no process gr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +13,16 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cifar_exp.errors import ConfigError
 from cifar_exp.speed import check_amp, check_compile, check_cuda_graph, check_tta
 
 DEVICES = ("auto", "cpu", "cuda")
+# Groups whose options are their builder's keyword arguments (checked by the registry).
+BUILDER_GROUPS = ("model", "optimizer", "schedule", "augmentation")
+SEED_RANGE = (-(2**63), 2**64)  # what torch.manual_seed takes
+MAX_EXPERIMENT_NAME_LENGTH = 500  # MLflow's (mlflow.utils.validation)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # The data folder when none is configured: $CIFAR_EXP_DATA, else ./data.
 DATA_ROOT_ENV = "CIFAR_EXP_DATA"
@@ -99,6 +104,46 @@ class Config:
     eval_every: int = 1000
 
 
+# What a composed config may name for Hydra or logging to call: the project's own code,
+# Hydra and its plugins (launchers, sweepers), Optuna's samplers and pruners, and the
+# logging module's handlers and formatters. Anything else would run code from a file.
+TRUSTED_CALLABLES = ("cifar_exp.", "hydra.", "hydra_plugins.", "optuna.samplers.",
+                     "optuna.pruners.", "logging.")
+# The keys whose value is called: instantiate's, and logging.config's factories.
+CALLABLE_KEYS = ("_target_",)
+LOGGING_CALLABLE_KEYS = ("class", "()")
+
+
+def check_callables(cfg: DictConfig) -> None:
+    """Refuse a composed config (Hydra's node included) that names anything outside
+    TRUSTED_CALLABLES to be called: a callback, launcher, sweeper or log handler from a
+    config file must not run other code. Checked before Hydra instantiates any of them."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    for path, value in _callables(container, ""):
+        if not (isinstance(value, str) and value.startswith(TRUSTED_CALLABLES)):
+            raise ConfigError(
+                f"{path}={value} names code outside the project, Hydra, Optuna and logging "
+                f"({', '.join(prefix + '*' for prefix in TRUSTED_CALLABLES)}); a config "
+                f"file may not run other code: remove it")
+
+
+def _callables(node: object, path: str) -> list[tuple[str, object]]:
+    """(dotted key, value) of every key in `node` whose value gets called."""
+    found: list[tuple[str, object]] = []
+    if isinstance(node, dict):
+        in_logging = path.startswith(("hydra.job_logging", "hydra.hydra_logging"))
+        for key, value in node.items():
+            child = f"{path}.{key}" if path else str(key)
+            if key in CALLABLE_KEYS or (in_logging and key in LOGGING_CALLABLE_KEYS):
+                found.append((child, value))
+            else:
+                found += _callables(value, child)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _callables(value, f"{path}[{index}]")
+    return found
+
+
 def batch_scaled(value: float, reference: int, *, _root_: DictConfig) -> float:
     """`${batch_scaled:VALUE,REFERENCE}`: VALUE, given for batches of REFERENCE examples,
     scaled linearly to the run's `batch_size` (the linear scaling rule for lr and decay)."""
@@ -135,8 +180,13 @@ def compose_config(overrides: Sequence[str] = (), with_hydra: bool = False) -> D
     `with_hydra` keeps Hydra's own node (sweeper, launcher, callbacks)."""
     register_schema()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=command_overrides(overrides),
-                       return_hydra_config=with_hydra)
+        cfg = compose("config", overrides=command_overrides(overrides),
+                      return_hydra_config=True)
+    check_callables(cfg)
+    if not with_hydra:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
 
 
 def split_name(group: DictConfig) -> tuple[str, dict[str, Any]]:
@@ -151,6 +201,8 @@ def split_name(group: DictConfig) -> tuple[str, dict[str, Any]]:
 
 def validate(cfg: DictConfig) -> None:
     """Reject values that cannot work, before any data is read or run is opened."""
+    check_known_keys(cfg)
+    check_finite(OmegaConf.to_container(cfg, resolve=True))
     for key in ("steps", "batch_size", "eval_batch_size", "log_every", "eval_every"):
         if cfg[key] <= 0:
             raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
@@ -160,7 +212,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.device not in DEVICES:
         raise ConfigError(f"device={cfg.device} is unknown; use one of {', '.join(DEVICES)}")
     lr = cfg.optimizer.get("lr")
-    if lr is None or lr <= 0:
+    if lr is None or not lr > 0:
         raise ConfigError(f"optimizer.lr={lr} must be a positive number")
     check_amp(cfg.amp)
     check_compile(cfg.compile)
@@ -188,3 +240,43 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(resume, bool) and not (isinstance(resume, str) and resume):
         raise ConfigError(f"resume={resume} must be true, false, auto or the path of a "
                           f"checkpoint file")
+    if not SEED_RANGE[0] <= cfg.seed < SEED_RANGE[1]:
+        raise ConfigError(f"seed={cfg.seed} must lie in [-2**63, 2**64): torch's seeds are "
+                          f"64-bit integers")
+    check_experiment_name(cfg.tracking.experiment)
+
+
+def check_experiment_name(name: str) -> None:
+    """Refuse an experiment name MLflow would refuse."""
+    if not name.strip() or len(name) > MAX_EXPERIMENT_NAME_LENGTH:
+        raise ConfigError(f"tracking.experiment={name!r} must be a name of 1 to "
+                          f"{MAX_EXPERIMENT_NAME_LENGTH} characters (MLflow's limit)")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse keys the schema does not have (added with `+key=value`, which Hydra accepts
+    anywhere): they would be silently ignored. The options of the model, optimizer,
+    schedule and augmentation are checked against their builders instead."""
+    schema = OmegaConf.structured(Config)
+    for key in cfg:
+        if key not in schema:
+            raise ConfigError(f"{key} is not a config key (set with +{key}=...); the keys are "
+                              f"listed by python -m cifar_exp.run --cfg job")
+        section = schema[key]
+        if isinstance(section, DictConfig) and key not in BUILDER_GROUPS:
+            unknown = sorted(set(cfg[key]) - set(section))
+            if unknown:
+                raise ConfigError(f"{key}.{unknown[0]} is not a config key; the keys of "
+                                  f"{key} are {', '.join(section)}")
+
+
+def check_finite(config: object, path: str = "") -> None:
+    """Refuse nan and inf anywhere in the config: no option means either."""
+    if isinstance(config, float) and not math.isfinite(config):
+        raise ConfigError(f"{path}={config} is not a finite number")
+    if isinstance(config, dict):
+        for key, value in config.items():
+            check_finite(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(config, list):
+        for index, value in enumerate(config):
+            check_finite(value, f"{path}[{index}]")

@@ -191,9 +191,13 @@ def _require(path: Path, spec: CifarSpec) -> Path:
 
 
 def _check_labels(labels: np.ndarray, spec: CifarSpec, path: Path) -> None:
-    if labels.size and int(labels.max()) >= spec.num_classes:
+    """Every label a class index, 0..num_classes - 1 (a python-layout file's are signed)."""
+    if not labels.size:
+        return
+    bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+    if not 0 <= bad < spec.num_classes:
         raise DataError(
-            f"{path}: label {int(labels.max())} is out of range 0..{spec.num_classes - 1}; "
+            f"{path}: label {bad} is out of range 0..{spec.num_classes - 1}; "
             f"the file is corrupt or not {spec.title}"
         )
 
@@ -265,7 +269,11 @@ def _read_python_batch(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndar
             f"{path}: data is {data.dtype} {data.shape}, expected uint8 N x {IMAGE_BYTES}; "
             f"not a {spec.title} batch"
         )
-    labels = np.asarray(content[spec.python_label_key], dtype=np.int64)
+    try:
+        labels = np.asarray(content[spec.python_label_key], dtype=np.int64)
+    except (ValueError, TypeError, OverflowError) as error:
+        raise DataError(f"{path}: its labels are not whole numbers ({error}); the file is "
+                        f"corrupt or not {spec.title}") from error
     if labels.shape != (data.shape[0],):
         raise DataError(f"{path}: {labels.size} labels for {data.shape[0]} images")
     _check_labels(labels, spec, path)

@@ -28,6 +28,14 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, untrusted, or from another run."""
 
 
+class RecordFailure(Exception):
+    """Training ran, but writing its record did not fully succeed: the tracking store or
+    the checkpoint file failed. The message says what was kept and how to finish; the
+    command exits with EXIT_CODE."""
+
+    EXIT_CODE = 3
+
+
 class Stopped(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped training; `step` is the step boundary where it stopped
     (None: a second signal stopped it at once, without a checkpoint). A KeyboardInterrupt,
@@ -44,3 +52,10 @@ class Stopped(KeyboardInterrupt):
     def exit_code(self) -> int:
         """The shell's convention for a process ended by a signal: 130 SIGINT, 143 SIGTERM."""
         return 128 + self.signum
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters (SQLAlchemy's carry
+    the whole statement and its parameters; torch's several paragraphs)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -9,7 +9,7 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
-from cifar_exp.errors import ConfigError
+from cifar_exp.errors import ConfigError, one_line
 
 
 class Registry:
@@ -59,4 +59,10 @@ class Registry:
             raise ConfigError(
                 f"{self.kind} {name!r} has no option(s) {unknown}; its options are {known}"
             )
-        return builder(*args, **options)
+        try:
+            return builder(*args, **options)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as error:  # e.g. torch's own checks of its options
+            raise ConfigError(f"{self.kind} {name!r} refused its options ({one_line(error)}); "
+                              f"fix the {self.kind}.* values") from error

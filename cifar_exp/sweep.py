@@ -24,15 +24,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from cifar_exp.errors import UserError
+from cifar_exp.redact import install_redaction, redact
+from cifar_exp.store import check_tracking_uri, open_experiment, with_retries
 from cifar_exp.tools.report import write_report
-from cifar_exp.tracking import (
-    PARENT_RUN_ENV,
-    check_tracking_uri,
-    command_line,
-    git_tags,
-    open_experiment,
-    with_retries,
-)
+from cifar_exp.tracking import PARENT_RUN_ENV, command_line, git_tags
 
 log = logging.getLogger(__name__)
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper
@@ -46,6 +41,7 @@ class SweepTracking(Callback):
         self.parent_run_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        install_redaction()  # before the launcher logs each job's overrides
         self.uri = config.tracking.uri
         try:
             check_tracking_uri(self.uri)
@@ -53,8 +49,8 @@ class SweepTracking(Callback):
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
-        overrides = " ".join(config.hydra.overrides.task)
-        tags = {"sweep": "parent", "command": command_line(), "overrides": overrides,
+        overrides = redact(" ".join(config.hydra.overrides.task))
+        tags = {"sweep": "parent", "command": redact(command_line()), "overrides": overrides,
                 "sweep_dir": str(config.hydra.sweep.dir),
                 "sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
                 "launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
@@ -65,7 +61,7 @@ class SweepTracking(Callback):
         self.parent_run_id = run.info.run_id
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
         atexit.register(self._close, RunStatus.FAILED)  # a sweep that dies midway
-        log.info("MLflow sweep run %s in %s", self.parent_run_id, self.uri)
+        log.info("MLflow sweep run %s in %s", self.parent_run_id, redact(self.uri))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is None:

@@ -1,4 +1,5 @@
-"""MLflow: one run per training job, its params, buffered metrics, artifacts and model."""
+"""MLflow: one run per training job, its params, buffered metrics, artifacts and model.
+The store itself (which URIs, opening it) is cifar_exp.store."""
 
 from __future__ import annotations
 
@@ -9,20 +10,22 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import mlflow
-import requests
 import torch
-from mlflow.entities import Metric, Run, RunStatus
-from mlflow.exceptions import MlflowException
+from mlflow.entities import Metric, RunStatus
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
-from cifar_exp.errors import CheckpointError, ConfigError
+from cifar_exp.errors import one_line
+from cifar_exp.redact import redact
+from cifar_exp.store import open_experiment, resumable_run, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,6 @@ MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # A sweep's parent run id, set by the sweep callback for the jobs it launches.
 PARENT_RUN_ENV = "CIFAR_EXP_PARENT_RUN_ID"
-T = TypeVar("T")
 
 
 def command_line() -> str:
@@ -93,101 +95,36 @@ def git_tags(folder: Path = PROJECT_ROOT) -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(changes)).lower()}
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` tracking URI, None for any other store."""
-    prefix = "sqlite:///"
-    return Path(uri[len(prefix):]).expanduser().resolve() if uri.startswith(prefix) else None
-
-
-def default_artifact_location(uri: str) -> str | None:
-    """For a SQLite store, artifacts go to `mlartifacts/` beside the database file (MLflow
-    would otherwise create a `./mlruns` folder wherever the command runs)."""
-    database = sqlite_path(uri)
-    if database is None:
-        return None  # a tracking server decides for itself
-    return (database.parent / "mlartifacts").as_uri()
-
-
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before any work, on a tracking server that does not answer or a SQLite
-    file in a folder that does not exist."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).raise_for_status()
-        except requests.RequestException as error:
-            raise ConfigError(f"MLflow tracking server {uri} does not answer ({error}); start "
-                              f"it or fix tracking.uri (default sqlite:///mlflow.db)") from error
-    elif (database := sqlite_path(uri)) is not None and not database.parent.is_dir():
-        raise ConfigError(f"tracking.uri={uri}: folder {database.parent} does not exist; "
-                          f"create it or choose another path")
-
-
-def with_retries(action: Callable[[], T], what: str, tries: int = 6, pause: float = 0.5) -> T:
-    """Run `action`, retrying with doubling pauses while SQLite reports its lock busy:
-    parallel jobs writing to one database file take turns."""
-    for attempt in range(tries):
-        try:
-            return action()
-        except Exception as error:
-            if "database is locked" not in str(error) or attempt == tries - 1:
-                raise
-            log.warning("MLflow: %s: database is locked, retrying in %.1f s", what, pause)
-            time.sleep(pause)
-            pause *= 2
-    raise AssertionError("unreachable")
-
-
-def open_experiment(uri: str, name: str) -> str:
-    """The id of experiment `name` in the store at `uri`, creating the store's schema and the
-    experiment if needed. A sweep calls this once before its jobs start, so parallel jobs
-    never race to migrate a new database or to create the same experiment."""
-    client = MlflowClient(uri)
-    found = with_retries(lambda: client.get_experiment_by_name(name), "read experiment")
-    if found is not None:
-        return found.experiment_id
-    # The UI then opens on the runs table, not on its GenAI overview.
-    tags = {"mlflow.experimentKind": "custom_model_development"}
-    return with_retries(lambda: client.create_experiment(name, default_artifact_location(uri),
-                                                         tags), "create experiment")
-
-
-def resumable_run(uri: str, run_id: str) -> Run:
-    """The run a checkpoint continues, checked before any work: it must be in the store."""
-    if (database := sqlite_path(uri)) is not None and not database.is_file():
-        # Checked first: opening a SQLite store that is not there would create it.
-        raise CheckpointError(f"the checkpoint's MLflow run {run_id} is not in {uri} (no such "
-                              f"file); resume with the tracking.uri the run was started with")
-    try:
-        run = MlflowClient(uri).get_run(run_id)
-    except MlflowException as error:
-        raise CheckpointError(f"the checkpoint's MLflow run {run_id} is not in {uri}; resume "
-                              f"with the tracking.uri the run was started with") from error
-    if run.info.lifecycle_stage == "deleted":
-        raise CheckpointError(f"the checkpoint's MLflow run {run_id} was deleted from {uri}; "
-                              f"restore it (mlflow runs restore) or start a new run")
-    return run
-
-
 # A metric point as a checkpoint stores it: (key, value, timestamp in ms, step).
 PointTuple = tuple[str, float, int, int]
+# MLflow's HTTP client retries for minutes by default; a tracking server that went away
+# must not hold a run up that long (a user's own settings win).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+RUN_DIR_TAG = "run_dir"  # the run's output folder: a run left RUNNING there can be closed
 
 
 class RunTracker:
     """An MLflow run used as a context manager: it ends FINISHED, or FAILED when the body
-    raises (KILLED on Ctrl-C or a stop signal). Metrics are buffered and written with
-    log_batch, at most every `flush_seconds`, so logging costs no time on the training
-    steps in between.
+    raises (KILLED on Ctrl-C or a stop signal). Metrics are buffered and written by a
+    background thread at most every `flush_seconds`, so the training steps never wait for
+    the store, even one that stopped answering: its points are kept (and go into the next
+    checkpoint) and written once it answers again.
 
     With `run_id` it reopens that run instead of starting one (a resumed job): the points
     `pending` from its checkpoint are written first, and any point whose (key, step) is
-    already in the store is dropped, so a step redone after a kill is not recorded twice."""
+    already in the store is dropped, so a step redone after a kill is not recorded twice.
+
+    What could not be written (metric points, artifacts, the run's end) is in `failures`,
+    and the first error in `failure_cause`, for the caller to report once training is over."""
 
     def __init__(self, uri: str, experiment: str, run_name: str,
                  tags: Mapping[str, str] | None = None, flush_seconds: float = 10.0,
                  parent_run_id: str | None = None, run_id: str | None = None,
                  pending: Sequence[PointTuple] = ()) -> None:
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
-        self.tags = dict(tags or {})
+        self.tags = {key: limited(redact(value), MAX_TAG_VAL_LENGTH)
+                     for key, value in (tags or {}).items()}
         if parent_run_id:  # a job of a sweep: shown nested under the sweep's run
             self.tags["mlflow.parentRunId"] = parent_run_id
         self.flush_seconds = flush_seconds
@@ -197,10 +134,19 @@ class RunTracker:
         self.stored_up_to = 0  # the last step with a point in the store (a resumed run)
         self._last_flush = time.monotonic()
         self.failed_writes = 0
-        self._failing = self._recovery_logged = False
+        self.failures: list[str] = []  # what could not be written, one entry per kind
+        self.failure_cause = ""  # the first store error, masked, on one line
+        self._failing = False
         self.run_id = run_id or ""
+        self._points = threading.Lock()  # guards _buffer
+        self._store = threading.Lock()  # one call into the store at a time
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._writer: threading.Thread | None = None
 
     def __enter__(self) -> RunTracker:
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         if self.run_id:
@@ -213,87 +159,132 @@ class RunTracker:
             self.stored_up_to = max((step for _, step in self._written), default=0)
             for key, value, timestamp, step in self._pending:
                 self._add(Metric(key, value, timestamp, step))
-            return self
-        experiment_id = open_experiment(self.uri, self.experiment)
-        run = with_retries(lambda: mlflow.start_run(experiment_id=experiment_id,
-                                                    run_name=self.run_name, tags=self.tags),
-                           "start run")
-        self.run_id = run.info.run_id
+        else:
+            experiment_id = open_experiment(self.uri, self.experiment)
+            run = with_retries(lambda: mlflow.start_run(
+                experiment_id=experiment_id, run_name=self.run_name, tags=self.tags),
+                "start run")
+            self.run_id = run.info.run_id
+        self._writer = threading.Thread(target=self._write_in_background, daemon=True,
+                                        name="mlflow-metrics")
+        self._writer.start()
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
+        self._closing.set()
+        self._wake.set()
+        if self._writer is not None:
+            self._writer.join()
         for pause in (0, 1, 2, 4):  # the last points get a few more tries
             time.sleep(pause)
             if self.flush():
                 break
         else:
-            log.error("MLflow: %d metric points could not be written after %d tries",
-                      len(self._buffer), self.failed_writes)
+            self._fail(f"{len(self._buffer)} metric points")
         if exc_type is None:
             status = RunStatus.FINISHED
         elif issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C, or cifar_exp's Stopped
             status = RunStatus.KILLED
         else:
             status = RunStatus.FAILED
-        try:
-            if self.failed_writes:
-                mlflow.set_tag("metric_write_failures", str(self.failed_writes))
-            with_retries(lambda: mlflow.end_run(RunStatus.to_string(status)), "end run")
-        except Exception as error:  # the training itself is done: report, don't crash
-            log.error("MLflow: could not close run %s (%s)", self.run_id, error)
+        if self.failed_writes:
+            self._guarded("the tag metric_write_failures", lambda: mlflow.set_tag(
+                "metric_write_failures", str(self.failed_writes)))
+        self._end_run(RunStatus.to_string(status))
+
+    def _end_run(self, status: str) -> None:
+        """Close the run with `status`; the process is left with no active run either way."""
+        with self._store:
+            try:
+                mlflow.end_run(status)  # forgets the active run first, then writes
+                return
+            except Exception:  # e.g. SQLite busy: the run is no longer active; write again
+                pass
+            try:
+                with_retries(lambda: self.client.set_terminated(self.run_id, status),
+                             "end run")
+            except Exception as error:  # the training itself is done: report, don't crash
+                self._fail(f"the run's end (run {self.run_id} is left RUNNING)", error)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        mlflow.log_params({key: str(value) for key, value in params.items()})
+        with self._store:
+            mlflow.log_params({key: limited(redact(str(value)), MAX_PARAM_VAL_LENGTH)
+                               for key, value in params.items()})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Buffer the points; the background writer takes them to the store."""
         timestamp = int(time.time() * 1000)
-        for key, value in metrics.items():
-            self._add(Metric(key, float(value), timestamp, step))
-        full = len(self._buffer) >= MAX_METRICS_PER_BATCH and not self._failing
+        with self._points:
+            for key, value in metrics.items():
+                self._add(Metric(key, float(value), timestamp, step))
+            full = len(self._buffer) >= MAX_METRICS_PER_BATCH
         if full or time.monotonic() - self._last_flush >= self.flush_seconds:
-            self._failing = not self.flush()  # while failing, retry every flush_seconds
+            self._wake.set()
 
     def _add(self, point: Metric) -> None:
         if (point.key, point.step) not in self._written:
             self._buffer.append(point)
 
+    def _write_in_background(self) -> None:
+        while not self._closing.is_set():
+            self._wake.wait(self.flush_seconds if self.flush_seconds > 0 else None)
+            self._wake.clear()
+            if not self._closing.is_set():
+                self.flush()
+
     def checkpoint_state(self) -> dict[str, Any]:
-        """Write the buffered points, then return what a checkpoint must hold for a resumed
-        job to continue this run: its id, and the points the store did not take (if it is
-        failing), so that no point up to the checkpoint's step is lost."""
-        self._failing = not self.flush()
-        pending: list[PointTuple] = [(m.key, m.value, m.timestamp, m.step)
-                                     for m in self._buffer]
+        """What a checkpoint must hold for a resumed job to continue this run: its id, and
+        the points the store has not taken. Written first where the store answers, so the
+        file never runs ahead of the store; not waited for where it is failing."""
+        if not self._failing:
+            self.flush()
+        with self._points:
+            pending: list[PointTuple] = [(m.key, m.value, m.timestamp, m.step)
+                                         for m in self._buffer]
         return {"run_id": self.run_id, "pending": pending}
 
     def flush(self) -> bool:
         """Write the buffered points. A failed write keeps them for the next try, so a
         hiccup of the store or the server costs no points and does not stop training."""
-        self._last_flush = time.monotonic()
-        try:
-            while self._buffer:
-                batch = self._buffer[:MAX_METRICS_PER_BATCH]
-                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
-                del self._buffer[: len(batch)]
-        except Exception as error:  # any store or network failure: keep the points
-            self.failed_writes += 1
-            log.warning("MLflow metric write failed (%s); %d points kept for the next try",
-                        error, len(self._buffer))
-            return False
-        if self.failed_writes and not self._recovery_logged:
-            log.warning("MLflow metric writes recovered after %d failed tries; no points lost",
-                        self.failed_writes)
-            self._recovery_logged = True
-        return True
+        with self._store:
+            self._last_flush = time.monotonic()
+            try:
+                while True:
+                    with self._points:
+                        batch = self._buffer[:MAX_METRICS_PER_BATCH]
+                    if not batch:
+                        break
+                    self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+                    with self._points:
+                        del self._buffer[: len(batch)]
+            except Exception as error:  # any store or network failure: keep the points
+                self.failed_writes += 1
+                self.failure_cause = self.failure_cause or redact(one_line(error, 200))
+                if not self._failing:
+                    log.warning("MLflow: metric writes to %s are failing (%s); training goes "
+                                "on and %d points are kept for the next try",
+                                redact(self.uri), redact(one_line(error, 160)),
+                                len(self._buffer))
+                self._failing = True
+                return False
+            if self._failing:
+                log.warning("MLflow: metric writes recovered after %d failed tries; no points "
+                            "lost", self.failed_writes)
+                self._failing = False
+            return True
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        mlflow.log_text(text, artifact_file)
+        self._guarded(f"the artifact {artifact_file}",
+                      lambda: mlflow.log_text(redact(text), artifact_file))
 
     def log_state_dict(self, model: torch.nn.Module, filename: str) -> None:
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / filename
-            torch.save(model.state_dict(), path)
-            mlflow.log_artifact(str(path))
+        def save_and_log() -> None:
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / filename
+                torch.save(model.state_dict(), path)
+                mlflow.log_artifact(str(path))
+
+        self._guarded(f"the artifact {filename}", save_and_log)
 
     def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
         """Log `model` as the MLflow PyTorch model 'model', taking preprocessed images,
@@ -306,14 +297,61 @@ class RunTracker:
         with torch.no_grad():
             output = model(example).numpy()
         inputs = example.numpy()
-        mlflow.pytorch.log_model(
+        self._guarded("the model", lambda: mlflow.pytorch.log_model(
             model,
             name="model",
             signature=infer_signature(inputs, output),
             input_example=inputs,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             serialization_format="pt2",  # MLflow's default, except on Databricks
-        )
+        ))
+
+    def has_model(self) -> bool:
+        """Whether this run logged its model already (a run resumed after its last step)."""
+        with self._store:
+            models = self.client.search_logged_models(
+                experiment_ids=[self.client.get_run(self.run_id).info.experiment_id])
+        return any(model.source_run_id == self.run_id for model in models)
+
+    def _guarded(self, what: str, action: Callable[[], object]) -> None:
+        """Run a store call; a failure is recorded for the final status, not raised."""
+        try:
+            with self._store:
+                action()
+        except Exception as error:
+            self._fail(what, error)
+
+    def _fail(self, what: str, error: BaseException | None = None) -> None:
+        """Note that `what` was not written, because of `error` when there is one."""
+        if error is not None:
+            self.failure_cause = self.failure_cause or redact(one_line(error, 200))
+        log.error("MLflow: %s not written%s", what,
+                  f" ({redact(one_line(error, 200))})" if error is not None else "")
+        self.failures.append(what)
+
+
+def limited(text: str, length: int) -> str:
+    """`text` cut to the `length` characters MLflow stores, marked as cut."""
+    return text if len(text) <= length else text[: length - 3] + "..."
+
+
+def close_abandoned_runs(uri: str, experiment: str, folder: Path, keep: str = "") -> list[str]:
+    """Mark KILLED the runs of `experiment` still RUNNING in the run folder `folder`: the
+    caller holds that folder's lock, so their process is gone (a SIGKILL, a lost node).
+    `keep` is a run about to be resumed. Returns the ids closed."""
+    experiment_id = open_experiment(uri, experiment)
+    client = MlflowClient(uri)
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'")
+    closed = []
+    for run in running:
+        if run.data.tags.get(RUN_DIR_TAG) != str(folder) or run.info.run_id == keep:
+            continue
+        client.set_tag(run.info.run_id, "killed_because", "its process was gone")
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+        log.warning("MLflow run %s was left RUNNING in %s by a process that is gone: marked "
+                    "KILLED", run.info.run_id, folder)
+        closed.append(run.info.run_id)
+    return closed
 
 
 class NoTracking:
@@ -322,6 +360,8 @@ class NoTracking:
 
     run_id = ""
     stored_up_to = 0
+    failures: list[str] = []
+    failure_cause = ""
 
     def __enter__(self) -> NoTracking:
         return self
@@ -346,3 +386,6 @@ class NoTracking:
 
     def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
         return None
+
+    def has_model(self) -> bool:
+        return False

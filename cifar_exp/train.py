@@ -253,44 +253,66 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
 class _SpeedWindow:
     """Losses and throughput since the last log line. Each step's loss is copied into a
     buffer on the device (one small copy, no host sync); the log step reads the buffer at
-    once, which gives the mean and the first step whose loss was not finite."""
+    once, which gives the mean and the first step whose loss was not finite. The buffer
+    holds at most CHUNK steps, whatever `log_every` is: a longer window is read and summed
+    chunk by chunk as it fills."""
 
-    def __init__(self, batch_size: int, capacity: int, device: torch.device) -> None:
+    CHUNK = 1024
+
+    def __init__(self, batch_size: int, log_every: int, device: torch.device) -> None:
         self.batch_size = batch_size
-        self.losses = torch.zeros(capacity, device=device)
-        self.lrs: list[float] = []
-        self.first_step = 1
+        self.losses = torch.zeros(min(log_every, self.CHUNK), device=device)
+        self.lrs: list[float] = []  # of the steps in the buffer
+        self.first_step = 1  # of the window
+        self._sums: list[float] = []  # exact sums of the window's earlier chunks
+        self._summed = 0  # how many steps they hold
+        self._early: NonFiniteLoss | None = None  # the first non-finite loss among them
         self.diverged: NonFiniteLoss | None = None
         self.seconds = 0.0
         self._start = self._paused_at = time.perf_counter()
 
     def add(self, loss: torch.Tensor, lr: float) -> None:
+        if len(self.lrs) == self.losses.numel():
+            self._fold()
         self.losses[len(self.lrs)].copy_(loss)
         self.lrs.append(lr)
 
+    def _fold(self) -> None:
+        """Sum the full buffer into the window's partial sums and empty it."""
+        losses = self.losses[: len(self.lrs)].tolist()  # waits for the device
+        self._early = self._early or self._first_non_finite(losses, self.first_step
+                                                            + self._summed)
+        self._sums.append(math.fsum(losses))
+        self._summed += len(losses)
+        self.lrs.clear()
+
     def close(self) -> tuple[float, float, float]:
         """(mean loss, examples/sec, sec/batch) of the window, then start a new one."""
-        steps = len(self.lrs)
-        losses = self.losses[:steps].tolist()  # waits for the device
-        self.diverged = self._first_non_finite(losses)
-        mean_loss = math.fsum(losses) / steps
+        losses = self.losses[: len(self.lrs)].tolist()  # waits for the device
+        steps = self._summed + len(losses)
+        self.diverged = self._early or self._first_non_finite(losses, self.first_step
+                                                              + self._summed)
+        mean_loss = math.fsum([*self._sums, *losses]) / steps
         self.seconds = time.perf_counter() - self._start
         examples_per_sec = steps * self.batch_size / self.seconds
         sec_per_batch = self.seconds / steps
         self.first_step += steps
         self.lrs.clear()
+        self._sums, self._summed, self._early = [], 0, None
         self._start = time.perf_counter()
         return mean_loss, examples_per_sec, sec_per_batch
 
-    def _first_non_finite(self, losses: list[float]) -> NonFiniteLoss | None:
+    def _first_non_finite(self, losses: list[float], first_step: int) -> NonFiniteLoss | None:
+        """The first of `losses` (of the buffer, from step `first_step`) that is not finite."""
         for offset, loss in enumerate(losses):
             if not math.isfinite(loss):
-                return NonFiniteLoss(self.first_step + offset, loss, self.lrs[offset])
+                return NonFiniteLoss(first_step + offset, loss, self.lrs[offset])
         return None
 
     def check_finite(self) -> None:
         """Raise NonFiniteLoss if a loss of the window so far is inf or nan."""
-        diverged = self._first_non_finite(self.losses[: len(self.lrs)].tolist())
+        diverged = self._early or self._first_non_finite(
+            self.losses[: len(self.lrs)].tolist(), self.first_step + self._summed)
         if diverged is not None:
             raise diverged
 
@@ -303,14 +325,17 @@ class _SpeedWindow:
         self._start += time.perf_counter() - self._paused_at
 
     def state_dict(self) -> dict[str, Any]:
-        """The window in progress; call while paused (the clock stands at the pause)."""
+        """The window in progress; call while paused (the clock stands at the pause). A
+        window with a non-finite loss is never saved (check_finite comes first)."""
         steps = len(self.lrs)
         return {"losses": self.losses[:steps].cpu(), "lrs": list(self.lrs),
-                "first_step": self.first_step, "seconds": self._paused_at - self._start}
+                "first_step": self.first_step, "sums": list(self._sums),
+                "summed": self._summed, "seconds": self._paused_at - self._start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        losses = state["losses"]
-        self.losses[: losses.numel()].copy_(losses)
-        self.lrs = list(state["lrs"])
         self.first_step = int(state["first_step"])
+        self._sums, self._summed = list(state["sums"]), int(state["summed"])
+        self.lrs = []
+        for loss, lr in zip(state["losses"].tolist(), state["lrs"], strict=True):
+            self.add(torch.tensor(loss), lr)  # a saved buffer longer than CHUNK folds here
         self._start = time.perf_counter() - float(state["seconds"])

@@ -42,7 +42,7 @@ def loop_state(step: int = 5) -> LoopState:
     return LoopState(step=step, generator=torch.Generator().manual_seed(1).get_state(),
                      sampler={"order": torch.arange(10), "position": 4, "epoch": 2},
                      window={"losses": torch.tensor([2.5]), "lrs": [1e-3], "first_step": 5,
-                             "seconds": 0.25},
+                             "sums": [], "summed": 0, "seconds": 0.25},
                      train_seconds=1.5, scaler={}, precision=0.25, test_loss=2.0)
 
 
@@ -159,10 +159,42 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, writer):
     if writer == "pickle protocol 5":  # opcodes the safe unpickler does not even parse
         assert message.startswith(f"{path}: not a readable checkpoint (Unsupported operand")
     else:
-        assert message.startswith(f"{path}: refused to load (Trying to load unsupported "
-                                  f"GLOBAL posix.mkdir")
+        assert message.startswith(f"{path}: refused to load (it names posix.mkdir, code to "
+                                  f"call, which a checkpoint never holds)")
         assert message.endswith("do not trust it")
+    # Never the advice on loading it anyway: that is for files one trusts.
+    for advice in ("weights_only", "safe_globals", "allowlist", "trusted source"):
+        assert advice not in message, advice
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("builtin", [exec, eval])
+def test_an_exec_or_eval_payload_is_refused_without_advice_to_load_it(tmp_path, builtin):
+    class CallsBuiltin:
+        def __reduce__(self):
+            return (builtin, ("open('ran', 'w')",))
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": FORMAT, "step": 1, "states": {"model": CallsBuiltin()}}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == (
+        f"{path}: refused to load (it names {builtin.__name__}, code to call, which a "
+        f"checkpoint never holds); a cifar_exp checkpoint holds only tensors and plain "
+        f"values, so this file is not one: do not trust it")
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("cut", ["step", "states", "loop", "tracking", "rng"])
+def test_a_checkpoint_missing_a_part_is_refused_in_one_line(tmp_path, cut):
+    path = tmp_path / "checkpoint.pt"
+    Checkpointer(path, 10, make_parts(), {}).save(loop_state())
+    state = torch.load(path, weights_only=True)
+    del state[cut]
+    atomic_save(state, path)
+    with pytest.raises(CheckpointError, match=rf"not a whole cifar_exp checkpoint \(missing "
+                                              rf"or wrong: {cut}\); resume from another file"):
+        load_checkpoint(path)
 
 
 def test_unreadable_checkpoints_are_one_line(tmp_path):

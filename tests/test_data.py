@@ -106,6 +106,19 @@ def test_label_out_of_range_is_named(tiny_cifar10_binary):
         load_cifar("cifar10", tiny_cifar10_binary)
 
 
+@pytest.mark.parametrize("labels,message", [
+    ([0, -1, 2, 3], "label -1 is out of range 0..9"),
+    ([0, 1, 2, 10], "label 10 is out of range 0..9"),
+    (["cat", 1, 2, 3], "its labels are not whole numbers"),
+    ([0, 1, 2, 2**70], "its labels are not whole numbers"),
+])
+def test_a_python_file_with_bad_labels_is_named(tiny_cifar10_python, labels, message):
+    broken = tiny_cifar10_python / "cifar-10-batches-py" / "data_batch_2"
+    write_pickle(broken, {"data": synthetic_images(4, 2).reshape(4, -1), "labels": labels})
+    with pytest.raises(DataError, match=f"{broken}: {message}"):
+        load_cifar("cifar10", tiny_cifar10_python)
+
+
 def test_python_file_that_is_not_cifar_is_named(tiny_cifar10_python):
     broken = tiny_cifar10_python / "cifar-10-batches-py" / "data_batch_1"
     broken.write_bytes(b"this is not a pickle")

@@ -17,6 +17,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from cifar_exp import job
 from cifar_exp import run as run_module
 from cifar_exp.config import compose_config
 from cifar_exp.errors import CheckpointError, ConfigError
@@ -124,7 +125,7 @@ def test_eval_images_scores_the_first_test_images_and_says_so(tmp_path, data_roo
     cfg = compose_config(["steps=10", "eval_images=300", f"tracking.uri={store}",
                           f"data.root={data_root}", "tracking.log_model=false",
                           f"checkpoint.path={tmp_path / 'checkpoint.pt'}"])
-    with caplog.at_level("INFO", logger=run_module.log.name):
+    with caplog.at_level("INFO", logger=job.log.name):
         precision = run_module.main.__wrapped__(cfg)
     assert precision * 300 == pytest.approx(round(precision * 300))  # a count out of 300
     assert "evaluating on the first 300 of the 10000 test images" in caplog.text
@@ -145,7 +146,7 @@ def test_more_eval_images_than_the_test_set_is_refused_before_any_run(tmp_path, 
 def test_resume_true_looks_where_checkpoint_path_points(tmp_path):
     cfg = compose_config([f"checkpoint.path={tmp_path / 'kept.pt'}", "resume=true"])
     with pytest.raises(CheckpointError, match=f"no checkpoint at {tmp_path / 'kept.pt'}"):
-        run_module.load_resumed(cfg, {}, tmp_path)
+        job.load_resumed(cfg, {}, tmp_path)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -161,6 +162,17 @@ def test_resume_true_looks_where_checkpoint_path_points(tmp_path):
     # The JPEG copy has no official MD5s: verifying it needs a manifest.
     (["data.verify=true"], "error: <data>/cifar-10-batches-bin/data_batch_1.bin: no official "
                            "MD5 is known for cifar-10-batches-bin/"),
+    # Values torch would refuse, or that would train nonsense, are refused up front.
+    (["optimizer=sgd", "optimizer.momentum=-1"],
+     "error: optimizer 'sgd' refused its options (Invalid momentum value: -1)"),
+    (["optimizer.lr=nan"], "error: optimizer.lr=nan is not a finite number"),
+    (["schedule=staircase", "schedule.factor=-1"], "error: schedule.factor=-1 and "
+                                                   "schedule.every_epochs=350 must both be"),
+    (["seed=18446744073709551616"], "error: seed=18446744073709551616 must lie in [-2**63"),
+    (["+stpes=5"], "error: stpes is not a config key (set with +stpes=...)"),
+    (["tracking.experiment="], "error: tracking.experiment='' must be a name of 1 to 500"),
+    (["checkpoint.path=/proc/self/checkpoint.pt"],
+     "error: checkpoints cannot be written to /proc/self ("),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, data_root, args, message):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -318,8 +330,8 @@ def test_malicious_checkpoint_is_refused_before_any_work(tmp_path, data_root):
                  data_root=data_root)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        f"error: {evil}: refused to load (Trying to load unsupported GLOBAL posix.mkdir whose "
-        f"module posix is blocked.); a cifar_exp checkpoint holds only tensors and plain "
+        f"error: {evil}: refused to load (it names posix.mkdir, code to call, which a "
+        f"checkpoint never holds); a cifar_exp checkpoint holds only tensors and plain "
         f"values, so this file is not one: do not trust it")
     assert not marker.exists()
 
@@ -337,3 +349,106 @@ def test_a_stopped_run_without_checkpoints_says_there_is_none(tmp_path, data_roo
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     [run] = runs_in(store)
     assert run.info.status == "KILLED"
+
+
+
+def test_resuming_into_the_store_file_is_refused_and_the_store_kept(tmp_path, data_root):
+    # The reported case: a resumed run wrote its checkpoint over the whole MLflow store.
+    database = tmp_path / "mlflow.db"
+    args = ("debug=quick", "steps=400", "checkpoint.enabled=true",
+            f"tracking.uri=sqlite:///{database}", f"hydra.run.dir={tmp_path / 'run'}")
+    process, output = start(tmp_path, *args, data_root=data_root)
+    wait_for(lambda: "step 5, loss = " in output.read_text(), process)
+    process.send_signal(signal.SIGTERM)  # stopped: its checkpoint can be resumed
+    assert process.wait(timeout=300) == 143
+    store = database.read_bytes()
+    result = cli(tmp_path, *args, f"resume={tmp_path / 'run' / 'checkpoint.pt'}",
+                 f"checkpoint.path={database}", data_root=data_root)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: checkpoint.path={database} is the MLflow store " \
+                                    f"itself; choose another file"
+    assert database.read_bytes() == store
+
+
+def test_a_refused_command_leaves_the_run_folder_as_it_was(tmp_path, data_root):
+    folder = tmp_path / "run"
+    store = f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cli(tmp_path, "debug=quick", "steps=5", store, f"hydra.run.dir={folder}",
+               data_root=data_root).returncode == 0
+    record = {path.name: path.read_bytes() for path in (folder / ".hydra").iterdir()}
+    assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    result = cli(tmp_path, "debug=quick", "steps=0", store, f"hydra.run.dir={folder}",
+                 data_root=data_root)
+    assert result.returncode == 2
+    assert {path.name: path.read_bytes() for path in (folder / ".hydra").iterdir()} == record
+
+
+def test_a_second_process_in_a_busy_run_folder_is_refused(tmp_path, data_root):
+    folder, store = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ("steps=400", "log_every=5", "eval_images=500", "tracking.log_model=false",
+            "checkpoint.every=10", f"tracking.uri={store}", f"hydra.run.dir={folder}")
+    process, output = start(tmp_path, *args, data_root=data_root)
+    try:
+        wait_for(lambda: (folder / "checkpoint.pt").exists(), process)
+        for extra in ((), ("resume=true",)):  # a second new run, or a resume, alongside
+            result = cli(tmp_path, *args, *extra, data_root=data_root)
+            assert result.returncode == 2
+            assert re.fullmatch(rf"error: {folder} is in use: another process is running a job "
+                                rf"there; wait for it to end, or choose another hydra.run.dir "
+                                rf"\(held by pid {process.pid} on .+\)", result.stderr.strip())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=300)
+    [run] = runs_in(store)
+    steps = [m.step for m in MlflowClient(store).get_metric_history(run.info.run_id, "loss")]
+    assert steps == sorted(set(steps))  # each step once: nothing else wrote to the run
+
+
+def test_two_runs_started_at_once_on_a_new_store_both_finish(tmp_path, data_root):
+    store = f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"
+    processes = [start(tmp_path / str(n), "debug=quick", "steps=5", store,
+                       f"hydra.run.dir={tmp_path / str(n) / 'run'}", data_root=data_root)
+                 for n in range(2) if (tmp_path / str(n)).mkdir() is None]
+    assert [process.wait(timeout=300) for process, _ in processes] == [0, 0], [
+        output.read_text()[-2000:] for _, output in processes]
+    assert sorted(run.info.status for run in runs_in(store.split("=", 1)[1])) == [
+        "FINISHED", "FINISHED"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_closed_by_the_next_start(
+        tmp_path, data_root):
+    folder, store = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ("steps=30", "log_every=5", "eval_images=500", "tracking.log_model=false",
+            "tracking.flush_seconds=0", f"tracking.uri={store}", f"hydra.run.dir={folder}",
+            "resume=auto")
+    process, output = start(tmp_path, *args, "steps=3000", data_root=data_root)
+    wait_for(lambda: "step 5, loss = " in output.read_text(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    [killed] = runs_in(store)
+    assert killed.info.status == "RUNNING" and not (folder / "checkpoint.pt").exists()
+    result = cli(tmp_path, *args, data_root=data_root)  # resubmitted: no checkpoint, a new run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"MLflow run {killed.info.run_id} was left RUNNING in {folder} by a process that " \
+           f"is gone: marked KILLED" in result.stdout + result.stderr
+    statuses = {run.info.run_id: run.info.status for run in runs_in(store)}
+    assert statuses.pop(killed.info.run_id) == "KILLED"
+    assert list(statuses.values()) == ["FINISHED"]
+    tags = MlflowClient(store).get_run(killed.info.run_id).data.tags
+    assert tags["killed_because"] == "its process was gone"
+
+
+def test_a_config_file_cannot_run_code_through_hydra_callbacks(tmp_path, data_root):
+    recipes = tmp_path / "conf" / "experiment"
+    recipes.mkdir(parents=True)
+    (recipes / "evil.yaml").write_text(
+        "# @package _global_\nhydra:\n  callbacks:\n    copy:\n      _target_: shutil.copy\n"
+        f"      src: {recipes / 'evil.yaml'}\n      dst: {tmp_path / 'copied'}\n")
+    result = cli(tmp_path, "--config-dir", str(tmp_path / "conf"), "experiment=evil",
+                 "debug=quick", data_root=data_root)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: hydra.callbacks.copy._target_=shutil.copy names code outside the project, "
+        "Hydra, Optuna and logging (cifar_exp.*, hydra.*, hydra_plugins.*, optuna.samplers.*, "
+        "optuna.pruners.*, logging.*); a config file may not run other code: remove it")
+    assert not (tmp_path / "copied").exists() and not (tmp_path / "outputs").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -12,16 +13,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cifar_exp.errors import CheckpointError, ConfigError
+from cifar_exp.errors import CheckpointError
 from cifar_exp.models import build_model
+from cifar_exp.store import resumable_run
 from cifar_exp.tracking import (
     RunTracker,
-    check_tracking_uri,
     command_line,
-    default_artifact_location,
     flatten,
     git_tags,
-    resumable_run,
     torchrun_arguments,
 )
 
@@ -67,6 +66,10 @@ def test_command_line_under_torchrun_is_the_torchrun_command(monkeypatch):
                                  "/venv/bin/torchrun", "--nproc_per_node=2", "-m",
                                  "cifar_exp.run", "steps=5"])
     try:
+        cmdline = Path(f"/proc/{launcher.pid}/cmdline")
+        deadline = time.monotonic() + 30
+        while not cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)  # a process just started shows its command line a moment later
         assert torchrun_arguments(launcher.pid) == ["--nproc_per_node=2", "-m",
                                                     "cifar_exp.run", "steps=5"]
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
@@ -78,17 +81,14 @@ def test_command_line_under_torchrun_is_the_torchrun_command(monkeypatch):
     assert torchrun_arguments(os.getpid()) is None  # pytest is not torchrun
 
 
-def test_artifacts_live_beside_the_database(tmp_path):
-    location = default_artifact_location(f"sqlite:///{tmp_path}/x.db")
-    assert location == (tmp_path / "mlartifacts").as_uri()
-    assert default_artifact_location("http://127.0.0.1:5000") is None
-
-
 def test_finished_run_keeps_every_point(store):
     with RunTracker(store, "unit", "ok-run", {"command": "test"}, flush_seconds=3600) as run:
         run.log_params({"optimizer.lr": 0.001, "model.name": "tf_cnn"})
         for step in range(1, 1201):  # more than one log_batch worth of metrics
             run.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step)
+        deadline = time.monotonic() + 30  # the background writer takes full batches
+        while len(run._buffer) >= 1000 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(run._buffer) < 1000  # flushed in batches on the way
     client = MlflowClient(store)
     finished = client.get_run(run.run_id)
@@ -159,15 +159,6 @@ def test_failed_metric_writes_are_retried_and_nothing_is_lost(store, monkeypatch
     history = client.get_metric_history(run.run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 6)]
     assert any("recovered after 2 failed tries" in m for m in caplog.messages)
-
-
-def test_unreachable_tracking_is_reported_up_front(tmp_path):
-    with pytest.raises(ConfigError, match=r"MLflow tracking server http://127.0.0.1:9 does "
-                                          r"not answer"):
-        check_tracking_uri("http://127.0.0.1:9", timeout=2)
-    with pytest.raises(ConfigError, match="does not exist; create it"):
-        check_tracking_uri(f"sqlite:///{tmp_path}/missing/mlflow.db")
-    check_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # a new file in a real folder is fine
 
 
 def test_resumed_run_records_each_point_once(store):

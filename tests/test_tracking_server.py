@@ -16,9 +16,11 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import SWEEP_JOB, cli, free_port, mlflow_server, stop_process_group
+from tests.test_run import start, wait_for
 from tests.test_sweep import tracked_sweep
 
 # PostgreSQL refuses to run as root: as root, the server runs as this user.
@@ -95,3 +97,49 @@ def test_parallel_sweep_logs_everything_to_a_server_on_postgresql(tmp_path, data
         for run in children:  # artifacts went through the server into its artifact store
             assert any(a.path == "weights.pt" for a in client.list_artifacts(run.info.run_id))
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow  # two MLflow server starts around a 200-step job
+def test_a_server_that_goes_away_mid_run_holds_nothing_up_and_keeps_every_point(
+        tmp_path, data_root):
+    backend = f"sqlite:///{tmp_path / 'server.db'}"
+    folder = tmp_path / "run"
+    args = ("steps=200", "log_every=5", "eval_every=100", "eval_images=500",
+            "checkpoint.every=50", "tracking.log_model=false", "tracking.flush_seconds=0",
+            f"hydra.run.dir={folder}")
+    with mlflow_server(backend, tmp_path) as url:
+        # Credentials in the URI (the server ignores them) must never be recorded.
+        secret_url = url.replace("http://", "http://user:secret@")
+        process, output = start(tmp_path, *args, f"tracking.uri={secret_url}",
+                                data_root=data_root)
+        wait_for(lambda: "step 20, loss = " in output.read_text(), process)
+    # The server is gone: training goes on and ends with one line on what to do.
+    assert process.wait(timeout=600) == 3
+    log = output.read_text()
+    last = log.strip().splitlines()[-1]
+    assert last.startswith(f"error: the MLflow store {url.replace('http://', 'http://***@')} "
+                           f"failed (")
+    assert "metric points, " in last and "the run's end (run " in last
+    assert last.endswith(f"once the store answers, python -m cifar_exp.run "
+                         f"{' '.join(args[:-1])} tracking.uri="
+                         f"{url.replace('http://', 'http://***@')} hydra.run.dir={folder} "
+                         f"resume=true writes it and closes run {last.rsplit(' ', 1)[-1]}")
+    assert "step 200, loss = " in log and "final precision @ 1 = " in log
+    assert log.count("metric writes to") == 1  # one warning line, however long it failed
+
+    # The server is back (a new port): resuming writes what it missed, and closes the run.
+    with mlflow_server(backend, tmp_path) as url:
+        result = cli(tmp_path, *args, f"tracking.uri={url}", "resume=true", data_root=data_root)
+        assert result.returncode == 0, result.stderr[-3000:]
+        client = MlflowClient(url)
+        [run] = client.search_runs([client.get_experiment_by_name("cifar_exp").experiment_id])
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps == list(range(5, 201, 5))
+        assert run.data.params["tracking.uri"].startswith("http://***@127.0.0.1:")
+        recorded = [*run.data.params.values(), *run.data.tags.values()]
+    written = [path.read_text(errors="replace") for path in folder.rglob("*") if path.is_file()
+               and path.suffix in (".yaml", ".log", ".txt")]
+    checkpoint = str(torch.load(folder / "checkpoint.pt", weights_only=True)["config"])
+    for text in (*recorded, *written, checkpoint, log, result.stdout, result.stderr):
+        assert "secret" not in text

@@ -19,7 +19,14 @@ from cifar_exp.lookahead import Lookahead
 from cifar_exp.models import build_model
 from cifar_exp.optim import build_optimizer
 from cifar_exp.schedules import build_schedule
-from cifar_exp.train import Experiment, LoopState, TrainResult, TrainSettings, train
+from cifar_exp.train import (
+    Experiment,
+    LoopState,
+    TrainResult,
+    TrainSettings,
+    _SpeedWindow,
+    train,
+)
 
 
 class ListSink:
@@ -298,3 +305,35 @@ def test_augmentation_sees_the_drawn_images_and_their_epoch(slice_data):
     for epoch in (0, 1):  # 256 images in batches of 64: each epoch draws every image once
         drawn = torch.cat([idx for idx, e in augmentation.calls if e == epoch])
         assert torch.equal(drawn.sort().values, torch.arange(256))
+
+
+def test_the_log_window_buffer_stays_small_whatever_log_every(monkeypatch):
+    monkeypatch.setattr(_SpeedWindow, "CHUNK", 4)  # folds every 4 steps
+    losses = [2.0, 1.5, 1.25, 1.0, 0.75, 0.5, 0.25, 0.125, 0.0625, 0.03125]
+    window = _SpeedWindow(batch_size=8, log_every=10**12, device=torch.device("cpu"))
+    assert window.losses.numel() == 4
+    for step, loss in enumerate(losses[:6], start=1):
+        window.add(torch.tensor(loss), lr=0.1 * step)
+    window.pause()
+    saved = window.state_dict()  # mid-window, after one fold
+    resumed = _SpeedWindow(batch_size=8, log_every=10**12, device=torch.device("cpu"))
+    resumed.load_state_dict(saved)
+    for each in (window, resumed):
+        each.resume()
+        for step, loss in enumerate(losses[6:], start=7):
+            each.add(torch.tensor(loss), lr=0.1 * step)
+        mean, _, _ = each.close()
+        assert mean == math.fsum(losses) / 10 and each.first_step == 11
+        assert each.losses.numel() == 4
+
+
+def test_a_non_finite_loss_in_an_earlier_chunk_names_its_step_and_lr(monkeypatch):
+    monkeypatch.setattr(_SpeedWindow, "CHUNK", 4)
+    window = _SpeedWindow(batch_size=8, log_every=100, device=torch.device("cpu"))
+    for step in range(1, 11):
+        window.add(torch.tensor(float("nan") if step == 3 else 1.0), lr=float(step))
+    with pytest.raises(NonFiniteLoss) as diverged:
+        window.check_finite()
+    assert (diverged.value.step, diverged.value.lr) == (3, 3.0)
+    window.close()
+    assert window.diverged is not None and window.diverged.step == 3

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifar_exp.errors import ConfigError
+
 NORMALIZATION_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                         nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
                         nn.GroupNorm, nn.LayerNorm)
@@ -38,6 +40,8 @@ def scaled_groups(params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr:
     that product instead, the decay term of a step at the schedule's peak, the same for
     every group whatever its lr (torch's coefficient becomes weight_decay / lr), as airbench
     sets it. A group's own `lr` or `weight_decay` key replaces the option before scaling."""
+    if norm_lr_scale <= 0:
+        raise ConfigError(f"optimizer.norm_lr_scale={norm_lr_scale} must be positive")
     params = list(params)
     groups = ([dict(group) for group in params] if params and isinstance(params[0], dict)
               else [{"params": params}])

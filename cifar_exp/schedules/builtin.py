@@ -12,6 +12,7 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
+from cifar_exp.errors import ConfigError
 from cifar_exp.schedules import SCHEDULES
 
 
@@ -24,6 +25,9 @@ def constant(optimizer, total_steps: int, steps_per_epoch: float) -> ConstantLR:
 def staircase(optimizer, total_steps: int, steps_per_epoch: float, factor: float = 0.1,
               every_epochs: float = 350.0) -> StepLR:
     """TF's exponential_decay(staircase=True): lr * factor ** floor(step / decay_steps)."""
+    if factor <= 0 or every_epochs <= 0:
+        raise ConfigError(f"schedule.factor={factor} and schedule.every_epochs={every_epochs} "
+                          f"must both be positive")
     # int() as in the tutorial: 350 epochs of 390.625 batches decay at step 136,718.
     decay_steps = max(int(every_epochs * steps_per_epoch), 1)
     return StepLR(optimizer, step_size=decay_steps, gamma=factor)
@@ -33,6 +37,8 @@ def staircase(optimizer, total_steps: int, steps_per_epoch: float, factor: float
 def cosine(optimizer, total_steps: int, steps_per_epoch: float,
            min_lr: float = 0.0) -> CosineAnnealingLR:
     """Cosine annealing from the optimizer's lr to `min_lr` over the whole run."""
+    if min_lr < 0:
+        raise ConfigError(f"schedule.min_lr={min_lr} must be >= 0")
     return CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=min_lr)
 
 
@@ -40,6 +46,8 @@ def cosine(optimizer, total_steps: int, steps_per_epoch: float,
 def warmup_linear(optimizer, total_steps: int, steps_per_epoch: float,
                   warmup_fraction: float = 0.05, start_factor: float = 0.01) -> SequentialLR:
     """Linear warm-up to the optimizer's lr, then linear decay to zero at the last step."""
+    if not 0 < warmup_fraction <= 1:
+        raise ConfigError(f"schedule.warmup_fraction={warmup_fraction} must lie in (0, 1]")
     warmup = max(int(round(warmup_fraction * total_steps)), 1)
     decay = max(total_steps - warmup, 1)
     return SequentialLR(
@@ -55,6 +63,9 @@ def onecycle(optimizer, total_steps: int, steps_per_epoch: float, max_lr: float 
              pct_start: float = 0.25, anneal_strategy: str = "linear", div_factor: float = 25.0,
              final_div_factor: float = 1e4, cycle_momentum: bool = False) -> OneCycleLR:
     """Warm up to `max_lr` (default: the optimizer's lr), then anneal."""
+    if div_factor <= 0 or final_div_factor <= 0:
+        raise ConfigError(f"schedule.div_factor={div_factor} and schedule.final_div_factor="
+                          f"{final_div_factor} must both be positive")
     return OneCycleLR(
         optimizer,
         max_lr=max_lr if max_lr is not None else [g["lr"] for g in optimizer.param_groups],

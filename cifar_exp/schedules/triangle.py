@@ -28,5 +28,8 @@ def triangle(optimizer, total_steps: int, steps_per_epoch: float, start_factor: 
              peak_fraction: float = 0.23, end_factor: float = 0.07) -> LambdaLR:
     if not 0 <= peak_fraction <= 1:
         raise ConfigError(f"schedule.peak_fraction={peak_fraction} must lie in [0, 1]")
+    if start_factor < 0 or end_factor < 0:
+        raise ConfigError(f"schedule.start_factor={start_factor} and schedule.end_factor="
+                          f"{end_factor} must be >= 0 (a factor of the lr)")
     peak_step = int(peak_fraction * total_steps)
     return LambdaLR(optimizer, TriangleFactor(total_steps, start_factor, peak_step, end_factor))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -21,11 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from cifar_exp.errors import ConfigError, UserError
-from cifar_exp.tracking import check_tracking_uri, sqlite_path
+from cifar_exp.errors import ConfigError, UserError, one_line
+from cifar_exp.redact import redact
+from cifar_exp.store import check_tracking_uri
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -241,12 +245,14 @@ def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
                  parent: str | None = None, progress: bool = True) -> Report:
     """Read the runs from the store at `uri`, write report.md and the plots into `folder`,
     and log them to `parent` (when given) under report/, with the table as its note."""
-    check_tracking_uri(uri)
-    if (database := sqlite_path(uri)) is not None and not database.is_file():
-        raise ConfigError(f"no tracking store at {database}; pass --tracking-uri of the "
-                          f"store the runs were logged to")
+    check_tracking_uri(uri, must_exist=True)
+    check_output_folder(folder)
     client = MlflowClient(uri)
-    found = find_runs(client, experiment, parent)
+    try:
+        found = find_runs(client, experiment, parent)
+    except MlflowException as error:  # e.g. a store of an older MLflow, never upgraded here
+        raise ConfigError(f"cannot read the tracking store {redact(uri)} "
+                          f"({one_line(error)})") from error
     if not found:
         raise ConfigError(f"no runs to report in {parent or experiment!r} at {uri}")
     runs = [summarize(client, run) for run in tqdm(found, desc="reading runs", unit="run",
@@ -280,6 +286,27 @@ def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
     return Report(folder, markdown, runs, keys, best, plots)
 
 
+def check_output_folder(folder: Path) -> None:
+    """Refuse, before reading any run, an output folder that is a file or cannot be made."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out {folder} is a file; give a folder for the report")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--out {folder} cannot be made ({error.strerror}); give another "
+                          f"folder") from error
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--out {folder} cannot be written (no permission); give another "
+                          f"folder")
+
+
+def default_folder(name: str) -> Path:
+    """reports/<name>, with the name made a single safe folder name: an experiment called
+    `../x` must not write outside reports/."""
+    safe = re.sub(r"[^\w.-]+", "_", name).lstrip(".") or "_"
+    return Path("reports") / safe
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cifar_exp.report",
                                      description=__doc__.split("\n")[0])
@@ -288,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--out", type=Path, help="folder (default reports/<parent or name>)")
     args = parser.parse_args(argv)
-    folder = args.out or Path("reports") / (args.parent or args.experiment)
+    folder = args.out or default_folder(args.parent or args.experiment)
     try:
         report = write_report(args.tracking_uri, folder, args.experiment, args.parent)
     except UserError as error:
