@@ -12,6 +12,7 @@ supplies both."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import pickle
@@ -45,12 +46,16 @@ def atomic_save(content: object, path: Path) -> None:
     """torch.save `content` to `path` so that `path` always holds a whole file, the old one
     or the new one: write a temporary file in the same folder, flush it to the disk, rename
     it over `path`, then flush the folder so the rename survives a power cut."""
+    # Serialized in memory first: torch's own file writer turns a full disk into an
+    # "unexpected pos" RuntimeError, while a plain write says ENOSPC (or EFBIG).
+    serialized = io.BytesIO()
+    torch.save(content, serialized)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
                                              dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as file:
-            torch.save(content, file)
+            file.write(serialized.getbuffer())
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -129,8 +134,11 @@ def find_checkpoint(resume: bool | str, default: Path) -> Path | None:
     if resume == RESUME_AUTO:
         return default if default.is_file() else None
     path = default if resume is True else Path(str(resume)).expanduser()
-    if path.is_file():
-        return path
+    try:
+        if path.is_file():
+            return path
+    except OSError as error:  # e.g. a name longer than the file system takes
+        raise CheckpointError(f"resume={resume}: cannot be read ({error.strerror})") from error
     if resume is True:
         raise CheckpointError(
             f"resume=true: no checkpoint at {path}; pass the interrupted run's folder "
@@ -235,9 +243,10 @@ class Checkpointer:
             self._write(loop, states, tracking)
         except OSError as error:
             self.failures.append((loop.step, error.strerror or one_line(error)))
-            log.warning("step %d, checkpoint not written to %s (%s): it still holds step %s; "
-                        "training goes on", loop.step, self.path,
-                        error.strerror or one_line(error), self.saved_step or "none")
+            log.warning("step %d, checkpoint not written to %s (%s): %s; training goes on",
+                        loop.step, self.path, error.strerror or one_line(error),
+                        f"it still holds step {self.saved_step}" if self.saved_step
+                        else "no checkpoint written yet")
             return
         self.saved_step = loop.step
         seconds = time.perf_counter() - start

@@ -244,12 +244,33 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"seed={cfg.seed} must lie in [-2**63, 2**64): torch's seeds are "
                           f"64-bit integers")
     check_experiment_name(cfg.tracking.experiment)
+    check_paths(cfg)
+
+
+PATH_KEYS = ("data.root", "data.manifest", "checkpoint.path", "resume", "tracking.uri")
+NAME_MAX, PATH_MAX = 255, 4096  # bytes: what Linux file systems take
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Refuse a path no file system takes (a part over NAME_MAX bytes, or the whole over
+    PATH_MAX), before anything tries to open it."""
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, str):
+            continue
+        path = value.removeprefix("sqlite:///") if key == "tracking.uri" else value
+        parts = [len(part.encode()) for part in path.split("/")]
+        if max(parts, default=0) > NAME_MAX or len(path.encode()) > PATH_MAX:
+            raise ConfigError(f"{key}={value[:40]}... ({len(value)} characters) is not a path a "
+                              f"file system takes (at most {NAME_MAX} bytes a name, "
+                              f"{PATH_MAX} in all); shorten it")
 
 
 def check_experiment_name(name: str) -> None:
     """Refuse an experiment name MLflow would refuse."""
     if not name.strip() or len(name) > MAX_EXPERIMENT_NAME_LENGTH:
-        raise ConfigError(f"tracking.experiment={name!r} must be a name of 1 to "
+        shown = repr(name) if len(name) <= 40 else f"{name[:20]!r}... ({len(name)} characters)"
+        raise ConfigError(f"tracking.experiment={shown} must be a name of 1 to "
                           f"{MAX_EXPERIMENT_NAME_LENGTH} characters (MLflow's limit)")
 
 

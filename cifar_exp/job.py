@@ -201,9 +201,10 @@ def record_failure(cfg: DictConfig, context: JobContext, tracker: RunTracker | N
     parts = []
     if checkpointer is not None and checkpointer.failures:
         steps = ", ".join(str(step) for step, _ in checkpointer.failures[:5])
+        held = (f"it holds step {checkpointer.saved_step}" if checkpointer.saved_step
+                else "none was written")
         parts.append(f"checkpoint {path} could not be written at step {steps} "
-                     f"({checkpointer.failures[-1][1]}); it holds step "
-                     f"{checkpointer.saved_step or 'none'}")
+                     f"({checkpointer.failures[-1][1]}); {held}")
     if tracker.failures:
         parts.append(f"the MLflow store {redact(cfg.tracking.uri)} failed "
                      f"({tracker.failure_cause or 'see the log'}); not written: "

@@ -42,6 +42,15 @@ def checkpoint_destination(configured: str | None, resumed_from: Path | None, fo
     from (a new run's, or another run's, or any other file)."""
     path = (Path(configured).expanduser() if configured
             else resumed_from or folder / FILENAME)
+    try:
+        return _checked_destination(path, resumed_from, store_file)
+    except OSError as error:  # e.g. a name longer than the file system takes
+        raise CheckpointError(f"checkpoint.path cannot be used ({error.strerror}); choose "
+                              f"another") from error
+
+
+def _checked_destination(path: Path, resumed_from: Path | None,
+                         store_file: Path | None) -> Path:
     if path.is_dir():
         raise CheckpointError(f"checkpoint.path={path} is a folder; name a file in it, e.g. "
                               f"{path / FILENAME}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -208,3 +209,15 @@ def resumable_run(uri: str, run_id: str) -> Run:
                               f"restore it (mlflow runs restore) or start a new run")
     return run
 
+
+
+_DRIVER_ERROR = re.compile(r"\((\w+(?:\.\w+)*(?:Error|Exception))\) ([^\[\n(]+)")
+
+
+def store_error(error: BaseException) -> str:
+    """What a failed store call says, on one line and with credentials masked: for a
+    database error the driver's own words (SQLAlchemy wraps them in its statement, its
+    parameters and advice), else the message cut short."""
+    found = _DRIVER_ERROR.search(str(error))
+    text = f"{found[1]}: {found[2].strip()}" if found else one_line(error, 200)
+    return redact(text)

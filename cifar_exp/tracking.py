@@ -23,9 +23,8 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
-from cifar_exp.errors import one_line
 from cifar_exp.redact import redact
-from cifar_exp.store import open_experiment, resumable_run, with_retries
+from cifar_exp.store import open_experiment, resumable_run, store_error, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +100,7 @@ PointTuple = tuple[str, float, int, int]
 # must not hold a run up that long (a user's own settings win).
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+RETRY_SECONDS = 10.0  # between tries while the store fails
 RUN_DIR_TAG = "run_dir"  # the run's output folder: a run left RUNNING there can be closed
 
 
@@ -227,7 +227,10 @@ class RunTracker:
 
     def _write_in_background(self) -> None:
         while not self._closing.is_set():
-            self._wake.wait(self.flush_seconds if self.flush_seconds > 0 else None)
+            if self._failing:  # a store that fails is tried again now and then, not hammered
+                self._closing.wait(max(self.flush_seconds, RETRY_SECONDS))
+            else:
+                self._wake.wait(self.flush_seconds if self.flush_seconds > 0 else None)
             self._wake.clear()
             if not self._closing.is_set():
                 self.flush()
@@ -259,12 +262,11 @@ class RunTracker:
                         del self._buffer[: len(batch)]
             except Exception as error:  # any store or network failure: keep the points
                 self.failed_writes += 1
-                self.failure_cause = self.failure_cause or redact(one_line(error, 200))
+                self.failure_cause = self.failure_cause or store_error(error)
                 if not self._failing:
                     log.warning("MLflow: metric writes to %s are failing (%s); training goes "
                                 "on and %d points are kept for the next try",
-                                redact(self.uri), redact(one_line(error, 160)),
-                                len(self._buffer))
+                                redact(self.uri), store_error(error), len(self._buffer))
                 self._failing = True
                 return False
             if self._failing:
@@ -324,9 +326,9 @@ class RunTracker:
     def _fail(self, what: str, error: BaseException | None = None) -> None:
         """Note that `what` was not written, because of `error` when there is one."""
         if error is not None:
-            self.failure_cause = self.failure_cause or redact(one_line(error, 200))
+            self.failure_cause = self.failure_cause or store_error(error)
         log.error("MLflow: %s not written%s", what,
-                  f" ({redact(one_line(error, 200))})" if error is not None else "")
+                  f" ({store_error(error)})" if error is not None else "")
         self.failures.append(what)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -79,6 +81,25 @@ def test_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypat
     with pytest.raises(OSError, match="No space left"):
         atomic_save({"step": 2}, path)
     monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_a_disk_that_fills_up_reports_its_own_error_and_keeps_the_old_file(tmp_path):
+    # A real write failure: a file size limit, which makes writes past 100 kB fail with
+    # EFBIG as a full disk does with ENOSPC (torch's own writer would hide either).
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"step": 1}, path)
+    code = ("import resource, sys, torch; from pathlib import Path\n"
+            "from cifar_exp.checkpoint import atomic_save\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"
+            "try:\n"
+            "    atomic_save({'weights': torch.zeros(1_000_000)}, Path(sys.argv[1]))\n"
+            "except OSError as error:\n"
+            "    print(error.strerror)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == "File too large"
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 

@@ -179,6 +179,16 @@ def test_schema_rejects_wrong_types():
     ("label_smoothing=1.0", r"label_smoothing=1.0 must lie in \[0, 1\)"),
     ("tta=mirror", "tta=mirror is unknown; use one of none, flip, flip_translate"),
     ("eval_images=0", "eval_images=0 must be a positive number of test images, or null"),
+    ("optimizer.lr=inf", "optimizer.lr=inf is not a finite number"),
+    ("ema.decay=nan", "ema.decay=nan is not a finite number"),
+    ("seed=-9223372036854775809", r"seed=-9223372036854775809 must lie in \[-2\*\*63, 2\*\*64\)"),
+    ("+data.colour=1", "data.colour is not a config key; the keys of data are name, root"),
+    ("+foo=1", r"foo is not a config key \(set with \+foo=...\)"),
+    ("tracking.experiment=" + "x" * 501, r"tracking.experiment='xxxxxxxxxxxxxxxxxxxx'... \(501 "
+                                         r"characters\) must be a name of 1 to 500"),
+    ("checkpoint.path=" + "c" * 300, r"checkpoint.path=c{40}... \(300 characters\) is not a "
+                                     r"path a file system takes"),
+    ("resume=" + "r/" * 2100, r"resume=(r/){20}... \(4200 characters\) is not a path"),
 ])
 def test_bad_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -250,3 +260,10 @@ def test_the_schema_imports_nothing_that_trains():
                             check=True).stdout
     assert ast.literal_eval(loaded) == ["cifar_exp", "cifar_exp.config", "cifar_exp.errors",
                             "cifar_exp.speed"]
+
+
+def test_the_experiment_name_limit_is_mlflows():
+    from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH as mlflows
+
+    from cifar_exp.config import MAX_EXPERIMENT_NAME_LENGTH
+    assert mlflows == MAX_EXPERIMENT_NAME_LENGTH
