@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from cifar_exp.augment import build_augmentation
+from cifar_exp.augment import Augmentation, build_augmentation
 from cifar_exp.config import split_name
 from cifar_exp.data import CifarData
 from cifar_exp.distributed import SINGLE, World
@@ -56,14 +56,7 @@ def build_experiment(cfg: DictConfig, data: CifarData, world: World = SINGLE) ->
     if cfg.batch_size > num_train:
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {num_train} training images")
     device = data.train_images.device
-    torch.manual_seed(cfg.seed)
-
-    name, options = split_name(cfg.augmentation)
-    augmentation = build_augmentation(name, data.train_images, **options)
-    name, options = split_name(cfg.model)
-    model = build_model(name, data.num_classes, augmentation.image_size, **options).to(device)
-    if wants_data(model):
-        initialize_from_data(model, augmentation.eval(data.train_images[:DATA_INIT_IMAGES]))
+    augmentation, model = build_network(cfg, data)
     name, options = split_name(cfg.optimizer)
     optimizer = build_optimizer(name, parameter_groups(model), **options)
     name, options = split_name(cfg.schedule)
@@ -76,6 +69,20 @@ def build_experiment(cfg: DictConfig, data: CifarData, world: World = SINGLE) ->
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # shapes are static
     return Experiment(augmentation, model, optimizer, scheduler, ema=ema, lookahead=lookahead,
                       settings=build_settings(cfg, device, world))
+
+
+def build_network(cfg: DictConfig, data: CifarData) -> tuple[Augmentation, torch.nn.Module]:
+    """The augmentation (its statistics measured on `data`'s training images) and the
+    model `cfg` names, on `data`'s device, seeded by `cfg.seed` as training builds them."""
+    torch.manual_seed(cfg.seed)
+    name, options = split_name(cfg.augmentation)
+    augmentation = build_augmentation(name, data.train_images, **options)
+    name, options = split_name(cfg.model)
+    model = build_model(name, data.num_classes, augmentation.image_size, **options)
+    model.to(data.train_images.device)
+    if wants_data(model):
+        initialize_from_data(model, augmentation.eval(data.train_images[:DATA_INIT_IMAGES]))
+    return augmentation, model
 
 
 def build_settings(cfg: DictConfig, device: torch.device,

@@ -62,7 +62,9 @@ class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "cifar_exp"
     log_model: bool = True
+    registered_model_name: str | None = None  # also register the served model under it
     flush_seconds: float = 10.0  # metric points are written at most this often
+    system_metrics_seconds: float = 10.0  # CPU, memory, GPU sampled this often; 0: none
 
 
 @dataclass
@@ -234,8 +236,9 @@ def validate(cfg: DictConfig) -> None:
     if every is not None and every < 0:
         raise ConfigError(f"checkpoint.every={every} must be a number of steps, or 0 (or null) "
                           f"for a checkpoint only at the end")
-    if cfg.tracking.flush_seconds < 0:
-        raise ConfigError(f"tracking.flush_seconds={cfg.tracking.flush_seconds} must be >= 0")
+    for key in ("flush_seconds", "system_metrics_seconds"):
+        if cfg.tracking[key] < 0:
+            raise ConfigError(f"tracking.{key}={cfg.tracking[key]} must be >= 0")
     resume = cfg.resume
     if not isinstance(resume, bool) and not (isinstance(resume, str) and resume):
         raise ConfigError(f"resume={resume} must be true, false, auto or the path of a "

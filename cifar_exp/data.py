@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import logging
 import os
 import pickle
 import sys
@@ -15,8 +18,9 @@ import torch
 
 from cifar_exp import checksums
 from cifar_exp.config import DATA_ROOT_ENV, DEFAULT_DATA_ROOT
-from cifar_exp.errors import DataError
+from cifar_exp.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
 IMAGE_SHAPE = (3, 32, 32)
 IMAGE_BYTES = 3 * 32 * 32
 
@@ -115,6 +119,17 @@ class CifarData:
                        test_labels=self.test_labels[:count])
 
 
+def limit_test_set(data: CifarData, count: int) -> CifarData:
+    """`data` with only its first `count` test images (`eval_images`), said in the log."""
+    available = data.test_images.shape[0]
+    if count > available:
+        raise ConfigError(f"eval_images={count} is more than the {available} test images; "
+                          f"use at most {available}, or null for the whole test set")
+    log.info("evaluating on the first %d of the %d test images (eval_images=%d): precision "
+             "is not comparable with a run on the whole test set", count, available, count)
+    return data.first_test_images(count)
+
+
 def default_root() -> str:
     """The data folder used when none is configured: $CIFAR_EXP_DATA, else ./data."""
     return os.environ.get(DATA_ROOT_ENV, DEFAULT_DATA_ROOT)
@@ -136,13 +151,42 @@ def load_cifar(name: str = "cifar10", root: str | os.PathLike | None = None,
     if verify or manifest is not None:
         files = [_require(path, spec) for path in spec.files(folder)]
         checksums.verify(root, files, Path(manifest).expanduser() if manifest else None)
-    return _load_binary(spec, folder) if folder == binary else _load_python(spec, folder)
+    data = _load_binary(spec, folder) if folder == binary else _load_python(spec, folder)
+    log.info("%s: %d training and %d test images from %s", spec.title,
+             data.train_labels.numel(), data.test_labels.numel(), folder)
+    return data
 
 
 def data_files(name: str = "cifar10", root: str | os.PathLike | None = None) -> list[Path]:
     """The files load_cifar reads from `root` (the binary layout where both are there)."""
     spec = _spec(name)
     return spec.files(_locate(spec, _root(root)))
+
+
+def split_files(name: str = "cifar10",
+                root: str | os.PathLike | None = None) -> dict[str, list[Path]]:
+    """The files of each split: {"train": the training batches, "test": the test batch}."""
+    *train, test, _meta = data_files(name, root)
+    return {"train": train, "test": [test]}
+
+
+@functools.cache
+def _file_digest(path: Path, size: int, modified: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_digest(files: list[Path]) -> str:
+    """A short digest of the files' contents (SHA-256, cut to 16 hex digits), each file read
+    once per process however often it is asked for (a sweep's jobs)."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(_file_digest(path.resolve(), stat.st_size, stat.st_mtime_ns).encode())
+    return digest.hexdigest()[:16]
 
 
 def _spec(name: str) -> CifarSpec:

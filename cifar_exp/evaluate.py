@@ -1,84 +1,135 @@
-"""Precision@1 and loss over a whole test set, in large batches, with one host sync;
-optionally with test-time augmentation (logits averaged over flipped and shifted views)."""
+"""Score a trained model without training: the test set's precision@1 and loss.
+
+    python -m cifar_exp.evaluate run_id=<MLflow run> [key=value ...]
+    python -m cifar_exp.evaluate checkpoint=<file> [key=value ...]
+
+The model is rebuilt from its run's config with the weights the run evaluates (the EMA
+copy when it trained with one). Keys that change how it is scored, not what was trained,
+may be given like `python -m cifar_exp.run` takes them: eval_images, eval_batch_size,
+tta, device, amp, channels_last, data.*, tracking.uri, tracking.experiment. `log=false`
+only prints.
+
+The result is logged as a new MLflow run, named `evaluate <run name>` and tagged
+`evaluation_of=<run id>`, in the trained run's experiment: the trained run's own record
+stays exactly what training wrote, and each evaluation (another test subset, another TTA,
+another copy of the data) keeps its settings as its params and can be compared with the
+others in the UI."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-from cifar_exp.augment import Augmentation
-from cifar_exp.augment.ops import crop
-from cifar_exp.distributed import SINGLE, World, share_buffers_of_main, sum_over_ranks
-from cifar_exp.speed import TTA_MODES
-from cifar_exp.step import autocast
+from mlflow.tracking import MlflowClient
 
+from cifar_exp import trained as trained_models
+from cifar_exp.data import CifarData, limit_test_set
+from cifar_exp.errors import UserError
+from cifar_exp.redact import redact
+from cifar_exp.scoring import score
+from cifar_exp.step import memory_format
+from cifar_exp.store import open_experiment, store_opening
+from cifar_exp.tracking import command_line, data_inputs, git_tags
 
-def _shifted(inputs: torch.Tensor, offset: int) -> torch.Tensor:
-    """Each image moved by `offset` pixels down and right (negative: up and left), the
-    border filled by reflection."""
-    count, size = inputs.shape[0], inputs.shape[-1]
-    corner = torch.full((count,), -offset, device=inputs.device)
-    return crop(inputs, corner, corner, size)
-
-
-def tta_views(inputs: torch.Tensor, mode: str) -> list[tuple[float, torch.Tensor]]:
-    """(weight, view) pairs whose weighted logits make the prediction, weights summing to 1.
-
-    flip: the image and its mirror, 1/2 each. flip_translate (airbench's level 2): half on
-    those two, half on the same pair for the image shifted by one pixel up-left and by one
-    down-right (1/8 each)."""
-    if mode == "none":
-        return [(1.0, inputs)]
-    views = [(0.5, inputs), (0.5, inputs.flip(-1))]
-    if mode == "flip":
-        return views
-    if mode != "flip_translate":
-        raise ValueError(f"unknown test-time augmentation {mode!r}; use one of {TTA_MODES}")
-    shifted = [_shifted(inputs, -1), _shifted(inputs, 1)]
-    return ([(0.25, view) for _, view in views]
-            + [(0.125, view) for image in shifted for view in (image, image.flip(-1))])
+DEFAULT_URI = "sqlite:///mlflow.db"
+OWN_KEYS = ("run_id", "checkpoint", "log")
 
 
-def predict(model: nn.Module, inputs: torch.Tensor, tta: str = "none",
-            memory_format: torch.memory_format = torch.contiguous_format,
-            amp: str = "fp32") -> torch.Tensor:
-    """The model's fp32 logits for `inputs`, averaged over the views of `tta`."""
-    logits = None
-    for weight, view in tta_views(inputs, tta):
-        with autocast(inputs.device, amp):
-            out = model(view.contiguous(memory_format=memory_format)).float()
-        logits = weight * out if logits is None else logits + weight * out
-    return logits
+def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(this command's own keys, the evaluation overrides) from key=value arguments."""
+    own, overrides = {}, []
+    for argument in argv:
+        key, equals, value = argument.partition("=")
+        if not equals:
+            raise UserError(f"{argument}: give key=value arguments, e.g. run_id=<id> or "
+                            f"checkpoint=<file>")
+        if key in OWN_KEYS:
+            own[key] = value
+        else:
+            overrides.append(argument)
+    if ("run_id" in own) == ("checkpoint" in own):
+        raise UserError("say what to score: run_id=<MLflow run> or checkpoint=<file> (one)")
+    if own.get("log", "true") not in ("true", "false"):
+        raise UserError(f"log={own['log']} must be true or false")
+    return own, overrides
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
-             labels: torch.Tensor, batch_size: int = 500,
-             memory_format: torch.memory_format = torch.contiguous_format,
-             amp: str = "fp32", tta: str = "none",
-             world: World = SINGLE) -> tuple[float, float]:
-    """Return (precision@1, mean cross-entropy) over every image exactly once.
+@dataclass
+class Evaluation:
+    precision: float
+    test_loss: float
+    images: int  # how many test images were scored
+    source: str  # "run <id>" or a checkpoint's path
+    run_id: str  # the MLflow run this evaluation was logged as ("" with log=false)
 
-    In a distributed `world` every rank must call it: each scores its part of the images
-    with rank 0's BatchNorm statistics, and all get the totals over the ranks."""
-    if world.distributed:
-        share_buffers_of_main(model)
-        images, labels = world.shard(images), world.shard(labels)
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.float64, device=labels.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
-    for image_batch, label_batch in zip(images.split(batch_size), labels.split(batch_size),
-                                        strict=True):
-        logits = predict(model, augmentation.eval(image_batch), tta, memory_format, amp)
-        correct += (logits.argmax(1) == label_batch).sum()
-        loss_sum += F.cross_entropy(logits, label_batch, reduction="sum").double()
-    model.train(was_training)
-    # One tensor for the sums, so a distributed run adds them over the ranks at once.
-    totals = torch.stack([correct, loss_sum,
-                          torch.tensor(labels.numel(), dtype=torch.float64, device=labels.device)])
-    if world.distributed:
-        totals = sum_over_ranks(totals)
-    correct_total, loss_total, count = totals.tolist()
-    return correct_total / count, loss_total / count
+
+def evaluate(argv: list[str]) -> Evaluation:
+    """Score what `argv` names; print and (unless log=false) log the result."""
+    own, overrides = parse(argv)
+    uri = next((o.partition("=")[2] for o in overrides if o.startswith("tracking.uri=")),
+               DEFAULT_URI)
+    if "run_id" in own:
+        model = trained_models.from_run(own["run_id"], uri, overrides)
+    else:
+        model = trained_models.from_checkpoint(Path(own["checkpoint"]), overrides)
+    cfg, data = model.cfg, model.data
+    if cfg.eval_images is not None:
+        data = limit_test_set(data, cfg.eval_images)
+    precision, test_loss = score(model.model, model.augmentation, data.test_images,
+                                 data.test_labels, cfg.eval_batch_size,
+                                 memory_format(cfg.channels_last), model.amp, cfg.tta)
+    count = data.test_labels.numel()
+    line = (f"precision @ 1 = {precision:.4f}, test loss = {test_loss:.4f} on {count} test "
+            f"images (tta {cfg.tta}) of {model.source}, step {model.step}")
+    print(line)
+    run_id = ""
+    if own.get("log", "true") == "true":
+        run_id = log_evaluation(model, data, precision, test_loss, overrides)
+        print(f"logged as MLflow run {run_id} (evaluation_of={model.run_id or '-'}) in "
+              f"{redact(cfg.tracking.uri)}")
+    return Evaluation(precision, test_loss, count, model.source, run_id)
+
+
+def log_evaluation(model: trained_models.Trained, data: CifarData, precision: float,
+                   test_loss: float,
+                   overrides: list[str]) -> str:
+    """A new MLflow run holding this evaluation, linked to the run that trained the model."""
+    cfg = model.cfg
+    client = MlflowClient(cfg.tracking.uri)
+    source_name = model.source
+    experiment_id = None
+    if model.run_id:
+        try:
+            with store_opening(cfg.tracking.uri):
+                source = client.get_run(model.run_id)
+            source_name, experiment_id = source.info.run_name, source.info.experiment_id
+        except Exception:  # a checkpoint whose run is in another store: name the file
+            pass
+    experiment_id = experiment_id or open_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    tags = {"evaluation_of": model.run_id, "command": redact(command_line("evaluate")),
+            "source": model.source, "data": cfg.data.name, **git_tags()}
+    run = client.create_run(experiment_id, run_name=f"evaluate {source_name}", tags=tags)
+    params = {"eval_images": cfg.eval_images or data.test_labels.numel(), "tta": cfg.tta,
+              "amp": cfg.amp, "device": cfg.device, "step": model.step,
+              "overrides": redact(" ".join(overrides)) or "-"}
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, str(value))
+    client.log_metric(run.info.run_id, "precision", precision, step=model.step)
+    client.log_metric(run.info.run_id, "test_loss", test_loss, step=model.step)
+    client.log_inputs(run.info.run_id, data_inputs(cfg.data.name, cfg.data.root, splits=("test",)))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        evaluate(sys.argv[1:] if argv is None else argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

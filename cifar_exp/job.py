@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from cifar_exp import checkpoint, distributed, run_folder
 from cifar_exp.build import build_experiment, device_name, resolve_device, select_gpu
 from cifar_exp.config import validate
-from cifar_exp.data import CifarData, load_cifar
-from cifar_exp.errors import CheckpointError, ConfigError, RecordFailure, Stopped
+from cifar_exp.data import CifarData, limit_test_set, load_cifar
+from cifar_exp.errors import CheckpointError, RecordFailure, Stopped
 from cifar_exp.redact import redact, redacted
 from cifar_exp.stop import StopRequest
 from cifar_exp.store import check_tracking_uri, open_experiment, resumable_run, sqlite_path
@@ -33,8 +33,10 @@ from cifar_exp.tracking import (
     RunTracker,
     close_abandoned_runs,
     command_line,
+    data_inputs,
     flatten,
     git_tags,
+    where_to_see,
 )
 from cifar_exp.train import Experiment, LoopState, TrainResult, train
 
@@ -124,6 +126,7 @@ def _tracked(cfg: DictConfig, device: torch.device, world: distributed.World,
             "compile": experiment.settings.compile,
             "cuda_graph": str(experiment.settings.cuda_graph).lower(),
             "processes": str(world.size),  # 1, or the data-parallel ranks of the job
+            "data": cfg.data.name,
             RUN_DIR_TAG: str(folder),
             **git_tags()}
     tracking: dict[str, Any] = {}
@@ -134,7 +137,8 @@ def _tracked(cfg: DictConfig, device: torch.device, world: distributed.World,
         tags = {"resumed_from_step": str(resumed.state["step"]), RUN_DIR_TAG: str(folder)}
     tracker_of_rank = (RunTracker(cfg.tracking.uri, cfg.tracking.experiment, context.run_name,
                                   tags, cfg.tracking.flush_seconds,
-                                  os.environ.get(PARENT_RUN_ENV), **tracking)
+                                  os.environ.get(PARENT_RUN_ENV), **tracking,
+                                  system_metrics_seconds=cfg.tracking.system_metrics_seconds)
                        if world.is_main else NoTracking())
     checkpointer = None
     try:
@@ -147,6 +151,7 @@ def _tracked(cfg: DictConfig, device: torch.device, world: distributed.World,
                 log.info("MLflow run %s (%s) in %s", tracker.run_id, context.run_name,
                          redact(cfg.tracking.uri))
                 tracker.log_params(config)
+                tracker.log_inputs(data_inputs(cfg.data.name, cfg.data.root))
                 tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
                 tracker.log_text("\n".join(context.overrides) + "\n", "overrides.txt")
             if path is not None:
@@ -165,9 +170,10 @@ def _tracked(cfg: DictConfig, device: torch.device, world: distributed.World,
             tracker.log_state_dict(experiment.model, "weights.pt")
             if experiment.ema is not None:
                 tracker.log_state_dict(experiment.ema.model, "ema_weights.pt")
-            if cfg.tracking.log_model and not (resumed and tracker.has_model()):
-                tracker.log_model(experiment.evaluated,
-                                  experiment.augmentation.eval(data.test_images[:8]))
+            if cfg.tracking.log_model and not (resumed and tracker.has_models()):
+                tracker.log_models(experiment.evaluated, experiment.augmentation,
+                                   data.test_images, data.classes,
+                                   cfg.tracking.registered_model_name)
     except Stopped as stopped:
         if stopped.step is not None:
             stopped.hint = stop_hint(context, cfg, path, checkpointer, stopped.step)
@@ -178,6 +184,9 @@ def _tracked(cfg: DictConfig, device: torch.device, world: distributed.World,
     failure = record_failure(cfg, context, tracker, checkpointer, path)
     if failure is not None:
         raise RecordFailure(failure)
+    if world.is_main:
+        log.info("MLflow run %s: %s", tracker.run_id,
+                 where_to_see(cfg.tracking.uri, tracker.experiment_id, tracker.run_id))
     return result
 
 
@@ -246,14 +255,3 @@ def load_resumed(cfg: DictConfig, config: dict[str, Any], folder: Path) -> Resum
         raise CheckpointError(f"{path}: run {run.info.run_id} already finished all "
                               f"{cfg.steps} steps; nothing to resume")
     return Resumed(path, state)
-
-
-def limit_test_set(data: CifarData, count: int) -> CifarData:
-    """`data` with only its first `count` test images (`eval_images`), said in the log."""
-    available = data.test_images.shape[0]
-    if count > available:
-        raise ConfigError(f"eval_images={count} is more than the {available} test images; "
-                          f"use at most {available}, or null for the whole test set")
-    log.info("evaluating on the first %d of the %d test images (eval_images=%d): precision "
-             "is not comparable with a run on the whole test set", count, available, count)
-    return data.first_test_images(count)

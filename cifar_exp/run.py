@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from cifar_exp.config import check_callables, command_overrides, register_schema
 from cifar_exp.errors import ConfigError, NonFiniteLoss, RecordFailure, Stopped, UserError
 from cifar_exp.job import JobContext, run_job
 from cifar_exp.redact import install_redaction
-from cifar_exp.tracking import git_tags
+from cifar_exp.tracking import SWEPT_KEYS_ENV, git_tags, short_keys
 from cifar_exp.train import TrainResult
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,22 @@ def sweep_job_number() -> int | None:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """model-optimizer-steps, with the optimizer as chosen on the command line (sgd_decay);
-    a sweep's jobs add their number: tf_cnn-sgd-3000 #2."""
+    """model-optimizer-steps, with the optimizer as chosen on the command line (sgd_decay):
+    tf_cnn-adam-3000. A sweep's job is named by what differs between its jobs, its values
+    of the swept keys: `tf_cnn-adam lr=0.003 seed=1` (a key by its last part, unless two
+    swept keys end alike); by its number where no key is swept."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    model = choices.get("model", cfg.model.name)
-    optimizer = choices.get("optimizer", cfg.optimizer.name)
+    base = f"{choices.get('model', cfg.model.name)}-{choices.get('optimizer', cfg.optimizer.name)}"
     job_number = sweep_job_number()
-    suffix = f" #{job_number}" if job_number is not None else ""
-    return f"{model}-{optimizer}-{cfg.steps}{suffix}"
+    if job_number is None:
+        return f"{base}-{cfg.steps}"
+    values = dict(override.lstrip("+~").split("=", 1) for override in
+                  HydraConfig.get().overrides.task if "=" in override)
+    swept = [key for key in os.environ.get(SWEPT_KEYS_ENV, "").split(",")
+             if key in values and key not in ("model", "optimizer")]
+    shown = [f"{short}={values[key]}" for key, short in zip(swept, short_keys(swept),
+                                                            strict=True)]
+    return " ".join([base, *shown]) if shown else f"{base}-{cfg.steps} #{job_number}"
 
 
 def job_context(cfg: DictConfig, folder: Path | None = None) -> JobContext:

@@ -34,8 +34,20 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+# MLflow's HTTP client retries for minutes by default; a tracking server that went away
+# must not hold a run up that long. And no progress bar for each artifact it reads back.
+# A user's own settings win.
+CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 CONNECT_TIMEOUT = 5  # seconds, for a server or database that may not answer
+
+
+def use_client_defaults() -> None:
+    """Apply CLIENT_DEFAULTS where the environment does not set them."""
+    for name, value in CLIENT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.errors import UserError
 from cifar_exp.redact import install_redaction, redact
 from cifar_exp.store import check_tracking_uri, open_experiment, with_retries
 from cifar_exp.tools.report import write_report
-from cifar_exp.tracking import PARENT_RUN_ENV, command_line, git_tags
+from cifar_exp.tracking import PARENT_RUN_ENV, SWEPT_KEYS_ENV, command_line, git_tags
 
 log = logging.getLogger(__name__)
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper
@@ -56,10 +57,16 @@ class SweepTracking(Callback):
                 "launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
                 **git_tags()}
         client = MlflowClient(self.uri)
+        swept = swept_keys(config)
+        shown = " ".join(override for override in config.hydra.overrides.task
+                         if override.lstrip("+~").split("=", 1)[0] in swept)
+        # Named by what it varies; the tag `overrides` holds the whole command.
         run = with_retries(lambda: client.create_run(
-            experiment_id, run_name=f"sweep {overrides}".strip(), tags=tags), "create run")
+            experiment_id, run_name=redact(f"sweep {shown or overrides}").strip(), tags=tags),
+            "create run")
         self.parent_run_id = run.info.run_id
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
         atexit.register(self._close, RunStatus.FAILED)  # a sweep that dies midway
         log.info("MLflow sweep run %s in %s", self.parent_run_id, redact(self.uri))
 
@@ -88,12 +95,22 @@ class SweepTracking(Callback):
             return
         run_id, self.parent_run_id = self.parent_run_id, None
         os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEPT_KEYS_ENV, None)
         try:
             client = MlflowClient(self.uri)
             with_retries(lambda: client.set_terminated(run_id, RunStatus.to_string(status)),
                          "end run")
         except Exception as error:  # at exit: report, never mask the real failure
             log.error("MLflow: could not close sweep run %s (%s)", run_id, error)
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a sweep varies: those given several values on the command line (a,b or a
+    range), and an Optuna search space's."""
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [override.key_or_group for override in parsed if override.is_sweep_override()]
+    searched = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return [*keys, *(key for key in searched if key not in keys)]
 
 
 def log_study_result(client: MlflowClient, run_id: str, results_file: Path) -> None:

@@ -5,26 +5,42 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
 from mlflow.models import infer_signature
+from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
+from cifar_exp import serving
+from cifar_exp.augment import Augmentation
+from cifar_exp.data import content_digest, split_files
 from cifar_exp.redact import redact
-from cifar_exp.store import open_experiment, resumable_run, store_error, with_retries
+from cifar_exp.serving import Classifier
+from cifar_exp.store import (
+    open_experiment,
+    resumable_run,
+    sqlite_path,
+    store_error,
+    use_client_defaults,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +49,21 @@ MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # A sweep's parent run id, set by the sweep callback for the jobs it launches.
 PARENT_RUN_ENV = "CIFAR_EXP_PARENT_RUN_ID"
+# The keys a sweep varies (comma-separated), set by the sweep callback: its jobs are named
+# after their values of them.
+SWEPT_KEYS_ENV = "CIFAR_EXP_SWEPT_KEYS"
 
 
-def command_line() -> str:
-    """The command as the user typed it, for the runs' `command` tag: `python -m
-    cifar_exp.run ARGS`, or under torchrun the torchrun command that started this rank."""
+def command_line(module: str = "cifar_exp.run") -> str:
+    """The command as the user typed it, for the runs' `command` tag: `python -m MODULE
+    ARGS`, or under torchrun the torchrun command that started this rank."""
     if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun for the processes it starts
         launcher = torchrun_arguments(os.getppid())
         if launcher is None:  # its process unreadable: the part torchrun must have had
             launcher = [f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}", "-m",
-                        "cifar_exp.run", *sys.argv[1:]]
+                        module, *sys.argv[1:]]
         return " ".join(["torchrun", *launcher])
-    return " ".join(["python -m cifar_exp.run", *sys.argv[1:]])
+    return " ".join([f"python -m {module}", *sys.argv[1:]])
 
 
 def torchrun_arguments(pid: int) -> list[str] | None:
@@ -59,6 +78,47 @@ def torchrun_arguments(pid: int) -> list[str] | None:
                                             and argv[index - 1] == "-m"):
             return [arg for arg in argv[index + 1:] if arg]
     return None
+
+
+def data_inputs(name: str, root: str, splits: Sequence[str] = ("train", "test")
+                ) -> list[DatasetInput]:
+    """The data set's splits as MLflow run inputs (the UI's Dataset column and "Datasets
+    used"): name, the folder read, and a digest of the files' contents."""
+    files = split_files(name, root)
+    contexts = {"train": "training", "test": "evaluation"}
+    inputs = []
+    for split in splits:
+        folder = files[split][0].parent.resolve()
+        dataset = Dataset(name=f"{name}-{split}", digest=content_digest(files[split]),
+                          source_type="local",
+                          source=json.dumps({"uri": folder.as_uri()}),
+                          profile=json.dumps({"files": [path.name for path in files[split]]}))
+        inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, contexts[split])]))
+    return inputs
+
+
+def short_keys(keys: Sequence[str]) -> list[str]:
+    """Config keys as run names and plot labels show them: by their last part
+    (`optimizer.lr` as `lr`), unless two of them end alike."""
+    lasts = [key.rsplit(".", 1)[-1] for key in keys]
+    return [last if lasts.count(last) == 1 else key for key, last in zip(keys, lasts,
+                                                                         strict=True)]
+
+
+def where_to_see(uri: str, experiment_id: str, run_id: str) -> str:
+    """How to open run `run_id` in the MLflow UI."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{redact(uri).rstrip('/')}/{page}"
+    store = uri
+    if (database := sqlite_path(uri)) is not None:
+        store = f"sqlite:///{database}"
+    return f"mlflow ui --backend-store-uri {redact(store)}, then http://127.0.0.1:5000/{page}"
+
+
+def logged_model_name(run_name: str) -> str:
+    """A run's name as the name of its logged model (MLflow refuses / : . % and quotes)."""
+    return re.sub(r"[/:.%\"']", "_", run_name)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -96,10 +156,6 @@ def git_tags(folder: Path = PROJECT_ROOT) -> dict[str, str]:
 
 # A metric point as a checkpoint stores it: (key, value, timestamp in ms, step).
 PointTuple = tuple[str, float, int, int]
-# MLflow's HTTP client retries for minutes by default; a tracking server that went away
-# must not hold a run up that long (a user's own settings win).
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 RETRY_SECONDS = 10.0  # between tries while the store fails
 RUN_DIR_TAG = "run_dir"  # the run's output folder: a run left RUNNING there can be closed
 
@@ -121,14 +177,16 @@ class RunTracker:
     def __init__(self, uri: str, experiment: str, run_name: str,
                  tags: Mapping[str, str] | None = None, flush_seconds: float = 10.0,
                  parent_run_id: str | None = None, run_id: str | None = None,
-                 pending: Sequence[PointTuple] = ()) -> None:
+                 pending: Sequence[PointTuple] = (), system_metrics_seconds: float = 0) -> None:
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self.tags = {key: limited(redact(value), MAX_TAG_VAL_LENGTH)
                      for key, value in (tags or {}).items()}
         if parent_run_id:  # a job of a sweep: shown nested under the sweep's run
             self.tags["mlflow.parentRunId"] = parent_run_id
         self.flush_seconds = flush_seconds
+        self.system_metrics_seconds = system_metrics_seconds  # 0: none
         self._buffer: list[Metric] = []
+        self._last: dict[str, Metric] = {}  # each key's latest point: the final metrics
         self._pending = list(pending)
         self._written: set[tuple[str, int]] = set()  # (key, step) already in a resumed run
         self.stored_up_to = 0  # the last step with a point in the store (a resumed run)
@@ -138,6 +196,7 @@ class RunTracker:
         self.failure_cause = ""  # the first store error, masked, on one line
         self._failing = False
         self.run_id = run_id or ""
+        self.experiment_id = ""
         self._points = threading.Lock()  # guards _buffer
         self._store = threading.Lock()  # one call into the store at a time
         self._wake = threading.Event()
@@ -145,25 +204,29 @@ class RunTracker:
         self._writer: threading.Thread | None = None
 
     def __enter__(self) -> RunTracker:
-        for name, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
+        use_client_defaults()
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
+        system_metrics = self.system_metrics_seconds > 0
+        if system_metrics:  # CPU, memory, disk, network, and GPUs where NVML sees them
+            mlflow.set_system_metrics_sampling_interval(self.system_metrics_seconds)
         if self.run_id:
             existing = resumable_run(self.uri, self.run_id)
             mlflow.set_experiment(experiment_id=existing.info.experiment_id)
-            with_retries(lambda: mlflow.start_run(run_id=self.run_id, tags=self.tags),
+            with_retries(lambda: mlflow.start_run(run_id=self.run_id, tags=self.tags,
+                                                  log_system_metrics=system_metrics),
                          "reopen run")
             self._written = {(key, point.step) for key in existing.data.metrics
                              for point in self.client.get_metric_history(self.run_id, key)}
             self.stored_up_to = max((step for _, step in self._written), default=0)
             for key, value, timestamp, step in self._pending:
                 self._add(Metric(key, value, timestamp, step))
+            self.experiment_id = existing.info.experiment_id
         else:
-            experiment_id = open_experiment(self.uri, self.experiment)
+            experiment_id = self.experiment_id = open_experiment(self.uri, self.experiment)
             run = with_retries(lambda: mlflow.start_run(
-                experiment_id=experiment_id, run_name=self.run_name, tags=self.tags),
-                "start run")
+                experiment_id=experiment_id, run_name=self.run_name, tags=self.tags,
+                log_system_metrics=system_metrics), "start run")
             self.run_id = run.info.run_id
         self._writer = threading.Thread(target=self._write_in_background, daemon=True,
                                         name="mlflow-metrics")
@@ -222,6 +285,7 @@ class RunTracker:
             self._wake.set()
 
     def _add(self, point: Metric) -> None:
+        self._last[point.key] = point
         if (point.key, point.step) not in self._written:
             self._buffer.append(point)
 
@@ -288,28 +352,60 @@ class RunTracker:
 
         self._guarded(f"the artifact {filename}", save_and_log)
 
-    def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
-        """Log `model` as the MLflow PyTorch model 'model', taking preprocessed images,
-        exported with torch.export (`data/model.pt2`: a program and its weights, not a
-        pickle). The example holds several images: a batch of one would pin the exported
-        model to batch size 1."""
-        # A contiguous CPU copy: the logged model loads on any machine.
-        model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
-        example = example.cpu().float()
-        with torch.no_grad():
-            output = model(example).numpy()
-        inputs = example.numpy()
-        self._guarded("the model", lambda: mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=infer_signature(inputs, output),
-            input_example=inputs,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            serialization_format="pt2",  # MLflow's default, except on Databricks
-        ))
+    def log_inputs(self, inputs: Sequence[DatasetInput]) -> None:
+        self._guarded("the data set inputs", lambda: self.client.log_inputs(
+            self.run_id, datasets=list(inputs)))
 
-    def has_model(self) -> bool:
-        """Whether this run logged its model already (a run resumed after its last step)."""
+    def log_models(self, network: torch.nn.Module, augmentation: Augmentation,
+                   test_images: torch.Tensor, classes: Sequence[str],
+                   registered_name: str | None = None) -> None:
+        """Log the run's two models, named after the run:
+
+        - `<run name>`, the one to serve: an MLflow pyfunc model that takes raw uint8
+          images N x 32 x 32 x 3 and returns each image's class, its probability and every
+          class's probability (the evaluation preprocessing, the network and a softmax,
+          exported with torch.export); registered as `registered_name` when given;
+        - `<run name>-network`: the plain torch module for mlflow.pytorch.load_model,
+          taking preprocessed images (exported with torch.export, `data/model.pt2`).
+
+        The run's final `precision` and `test_loss` are linked to the served model. The
+        examples hold 8 test images: a batch of one would pin an export to batch size 1."""
+        name = logged_model_name(self.run_name)
+        # CPU copies: the logged models load on any machine.
+        network = copy.deepcopy(network).cpu().to(memory_format=torch.contiguous_format).eval()
+        preprocessing = serving.on_cpu(augmentation)
+        images = test_images[:8].cpu().permute(0, 2, 3, 1).contiguous()  # N x 32 x 32 x 3
+        inputs = preprocessing.eval(images.permute(0, 3, 1, 2)).float()
+        with torch.no_grad():
+            outputs = network(inputs)
+        requirements = [f"torch=={torch.__version__.split('+')[0]}",
+                        f"mlflow=={mlflow.__version__}", "pandas", "numpy"]
+        self._guarded("the network model", lambda: mlflow.pytorch.log_model(
+            network, name=f"{name}-network",
+            signature=infer_signature(inputs.numpy(), outputs.numpy()),
+            input_example=inputs.numpy(), pip_requirements=requirements[:1],
+            serialization_format="pt2"))  # MLflow's default, except on Databricks
+        with tempfile.TemporaryDirectory() as folder:
+            artifacts = serving.write_artifacts(Classifier(network, preprocessing), images,
+                                                classes, Path(folder))
+            example = images.numpy()
+            predicted = serving.load_served(artifacts).predict(None, example)
+            with warnings.catch_warnings(record=True):  # MLflow's advice on type hints
+                self._guarded("the served model", lambda: self._link(mlflow.pyfunc.log_model(
+                    name=name, python_model=str(serving.PYFUNC_CODE), artifacts=artifacts,
+                    signature=infer_signature(example, predicted), input_example=example,
+                    pip_requirements=requirements, registered_model_name=registered_name)))
+
+    def _link(self, model: ModelInfo) -> None:
+        """Attach the run's last precision and test_loss points to logged `model`: the same
+        points again, with its id (the run's own history does not repeat them)."""
+        points = [Metric(p.key, p.value, p.timestamp, p.step, model_id=model.model_id)
+                  for key in ("precision", "test_loss") if (p := self._last.get(key))]
+        if points:
+            self.client.log_batch(self.run_id, metrics=points, synchronous=True)
+
+    def has_models(self) -> bool:
+        """Whether this run logged its models already (a run resumed after its last step)."""
         with self._store:
             models = self.client.search_logged_models(
                 experiment_ids=[self.client.get_run(self.run_id).info.experiment_id])
@@ -360,7 +456,7 @@ class NoTracking:
     """RunTracker's interface, doing nothing: the tracker of a distributed job's ranks other
     than 0, so that one training job makes exactly one MLflow run."""
 
-    run_id = ""
+    run_id = experiment_id = ""
     stored_up_to = 0
     failures: list[str] = []
     failure_cause = ""
@@ -386,8 +482,11 @@ class NoTracking:
     def log_state_dict(self, model: torch.nn.Module, filename: str) -> None:
         return None
 
-    def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
+    def log_inputs(self, inputs: Sequence[DatasetInput]) -> None:
         return None
 
-    def has_model(self) -> bool:
+    def log_models(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def has_models(self) -> bool:
         return False

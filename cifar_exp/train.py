@@ -27,9 +27,9 @@ from cifar_exp.data import CifarData
 from cifar_exp.distributed import SINGLE, World, agree_on_stop, mean_over_ranks
 from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import NonFiniteLoss, Stopped
-from cifar_exp.evaluate import evaluate
 from cifar_exp.lookahead import Lookahead
 from cifar_exp.models import frozen_parameters
+from cifar_exp.scoring import score
 from cifar_exp.step import TrainingStep, memory_format, synchronize
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
                 bar.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
             if step % settings.eval_every == 0 or last:  # every rank scores its part
                 window.pause()
-                precision, test_loss = evaluate(evaluated, augmentation, data.test_images,
+                precision, test_loss = score(evaluated, augmentation, data.test_images,
                                                 data.test_labels, settings.eval_batch_size,
                                                 layout, settings.amp, settings.tta,
                                                 world)

@@ -194,3 +194,27 @@ def wait_until_healthy(server: subprocess.Popen, url: str, log: IO[bytes],
         except requests.ConnectionError:
             time.sleep(0.5)
     pytest.fail(f"mlflow server did not answer within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict:
+    """A finished 20-step run with EMA, its models logged, its checkpoint kept: the store's
+    URI, the run's id and name, the checkpoint, and the final precision and test loss (on
+    the first 500 test images, as the run scored them)."""
+    from mlflow.tracking import MlflowClient
+
+    from cifar_exp import run as run_module
+    from cifar_exp.config import compose_config
+
+    folder = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    cfg = compose_config(["steps=20", "log_every=10", "eval_images=500", "ema.decay=0.9",
+                          f"data.root={data_root}", f"tracking.uri={uri}",
+                          "tracking.system_metrics_seconds=0",
+                          f"checkpoint.path={folder / 'checkpoint.pt'}"])
+    result = run_module.run_experiment(cfg, folder=folder)
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("cifar_exp").experiment_id])
+    return {"uri": uri, "run_id": run.info.run_id, "name": run.info.run_name,
+            "checkpoint": folder / "checkpoint.pt", "precision": result.precision,
+            "test_loss": result.test_loss, "folder": folder}

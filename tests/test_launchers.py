@@ -31,7 +31,7 @@ def test_submitit_sweep_leaves_one_parent_and_two_finished_children(tmp_path, da
                  f"tracking.uri={uri}", data_root=data_root)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    parent, _ = tracked_sweep(uri, {"tf_cnn-adam-10 #0", "tf_cnn-adam-10 #1"})
+    parent, _ = tracked_sweep(uri, {"tf_cnn-adam seed=0", "tf_cnn-adam seed=1"})
     assert parent.data.tags["launcher"] == "LocalLauncher"
 
 

@@ -68,7 +68,9 @@ def test_every_recipe_runs_as_written_for_two_steps(tmp_path, data_root, recipe)
     client, run = run_recipe(tmp_path, data_root, recipe, "steps=2")
     assert run.info.status == "FINISHED"
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert [m.name for m in logged] == ["model"]  # the model exports (torch.export)
+    # Both models export (torch.export): the served one and the plain network.
+    assert sorted(m.name for m in logged) == [run.info.run_name,
+                                              f"{run.info.run_name}-network"]
 
 
 @pytest.mark.gpu

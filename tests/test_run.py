@@ -57,13 +57,24 @@ def runs_in(store: str, experiment: str = "cifar_exp") -> list:
 def test_twenty_step_run_logs_everything(tmp_path, data_root):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = cli(tmp_path, "steps=20", "eval_every=10", f"tracking.uri={store}",
-                 data_root=data_root)
+                 "tracking.system_metrics_seconds=1", data_root=data_root)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "step 20, loss = " in output and "final precision @ 1 = " in output
+    # It says which data it read, and ends with how to open the run in the UI.
+    assert f"CIFAR-10: 50000 training and 10000 test images from " \
+           f"{data_root / 'cifar-10-batches-bin'}" in output
 
     [run] = runs_in(store)
     assert run.info.status == "FINISHED" and run.info.run_name == "tf_cnn-adam-20"
+    last = output.strip().splitlines()[-1]
+    assert last.endswith(f"MLflow run {run.info.run_id}: mlflow ui --backend-store-uri "
+                         f"{store}, then http://127.0.0.1:5000/#/experiments/"
+                         f"{run.info.experiment_id}/runs/{run.info.run_id}")
+    assert {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs} == {
+        ("cifar10-train", "training"), ("cifar10-test", "evaluation")}
+    assert run.data.tags["data"] == "cifar10"
+    assert "system/cpu_utilization_percentage" in run.data.metrics  # MLflow's own sampling
     client = MlflowClient(store)
     for key in METRICS:
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
@@ -82,7 +93,7 @@ def test_twenty_step_run_logs_everything(tmp_path, data_root):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "overrides.txt", "weights.pt"} <= artifacts
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert [m.name for m in logged] == ["model"]
+    assert sorted(m.name for m in logged) == ["tf_cnn-adam-20", "tf_cnn-adam-20-network"]
     assert not (tmp_path / "mlruns").exists()  # artifacts go to mlartifacts/ beside the db
 
 
@@ -125,7 +136,7 @@ def test_eval_images_scores_the_first_test_images_and_says_so(tmp_path, data_roo
     cfg = compose_config(["steps=10", "eval_images=300", f"tracking.uri={store}",
                           f"data.root={data_root}", "tracking.log_model=false",
                           f"checkpoint.path={tmp_path / 'checkpoint.pt'}"])
-    with caplog.at_level("INFO", logger=job.log.name):
+    with caplog.at_level("INFO", logger="cifar_exp"):
         precision = run_module.main.__wrapped__(cfg)
     assert precision * 300 == pytest.approx(round(precision * 300))  # a count out of 300
     assert "evaluating on the first 300 of the 10000 test images" in caplog.text

@@ -18,7 +18,9 @@ from tests.conftest import mlflow_server as start_mlflow_server
 
 STEP_METRICS = {"loss": [5, 10], "lr": [5, 10], "examples_per_sec": [5, 10],
                 "sec_per_batch": [5, 10], "precision": [10], "test_loss": [10]}
-CHILD_NAMES = {"tf_cnn-adam-10 #0", "tf_cnn-adam-10 #1", "tf_cnn-sgd-10 #2", "tf_cnn-sgd-10 #3"}
+# Each job named by what differs between the jobs (the optimizer is in the name anyway).
+CHILD_NAMES = {"tf_cnn-adam seed=0", "tf_cnn-adam seed=1", "tf_cnn-sgd seed=0",
+               "tf_cnn-sgd seed=1"}
 
 
 def parent_and_children(uri: str) -> tuple[list, list]:
@@ -54,6 +56,7 @@ def test_parallel_sweep_leaves_one_parent_and_four_finished_children(sweep_store
     assert "database is locked" not in output and "migration" not in output
 
     parent, children = tracked_sweep(uri, CHILD_NAMES)
+    assert parent.info.run_name == "sweep optimizer=adam,sgd seed=0,1"  # what it varies
     client = MlflowClient(uri)
     assert parent.data.tags["launcher"] == "JoblibLauncher"
     assert "optimizer=adam,sgd seed=0,1" in parent.data.tags["command"]
@@ -198,5 +201,13 @@ def test_mlflow_ui_shows_the_sweep_and_its_children(mlflow_server, sweep_store):
         browser.find_element(By.CSS_SELECTOR,
                              "button[data-component-id*='runnamecellrenderer']").click()
         wait.until(lambda b: all(name in page(b) for name in CHILD_NAMES))
+        # The sweep's report on the parent's page: its plots load from the run's artifacts.
+        browser.get(f"{mlflow_server}/#/experiments/{parent.info.experiment_id}/runs/"
+                    f"{parent.info.run_id}")
+        loaded = ("return [...document.images].filter(i => i.src.includes('get-artifact') "
+                  "&& i.complete && i.naturalWidth > 100).length")
+        wait.until(lambda b: b.execute_script(loaded) == 3)
+        if os.environ.get("CIFAR_EXP_SCREENSHOTS"):  # for the docs
+            browser.save_screenshot(os.environ["CIFAR_EXP_SCREENSHOTS"] + "/sweep_parent.png")
     finally:
         browser.quit()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from cifar_exp.augment import build_augmentation
 from cifar_exp.errors import CheckpointError
 from cifar_exp.models import build_model
 from cifar_exp.store import resumable_run
@@ -111,32 +112,54 @@ def test_failed_and_interrupted_runs_are_marked(store):
     assert client.get_run(killed.run_id).info.status == "KILLED"
 
 
-def test_logged_model_serves_any_batch_size(store, tmp_path):
-    model = build_model("tf_cnn", 10, 24).eval().to(memory_format=torch.channels_last)
-    example = torch.randn(8, 3, 24, 24)
-    with RunTracker(store, "unit", "model-run") as run:
-        run.log_model(model, example)
-        run.log_state_dict(model, "weights.pt")
-        run.log_text("a: 1\n", "config.yaml")
+def test_a_run_logs_a_model_to_serve_and_its_plain_network(store, tmp_path, cifar10):
+    augmentation = build_augmentation("tf_distort", cifar10.train_images)
+    network = build_model("tf_cnn", 10, 24).eval().to(memory_format=torch.channels_last)
+    with RunTracker(store, "unit", "tf_cnn-adam lr=0.003") as run:
+        run.log_metrics({"precision": 0.25, "test_loss": 2.0}, 10)
+        run.flush()
+        run.log_models(network, augmentation, cifar10.test_images, cifar10.classes,
+                       registered_name="cifar-unit")
+        run.log_state_dict(network, "weights.pt")
     client = MlflowClient(store)
-    logged = client.search_logged_models(
+    logged = {m.name: m for m in client.search_logged_models(
         experiment_ids=[client.get_experiment_by_name("unit").experiment_id])
-    assert [m.name for m in logged if m.source_run_id == run.run_id] == ["model"]
-    # Exported with torch.export (a .pt2 program), not pickled.
-    model_folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.run_id}/model",
-                                                            dst_path=str(tmp_path / "m")))
-    assert [p.name for p in (model_folder / "data").iterdir() if p.suffix == ".pt2"] == [
-        "model.pt2"]
-    loaded = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model")
-    batch = torch.randn(3, 3, 24, 24)
+        if m.source_run_id == run.run_id}
+    # Named after the run (MLflow takes no "." in a model's name).
+    assert set(logged) == {"tf_cnn-adam lr=0_003", "tf_cnn-adam lr=0_003-network"}
+    served, plain = logged["tf_cnn-adam lr=0_003"], logged["tf_cnn-adam lr=0_003-network"]
+
+    # The plain network: exported with torch.export (a .pt2 program, not a pickle), for
+    # preprocessed images of any batch size.
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{plain.model_id}",
+                                                      dst_path=str(tmp_path / "net")))
+    assert [p.name for p in (folder / "data").iterdir() if p.suffix == ".pt2"] == ["model.pt2"]
+    loaded = mlflow.pytorch.load_model(f"models:/{plain.model_id}")
+    batch = augmentation.eval(cifar10.test_images[:3])
     with torch.no_grad():
-        torch.testing.assert_close(loaded(batch), model(batch), rtol=1e-4, atol=1e-5)
-    artifacts = {a.path for a in MlflowClient(store).list_artifacts(run.run_id)}
-    assert {"weights.pt", "config.yaml"} <= artifacts
+        torch.testing.assert_close(loaded(batch), network(batch), rtol=1e-4, atol=1e-5)
+
+    # The served model: raw uint8 images in (N x 32 x 32 x 3), classes and probabilities out.
+    model = mlflow.pyfunc.load_model(f"models:/{served.model_id}")
+    images = cifar10.test_images[:5]
+    answer = model.predict(images.permute(0, 2, 3, 1).numpy())
+    with torch.no_grad():
+        expected = network(augmentation.eval(images)).softmax(-1)
+    assert list(answer.columns) == ["class", "probability", *cifar10.classes]
+    torch.testing.assert_close(torch.tensor(answer[cifar10.classes].to_numpy()), expected,
+                               rtol=1e-4, atol=1e-6)
+    assert list(answer["class"]) == [cifar10.classes[i] for i in expected.argmax(1)]
+
+    # The final metrics are the served model's, and the run's history holds them once.
+    assert {(m.key, m.value, m.step) for m in client.get_logged_model(served.model_id).metrics
+            if not m.key.startswith("system/")} == {("precision", 0.25, 10),
+                                                    ("test_loss", 2.0, 10)}
+    assert len(client.get_metric_history(run.run_id, "precision")) == 1
+    assert client.get_registered_model("cifar-unit").latest_versions[0].run_id == run.run_id
     state = torch.load(Path(mlflow.artifacts.download_artifacts(
         run_id=run.run_id, artifact_path="weights.pt", dst_path=str(tmp_path))),
         weights_only=True)
-    assert set(state) == set(model.state_dict())
+    assert set(state) == set(network.state_dict())
 
 
 def test_failed_metric_writes_are_retried_and_nothing_is_lost(store, monkeypatch, caplog):

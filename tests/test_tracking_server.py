@@ -91,7 +91,7 @@ def test_parallel_sweep_logs_everything_to_a_server_on_postgresql(tmp_path, data
         assert result.returncode == 0, result.stderr[-3000:]
 
         # Every point of both jobs reached the server, once.
-        parent, children = tracked_sweep(url, {"tf_cnn-adam-10 #0", "tf_cnn-adam-10 #1"})
+        parent, children = tracked_sweep(url, {"tf_cnn-adam seed=0", "tf_cnn-adam seed=1"})
         assert parent.data.metrics["jobs_finished"] == 2
         client = MlflowClient(url)
         for run in children:  # artifacts went through the server into its artifact store

@@ -14,11 +14,11 @@ from cifar_exp.checkpoint import Checkpointer, load_checkpoint, restore
 from cifar_exp.data import CifarData
 from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import NonFiniteLoss, Stopped
-from cifar_exp.evaluate import evaluate
 from cifar_exp.lookahead import Lookahead
 from cifar_exp.models import build_model
 from cifar_exp.optim import build_optimizer
 from cifar_exp.schedules import build_schedule
+from cifar_exp.scoring import score
 from cifar_exp.train import (
     Experiment,
     LoopState,
@@ -128,8 +128,8 @@ def test_ema_model_is_evaluated(slice_data):
     augmentation = build_augmentation("tf_distort", slice_data.train_images)
     args = (augmentation, slice_data.test_images, slice_data.test_labels,
             settings.eval_batch_size, torch.channels_last)
-    assert evaluate(ema.model, *args) == (result.precision, result.test_loss)
-    assert evaluate(model, *args)[1] != result.test_loss
+    assert score(ema.model, *args) == (result.precision, result.test_loss)
+    assert score(model, *args)[1] != result.test_loss
 
 
 def test_lookahead_leaves_the_weights_at_its_average(slice_data):
@@ -154,7 +154,7 @@ def test_lookahead_leaves_the_weights_at_its_average(slice_data):
         if value.is_floating_point():
             assert torch.equal(value, average_at_10[key]), key
     augmentation = build_augmentation("tf_distort", slice_data.train_images)
-    assert evaluate(parts.model, augmentation, slice_data.test_images, slice_data.test_labels,
+    assert score(parts.model, augmentation, slice_data.test_images, slice_data.test_labels,
                     settings.eval_batch_size, torch.channels_last)[0] == result.precision
 
 

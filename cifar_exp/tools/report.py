@@ -30,13 +30,14 @@ from tqdm import tqdm
 from cifar_exp.errors import ConfigError, UserError, one_line
 from cifar_exp.redact import redact
 from cifar_exp.store import check_tracking_uri
+from cifar_exp.tracking import short_keys
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 CURVES = ("loss", "precision")
 SEED_KEY = "seed"
-MAX_LEGEND = 12  # beyond this many runs a legend hides the plot
+MAX_LEGEND = 8  # beyond this many runs a legend is no help: the table names them
 
 
 @dataclass
@@ -49,6 +50,17 @@ class RunSummary:
     examples_per_sec: float  # median of the logged windows: warm-up does not skew it
     wall_seconds: float
     histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)  # the run's whole config, flat
+    eval_images: int | None = None  # scored on the first N test images; None: all
+
+    def value(self, key: str) -> str | None:
+        """The run's value of `key` (an override key): as overridden, else from its
+        config (`optimizer` is `optimizer.name` there)."""
+        for found in (self.overrides.get(key), self.params.get(key),
+                      self.params.get(f"{key}.name")):
+            if found is not None:
+                return found
+        return None
 
 
 @dataclass
@@ -97,6 +109,7 @@ def summarize(client: MlflowClient, run: Run) -> RunSummary:
         run.info.run_id, key)) for key in (*CURVES, "examples_per_sec")}
     speeds = [value for _, value in histories.pop("examples_per_sec")]
     end = run.info.end_time or run.info.start_time
+    eval_images = run.data.params.get("eval_images", "None")
     return RunSummary(
         run_id=run.info.run_id,
         name=run.info.run_name or run.info.run_id[:8],
@@ -106,13 +119,15 @@ def summarize(client: MlflowClient, run: Run) -> RunSummary:
         examples_per_sec=statistics.median(speeds) if speeds else math.nan,
         wall_seconds=(end - run.info.start_time) / 1000,
         histories=histories,
+        params=dict(run.data.params),
+        eval_images=int(eval_images) if eval_images.isdigit() else None,
     )
 
 
 def swept_keys(runs: list[RunSummary]) -> list[str]:
     """Override keys whose value differs between runs: what the sweep varied."""
     keys = sorted({key for run in runs for key in run.overrides})
-    return [key for key in keys if len({run.overrides.get(key) for run in runs}) > 1]
+    return [key for key in keys if len({run.value(key) for run in runs}) > 1]
 
 
 def _format(value: str | float | None) -> str:
@@ -132,16 +147,23 @@ def _row(cells: list[str]) -> str:
 
 
 def runs_table(runs: list[RunSummary], keys: list[str]) -> str:
-    """One row per run, best precision first."""
+    """One row per run, best precision first; a precision measured on part of the test set
+    is marked, and ranked after every one measured on all of it."""
     header = ["run", *keys, "status", "precision", "examples/sec", "wall time (s)"]
     lines = [_row(header), _row(["---"] * len(header))]
-    ordered = sorted(runs, key=lambda r: -r.precision if not math.isnan(r.precision) else 1)
-    for run in ordered:
-        lines.append(_row([run.name, *(_format(run.overrides.get(k)) for k in keys),
-                           run.status, _format(run.precision), f"{run.examples_per_sec:,.0f}"
+    for run in sorted(runs, key=_rank):
+        partial = f" ({run.eval_images} images)" if run.eval_images is not None else ""
+        lines.append(_row([run.name, *(_format(run.value(k)) for k in keys),
+                           run.status, _format(run.precision) + partial,
+                           f"{run.examples_per_sec:,.0f}"
                            if not math.isnan(run.examples_per_sec) else "-",
                            f"{run.wall_seconds:.1f}"]))
     return "\n".join(lines)
+
+
+def _rank(run: RunSummary) -> tuple[bool, float]:
+    """Whole-test-set runs first, then by precision, best first (nan last)."""
+    return run.eval_images is not None, -run.precision if not math.isnan(run.precision) else 1
 
 
 def seed_table(runs: list[RunSummary], keys: list[str]) -> str | None:
@@ -152,7 +174,7 @@ def seed_table(runs: list[RunSummary], keys: list[str]) -> str | None:
     config_keys = [key for key in keys if key != SEED_KEY]
     groups: dict[tuple, list[RunSummary]] = defaultdict(list)
     for run in runs:
-        groups[tuple(run.overrides.get(key) for key in config_keys)].append(run)
+        groups[tuple(run.value(key) for key in config_keys)].append(run)
     header = [*config_keys, "seeds", "precision (mean ± std)", "examples/sec (mean)"]
     lines = [_row(header), _row(["---"] * len(header))]
     for values, members in groups.items():
@@ -168,8 +190,9 @@ def seed_table(runs: list[RunSummary], keys: list[str]) -> str | None:
 
 
 def _label(run: RunSummary, keys: list[str]) -> str:
-    swept = " ".join(f"{key}={_format(run.overrides.get(key))}" for key in keys)
-    return swept or run.name
+    """What tells the run apart: its values of the swept keys, the keys cut short."""
+    return " ".join(f"{short}={_format(run.value(key))}"
+                    for key, short in zip(keys, short_keys(keys), strict=True)) or run.name
 
 
 def _figure(**options: Any) -> Figure:
@@ -181,7 +204,10 @@ def _figure(**options: Any) -> Figure:
 
 
 def plot_curves(runs: list[RunSummary], keys: list[str], path: Path) -> None:
-    figure = _figure(figsize=(11, 4))
+    """Loss and precision against the step, a line per run; the legend beside the plots
+    (never over the curves), left out past MAX_LEGEND runs, when the table names them."""
+    legend = len(runs) <= MAX_LEGEND
+    figure = _figure(figsize=(13 if legend else 11, 4))
     axes = figure.subplots(1, len(CURVES))
     for ax, metric in zip(axes, CURVES, strict=True):
         for run in runs:
@@ -192,8 +218,11 @@ def plot_curves(runs: list[RunSummary], keys: list[str], path: Path) -> None:
                         label=_label(run, keys))
         ax.set(xlabel="step", ylabel=metric, title=f"{metric} per run")
         ax.grid(alpha=0.3)
-    if len(runs) <= MAX_LEGEND:
-        axes[-1].legend(fontsize="small")
+    if legend:
+        axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1),
+                        borderaxespad=0)
+    else:
+        figure.suptitle(f"{len(runs)} runs: the table tells them apart", fontsize="small")
     figure.savefig(path, dpi=100)
 
 
@@ -209,6 +238,8 @@ def plot_params(runs: list[RunSummary], keys: list[str], path: Path) -> bool:
     keys = [key for key in keys if key != SEED_KEY]
     if not keys:
         return False
+    from matplotlib.ticker import NullFormatter
+
     figure = _figure(figsize=(4 * len(keys), 3.5))
     axes = figure.subplots(1, len(keys), squeeze=False)[0]
     precisions = [run.precision for run in runs]
@@ -219,6 +250,7 @@ def plot_params(runs: list[RunSummary], keys: list[str], path: Path) -> bool:
             ax.scatter(numbers, precisions)
             if min(numbers) > 0 and max(numbers) / min(numbers) >= 20:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minors overlap
         else:
             categories = sorted({str(value) for value in values})
             ax.scatter([categories.index(str(value)) for value in values], precisions)
@@ -234,7 +266,7 @@ def plot_speed(runs: list[RunSummary], keys: list[str], path: Path) -> None:
     ax = figure.subplots()
     labels = [_label(run, keys) for run in runs]
     ax.barh(range(len(runs)), [run.examples_per_sec for run in runs])
-    ax.set_yticks(range(len(runs)), labels, fontsize="small")
+    ax.set_yticks(range(len(runs)), labels, fontsize="small" if len(runs) <= 20 else "x-small")
     ax.invert_yaxis()
     ax.set(xlabel="examples/sec (median over log windows)", title="training speed per run")
     ax.grid(axis="x", alpha=0.3)
@@ -260,7 +292,8 @@ def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
     keys = swept_keys(runs)
     folder.mkdir(parents=True, exist_ok=True)
     finished = [run for run in runs if not math.isnan(run.precision)]
-    best = max(finished, key=lambda run: run.precision) if finished else None
+    whole = [run for run in finished if run.eval_images is None]
+    best = min(whole or finished, key=_rank) if finished else None
 
     plots = [folder / "curves.png", folder / "speed.png"]
     plot_curves(runs, keys, plots[0])
@@ -271,9 +304,15 @@ def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
     title = f"sweep {parent}" if parent else f"experiment {experiment}"
     sections = [f"# Report: {title}", f"{len(runs)} runs, tracking store {uri}.",
                 runs_table(runs, keys)]
+    partial = sorted({run.eval_images for run in runs if run.eval_images is not None})
+    if partial:
+        sections.append(f"Runs scored on the first {', '.join(map(str, partial))} test images "
+                        f"only (eval_images) show how many: their precision is not comparable "
+                        f"with a whole-test-set run's, and they rank after those.")
     if best is not None:
         sections.append(f"Best: **{best.name}** ({_label(best, keys)}), precision "
-                        f"{best.precision:.4f}.")
+                        f"{best.precision:.4f}" + (f" on the first {best.eval_images} test "
+                                                   f"images" if best.eval_images else "") + ".")
     if (seeds := seed_table(runs, keys)) is not None:
         sections += ["## Over seeds", seeds]
     sections.append("\n".join(f"![{plot.stem}]({plot.name})" for plot in plots))
@@ -282,7 +321,13 @@ def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
 
     if parent is not None:
         client.log_artifacts(parent, str(folder), "report")
-        client.set_tag(parent, "mlflow.note.content", markdown)  # shown on the run's page
+        # Shown on the run's page, where the plots are the run's artifacts, as the UI
+        # serves them: report.md's relative links would not resolve there.
+        note = markdown
+        for plot in plots:
+            note = note.replace(f"]({plot.name})", f"](get-artifact?path=report%2F{plot.name}"
+                                                   f"&run_uuid={parent})")
+        client.set_tag(parent, "mlflow.note.content", note)
     return Report(folder, markdown, runs, keys, best, plots)
 
 

@@ -12,8 +12,12 @@ from mlflow.tracking import MlflowClient
 
 from cifar_exp.tools.report import (
     RunSummary,
+    _label,
     main,
     parse_overrides,
+    plot_curves,
+    plot_params,
+    plot_speed,
     runs_table,
     seed_table,
     swept_keys,
@@ -100,7 +104,12 @@ def test_report_renders_a_sweep_from_the_store_and_logs_it_on_the_parent(store, 
     logged = {a.path for a in client.list_artifacts(parent, "report")}
     assert logged == {"report/report.md", "report/curves.png", "report/speed.png",
                       "report/params.png"}
-    assert client.get_run(parent).data.tags["mlflow.note.content"] == markdown
+    # On the parent's page the plots are its artifacts, as the MLflow UI serves them.
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert note == markdown.replace("](curves.png)", f"](get-artifact?path=report%2Fcurves.png"
+                                                     f"&run_uuid={parent})").replace(
+        "](speed.png)", f"](get-artifact?path=report%2Fspeed.png&run_uuid={parent})").replace(
+        "](params.png)", f"](get-artifact?path=report%2Fparams.png&run_uuid={parent})")
 
 
 def test_report_of_a_whole_experiment_leaves_sweep_parents_out(store, tmp_path):
@@ -130,3 +139,40 @@ def test_cli_bad_input_is_one_line_and_exit_2(store, tmp_path, capsys, args, mes
     assert main([*args, "--out", str(tmp_path / "r")]) == 2
     error = capsys.readouterr().err
     assert error.startswith(message) and error.count("\n") == 1
+
+
+def test_a_key_a_run_did_not_override_shows_its_value_from_the_config():
+    runs = [summary("a", 0.5, **{"optimizer.lr": "0.01"}),
+            summary("b", 0.6)]
+    runs[1].params = {"optimizer.lr": "0.001", "optimizer.name": "adam"}
+    runs[0].params = {"optimizer.lr": "0.01", "optimizer.name": "adam"}
+    assert swept_keys(runs) == ["optimizer.lr"]
+    table = runs_table(runs, ["optimizer.lr"])
+    assert "| b | 0.001 |" in table and "| a | 0.01 |" in table and " - |" not in table
+
+
+def test_runs_on_part_of_the_test_set_are_marked_and_ranked_after_whole_ones():
+    whole, partial = summary("whole", 0.5), summary("partial", 0.9)
+    partial.eval_images = 500
+    lines = runs_table([partial, whole], []).splitlines()
+    assert lines[2].startswith("| whole | FINISHED | 0.5000 |")
+    assert lines[3].startswith("| partial | FINISHED | 0.9000 (500 images) |")
+
+
+@pytest.mark.filterwarnings("error")  # matplotlib's warnings would reach the console
+def test_plots_stay_readable_with_many_runs(tmp_path):
+    runs = []
+    for number in range(30):
+        run = summary(f"tf_cnn-adam lr={number}", 0.5 + number / 100,
+                      **{"optimizer.lr": f"{10 ** -(number % 5 + 1):g}",
+                         "optimizer.weight_decay": str(number)})
+        run.histories = {"loss": [(5, 2.0), (10, 1.5)], "precision": [(10, run.precision)]}
+        runs.append(run)
+    keys = swept_keys(runs)
+    assert keys == ["optimizer.lr", "optimizer.weight_decay"]
+    plot_curves(runs, keys, tmp_path / "curves.png")  # no legend: 30 runs
+    plot_params(runs, keys, tmp_path / "params.png")
+    plot_speed(runs, keys, tmp_path / "speed.png")
+    for name in ("curves", "params", "speed"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    assert _label(runs[3], keys) == "lr=0.0001 weight_decay=3"
