@@ -9,7 +9,6 @@ from omegaconf import DictConfig
 from cifar_exp.augment import Augmentation, build_augmentation
 from cifar_exp.config import split_name
 from cifar_exp.data import CifarData
-from cifar_exp.distributed import SINGLE, World
 from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import ConfigError
 from cifar_exp.lookahead import Lookahead
@@ -19,6 +18,7 @@ from cifar_exp.optim.groups import parameter_groups
 from cifar_exp.schedules import build_schedule
 from cifar_exp.speed import resolve_amp, resolve_compile, resolve_cuda_graph
 from cifar_exp.train import Experiment, TrainSettings
+from cifar_exp.world import SINGLE, World
 
 # Models that initialize from data (e.g. a whitening layer) see this many training images,
 # as airbench's whitening does: plenty for a 12 x 12 patch covariance.

@@ -75,6 +75,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrialConfig:
+    """Set by the Optuna sweeper, never by hand: the trial this job is, so that it reports
+    its evaluations and stops when the study's pruner says so."""
+
+    storage: str | None = None  # the study's Optuna storage URL
+    study: str | None = None
+    number: int | None = None
+    pruner: str = "none"  # the study's pruner (search.PRUNERS), which Optuna does not store
+
+
+@dataclass
 class Config:
     # Group options carry a `name` (the registered builder) plus that builder's options,
     # which differ per option and are checked against the builder's signature.
@@ -87,6 +98,7 @@ class Config:
     lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    trial: TrialConfig = field(default_factory=TrialConfig)
     # false: a new run; true: continue from the checkpoint in the run folder; or a file.
     resume: Any = False
     steps: int = 3000

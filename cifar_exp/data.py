@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import pickle
+import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -215,10 +216,13 @@ def _download(spec: CifarSpec, root: Path) -> None:
     import torchvision.datasets  # imported here: only downloads need it
 
     dataset_class = getattr(torchvision.datasets, spec.torchvision_class)
+    created = not root.exists()
     try:
         for train in (True, False):  # the archive holds both; torchvision verifies its md5
             dataset_class(str(root), train=train, download=True)
     except (OSError, RuntimeError) as error:
+        if created:  # offline, say: leave no empty (or half-fetched) data folder behind
+            shutil.rmtree(root, ignore_errors=True)
         raise DataError(
             f"could not download {spec.title} into {root}: {error}; check the network, "
             f"or place {spec.binary_folder}/ or {spec.python_folder}/ there by hand"

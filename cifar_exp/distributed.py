@@ -13,10 +13,7 @@ test set and the sums are added over the ranks.
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -24,70 +21,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cifar_exp.errors import ConfigError
+from cifar_exp.world import World
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class World:
-    """This process's place among the processes training one job."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0  # the rank among the processes on this machine: its GPU
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, data: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous part of `data`: of a global batch (its size divides by
-        `size`, so the parts are equal) or of the test set (the parts differ by at most
-        one row); together the parts cover every row once."""
-        return torch.tensor_split(data, self.size)[self.rank]
-
-
-SINGLE = World()
-
-
-def current_world() -> World:
-    """The world torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK);
-    a single process elsewhere."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
-        return SINGLE
-    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def adopt_launcher_tasks() -> None:
-    """Under Hydra's submitit launcher with several tasks per job (SLURM's
-    `--ntasks-per-node`), make the tasks one data-parallel job: export the variables
-    torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from
-    submitit's job environment. Elsewhere, and for a single task, nothing changes."""
-    if "SUBMITIT_EXECUTOR" not in os.environ or "WORLD_SIZE" in os.environ:
-        return
-    from submitit import JobEnvironment
-    from submitit.helpers import TorchDistributedEnvironment
-
-    if JobEnvironment().num_tasks > 1:
-        # Each rank picks its GPU by LOCAL_RANK (device_for), so all stay visible.
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        if int(os.environ["RANK"]):  # one log of the job, rank 0's, in its output folder
-            logging.getLogger("cifar_exp").setLevel(logging.WARNING)
-
-
-def hydra_overrides(world: World) -> list[str]:
-    """Overrides for a rank other than 0, so that Hydra creates no folder and no log file
-    for it: rank 0's output folder is the job's only one."""
-    if world.is_main:
-        return []
-    return ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none",
-            "hydra/hydra_logging=none"]
+def shard(world: World, data: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous part of `data`: of a global batch (its size divides by the
+    world's size, so the parts are equal) or of the test set (the parts differ by at most
+    one row); together the parts cover every row once."""
+    return torch.tensor_split(data, world.size)[world.rank]
 
 
 def device_for(name: str, world: World) -> str:
@@ -95,12 +38,6 @@ def device_for(name: str, world: World) -> str:
     if world.distributed and name in ("cuda", "auto") and torch.cuda.is_available():
         return f"cuda:{world.local_rank}"
     return name
-
-
-def check_batch_size(batch_size: int, world: World) -> None:
-    if batch_size % world.size:
-        raise ConfigError(f"batch_size={batch_size} does not divide into {world.size} "
-                          f"equal slices, one per process")
 
 
 @contextlib.contextmanager

@@ -28,6 +28,15 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, untrusted, or from another run."""
 
 
+class Pruned(Exception):
+    """An Optuna trial stopped early: its pruner found it hopeless at `step`."""
+
+    def __init__(self, trial: int, step: int, precision: float) -> None:
+        super().__init__(f"trial {trial} pruned at step {step} (precision {precision:.4f}): "
+                         f"the study's pruner finds it hopeless")
+        self.trial, self.step, self.precision = trial, step, precision
+
+
 class RecordFailure(Exception):
     """Training ran, but writing its record did not fully succeed: the tracking store or
     the checkpoint file failed. The message says what was kept and how to finish; the

@@ -1,7 +1,7 @@
 """Score a trained model without training: the test set's precision@1 and loss.
 
-    python -m cifar_exp.evaluate run_id=<MLflow run> [key=value ...]
-    python -m cifar_exp.evaluate checkpoint=<file> [key=value ...]
+    cifar-exp-evaluate run_id=<MLflow run> [key=value ...]    (or python -m cifar_exp.evaluate)
+    cifar-exp-evaluate checkpoint=<file> [key=value ...]
 
 The model is rebuilt from its run's config with the weights the run evaluates (the EMA
 copy when it trained with one). Keys that change how it is scored, not what was trained,
@@ -20,17 +20,15 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mlflow.tracking import MlflowClient
-
-from cifar_exp import trained as trained_models
-from cifar_exp.data import CifarData, limit_test_set
 from cifar_exp.errors import UserError
+from cifar_exp.naming import command_line, git_tags
 from cifar_exp.redact import redact
-from cifar_exp.scoring import score
-from cifar_exp.step import memory_format
-from cifar_exp.store import open_experiment, store_opening
-from cifar_exp.tracking import command_line, data_inputs, git_tags
+
+if TYPE_CHECKING:
+    from cifar_exp.data import CifarData
+    from cifar_exp.trained import Trained
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 OWN_KEYS = ("run_id", "checkpoint", "log")
@@ -66,6 +64,12 @@ class Evaluation:
 
 def evaluate(argv: list[str]) -> Evaluation:
     """Score what `argv` names; print and (unless log=false) log the result."""
+    # Here, not above: torch and MLflow are not for --help.
+    from cifar_exp import trained as trained_models
+    from cifar_exp.data import limit_test_set
+    from cifar_exp.scoring import score
+    from cifar_exp.step import memory_format
+
     own, overrides = parse(argv)
     uri = next((o.partition("=")[2] for o in overrides if o.startswith("tracking.uri=")),
                DEFAULT_URI)
@@ -91,10 +95,14 @@ def evaluate(argv: list[str]) -> Evaluation:
     return Evaluation(precision, test_loss, count, model.source, run_id)
 
 
-def log_evaluation(model: trained_models.Trained, data: CifarData, precision: float,
-                   test_loss: float,
+def log_evaluation(model: Trained, data: CifarData, precision: float, test_loss: float,
                    overrides: list[str]) -> str:
     """A new MLflow run holding this evaluation, linked to the run that trained the model."""
+    from mlflow.tracking import MlflowClient
+
+    from cifar_exp.store import open_experiment, store_opening
+    from cifar_exp.tracking import data_inputs
+
     cfg = model.cfg
     client = MlflowClient(cfg.tracking.uri)
     source_name = model.source
@@ -123,8 +131,12 @@ def log_evaluation(model: trained_models.Trained, data: CifarData, precision: fl
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
     try:
-        evaluate(sys.argv[1:] if argv is None else argv)
+        evaluate(argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -23,22 +23,22 @@ from cifar_exp.build import build_experiment, device_name, resolve_device, selec
 from cifar_exp.config import validate
 from cifar_exp.data import CifarData, limit_test_set, load_cifar
 from cifar_exp.errors import CheckpointError, RecordFailure, Stopped
+from cifar_exp.naming import PARENT_RUN_ENV, command_line, git_tags
 from cifar_exp.redact import redact, redacted
+from cifar_exp.search import trial_reporter
 from cifar_exp.stop import StopRequest
 from cifar_exp.store import check_tracking_uri, open_experiment, resumable_run, sqlite_path
 from cifar_exp.tracking import (
-    PARENT_RUN_ENV,
     RUN_DIR_TAG,
     NoTracking,
     RunTracker,
     close_abandoned_runs,
-    command_line,
     data_inputs,
     flatten,
-    git_tags,
     where_to_see,
 )
 from cifar_exp.train import Experiment, LoopState, TrainResult, train
+from cifar_exp.world import SINGLE, World, check_batch_size, current_world
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ def run_job(cfg: DictConfig, context: JobContext) -> TrainResult:
     Under torchrun every rank trains its slice of each batch; rank 0 alone holds the run
     folder, tracks and checkpoints."""
     validate(cfg)
-    world = distributed.current_world()
-    distributed.check_batch_size(cfg.batch_size, world)
+    world = current_world()
+    check_batch_size(cfg.batch_size, world)
     device = resolve_device(distributed.device_for(cfg.device, world), context.job_number)
     select_gpu(device)
     with distributed.process_group(world, device):
@@ -73,7 +73,7 @@ def run_job(cfg: DictConfig, context: JobContext) -> TrainResult:
 
 
 def train_job(cfg: DictConfig, device: torch.device, context: JobContext,
-              world: distributed.World = distributed.SINGLE) -> TrainResult:
+              world: World = SINGLE) -> TrainResult:
     """run_job's work once the device (and process group) are set up."""
     check_tracking_uri(cfg.tracking.uri)
     config = redacted(flatten(OmegaConf.to_container(cfg, resolve=True)))
@@ -113,7 +113,7 @@ def train_job(cfg: DictConfig, device: torch.device, context: JobContext,
                         resumed, loop_state, path)
 
 
-def _tracked(cfg: DictConfig, device: torch.device, world: distributed.World,
+def _tracked(cfg: DictConfig, device: torch.device, world: World,
              context: JobContext, folder: Path, config: dict[str, Any], data: CifarData,
              experiment: Experiment, resumed: Resumed | None, loop_state: LoopState | None,
              path: Path | None) -> TrainResult:
@@ -166,7 +166,9 @@ def _tracked(cfg: DictConfig, device: torch.device, world: distributed.World,
                          "resumed")
             result = train(experiment, data, tracker,
                            checkpoints=checkpointer if world.is_main else None,
-                           resume=loop_state, stop=stop, world=world)
+                           resume=loop_state, stop=stop, world=world,
+                           on_evaluation=trial_reporter(cfg) if not world.distributed
+                           else None)
             tracker.log_state_dict(experiment.model, "weights.pt")
             if experiment.ema is not None:
                 tracker.log_state_dict(experiment.ema.model, "ema_weights.pt")

@@ -1,7 +1,8 @@
 """Classify your own images with a trained model: the top classes and their probabilities.
 
-    python -m cifar_exp.predict cat.jpg plane.png --run <MLflow run id> [--top-k 3]
-    python -m cifar_exp.predict photos/*.jpg --checkpoint outputs/<date>/<time>/checkpoint.pt
+    cifar-exp-predict cat.jpg plane.png --run <MLflow run id> [--top-k 3]
+    cifar-exp-predict photos/*.jpg --checkpoint outputs/<date>/<time>/checkpoint.pt
+    (or python -m cifar_exp.predict ...)
 
 Any PNG or JPEG, of any size: each is read as RGB and resized to 32 x 32 (as CIFAR's
 images are), then goes through the evaluation preprocessing of the model's run, the
@@ -12,18 +13,23 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-
-from cifar_exp import trained as trained_models
 from cifar_exp.errors import UserError
-from cifar_exp.serving import IMAGE_SIDE, Classifier
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from cifar_exp.trained import Trained
 
 
 def read_image(path: Path) -> np.ndarray:
     """An image file as uint8 32 x 32 x 3 (RGB), resized with antialiasing."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from cifar_exp.serving import IMAGE_SIDE
+
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
@@ -36,9 +42,13 @@ def read_image(path: Path) -> np.ndarray:
     return np.array(rgb, dtype=np.uint8)  # a copy torch may write to
 
 
-def predict(images: list[Path], source: trained_models.Trained,
-            top_k: int) -> list[list[tuple[str, float]]]:
+def predict(images: list[Path], source: Trained, top_k: int) -> list[list[tuple[str, float]]]:
     """The `top_k` (class, probability) pairs of each image, most likely first."""
+    import numpy as np
+    import torch
+
+    from cifar_exp.serving import Classifier
+
     batch = torch.as_tensor(np.stack([read_image(path) for path in images]))
     classifier = Classifier(source.model, source.augmentation).eval()
     with torch.no_grad():
@@ -51,7 +61,7 @@ def predict(images: list[Path], source: trained_models.Trained,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cifar_exp.predict",
+    parser = argparse.ArgumentParser(prog="cifar-exp-predict",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
     where = parser.add_mutually_exclusive_group(required=True)
@@ -64,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
+    from cifar_exp import trained as trained_models  # torch and MLflow: not for --help
+
     overrides = [f"device={args.device}"]
     try:
         source = (trained_models.from_run(args.run, args.tracking_uri, overrides) if args.run

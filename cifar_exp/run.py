@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -24,13 +25,22 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cifar_exp import distributed
-from cifar_exp.config import check_callables, command_overrides, register_schema
-from cifar_exp.errors import ConfigError, NonFiniteLoss, RecordFailure, Stopped, UserError
-from cifar_exp.job import JobContext, run_job
+from cifar_exp.config import CONF_DIR, check_callables, command_overrides, register_schema
+from cifar_exp.errors import (
+    ConfigError,
+    NonFiniteLoss,
+    Pruned,
+    RecordFailure,
+    Stopped,
+    UserError,
+)
+from cifar_exp.naming import SWEPT_KEYS_ENV, git_tags, short_keys, short_number
 from cifar_exp.redact import install_redaction
-from cifar_exp.tracking import SWEPT_KEYS_ENV, git_tags, short_keys
-from cifar_exp.train import TrainResult
+from cifar_exp.world import adopt_launcher_tasks, current_world, hydra_overrides
+
+if TYPE_CHECKING:
+    from cifar_exp import job
+    from cifar_exp.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -59,41 +69,53 @@ def run_name(cfg: DictConfig) -> str:
                   HydraConfig.get().overrides.task if "=" in override)
     swept = [key for key in os.environ.get(SWEPT_KEYS_ENV, "").split(",")
              if key in values and key not in ("model", "optimizer")]
-    shown = [f"{short}={values[key]}" for key, short in zip(swept, short_keys(swept),
-                                                            strict=True)]
+    shown = [f"{short}={short_number(values[key])}"
+             for key, short in zip(swept, short_keys(swept), strict=True)]
     return " ".join([base, *shown]) if shown else f"{base}-{cfg.steps} #{job_number}"
 
 
-def job_context(cfg: DictConfig, folder: Path | None = None) -> JobContext:
+
+def job_context(cfg: DictConfig, folder: Path | None = None) -> job.JobContext:
     """What Hydra decided for this job: its output folder, overrides, name and number.
     Outside a Hydra app: the current folder (or `folder`), no overrides."""
+    from cifar_exp import job  # torch and MLflow: not for --help and tab completion
+
     if not HydraConfig.initialized():
-        return JobContext(folder or Path.cwd(), run_name=run_name(cfg))
+        return job.JobContext(folder or Path.cwd(), run_name=run_name(cfg))
     hydra_cfg = HydraConfig.get()
-    return JobContext(Path(hydra_cfg.runtime.output_dir), tuple(hydra_cfg.overrides.task),
+    return job.JobContext(Path(hydra_cfg.runtime.output_dir), tuple(hydra_cfg.overrides.task),
                       run_name(cfg), sweep_job_number(), hydra_cfg)
 
 
 def run_experiment(cfg: DictConfig, folder: Path | None = None) -> TrainResult:
     """Train the job `cfg` describes (see cifar_exp.job); `folder` stands for the output
     folder when called outside a Hydra app."""
-    return run_job(cfg, job_context(cfg, folder))
+    from cifar_exp import job
+
+    return job.run_job(cfg, job_context(cfg, folder))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# An absolute path: the same config whether started as python -m cifar_exp.run or cifar-exp.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     install_redaction()  # Hydra has set up this job's logging by now
-    distributed.adopt_launcher_tasks()  # hydra.launcher.tasks_per_node > 1: one DDP job
+    adopt_launcher_tasks()  # hydra.launcher.tasks_per_node > 1: one DDP job
+    new_folder = made_for_this_job()
     try:
         return run_experiment(cfg).precision
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        if new_folder is not None:  # refused: leave no empty outputs/<date>/<time>/
+            remove_new_folder(new_folder)
         sys.exit(2)
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
         if sweep_job_number() is not None:
             return math.nan  # one diverged job (its run marked FAILED) does not end the sweep
         sys.exit(1)
+    except Pruned as pruned:  # an Optuna trial the study's pruner stopped
+        print(pruned, file=sys.stderr)
+        return pruned.precision
     except RecordFailure as error:
         print(f"error: {error}", file=sys.stderr)
         if sweep_job_number() is not None:
@@ -106,6 +128,31 @@ def main(cfg: DictConfig) -> float:
     except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
         print("stopped by SIGINT before training started", file=sys.stderr)
         sys.exit(130)
+
+
+def made_for_this_job() -> Path | None:
+    """A single run's output folder, when Hydra made it for this command: it holds nothing
+    but the job's new log. None for a sweep's job, or a folder with a run in it."""
+    if not HydraConfig.initialized() or sweep_job_number() is not None:
+        return None
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    contents = list(folder.iterdir()) if folder.is_dir() else []
+    fresh = all(path.suffix == ".log" and path.stat().st_size == 0 for path in contents)
+    return folder if fresh else None
+
+
+def remove_new_folder(folder: Path) -> None:
+    """Remove a run folder made for a refused command, and the folders above it that this
+    leaves empty, up to the current one (Hydra's outputs/<date>/<time>/)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    here = Path.cwd().resolve()
+    for parent in folder.resolve().parents:
+        if parent == here or here not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: other runs live there
+            break
 
 
 def refuse_untrusted_configs() -> None:
@@ -127,8 +174,9 @@ def refuse_untrusted_configs() -> None:
     ConfigLoaderImpl.load_configuration = checked
 
 
-if __name__ == "__main__":
-    world = distributed.current_world()
+def cli() -> None:
+    """`python -m cifar_exp.run` and the `cifar-exp` command."""
+    world = current_world()
     if world.distributed and {"-m", "--multirun"} & set(sys.argv):
         print("error: a sweep (-m) under torchrun would run once per process; run its jobs "
               "one by one under torchrun", file=sys.stderr)
@@ -140,6 +188,10 @@ if __name__ == "__main__":
         sys.exit(2)
     # Under torchrun, ranks other than 0 run without an output folder of their own (Hydra
     # would otherwise create one per process).
-    sys.argv += distributed.hydra_overrides(world)
+    sys.argv += hydra_overrides(world)
     refuse_untrusted_configs()
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -9,9 +9,10 @@ from torch import nn
 
 from cifar_exp.augment import Augmentation
 from cifar_exp.augment.ops import crop
-from cifar_exp.distributed import SINGLE, World, share_buffers_of_main, sum_over_ranks
+from cifar_exp.distributed import shard, share_buffers_of_main, sum_over_ranks
 from cifar_exp.speed import TTA_MODES
 from cifar_exp.step import autocast
+from cifar_exp.world import SINGLE, World
 
 
 def _shifted(inputs: torch.Tensor, offset: int) -> torch.Tensor:
@@ -64,7 +65,7 @@ def score(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
     with rank 0's BatchNorm statistics, and all get the totals over the ranks."""
     if world.distributed:
         share_buffers_of_main(model)
-        images, labels = world.shard(images), world.shard(labels)
+        images, labels = shard(world, images), shard(world, labels)
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.float64, device=labels.device)

@@ -5,9 +5,12 @@ apply these choices; the config schema checks them with nothing else imported.""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from cifar_exp.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 AMP_FORMATS = ("fp32", "bf16", "fp16")  # autocast formats; the weights stay fp32
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune",
@@ -50,6 +53,8 @@ def resolve_amp(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
     if device.type == "cuda":
+        import torch  # here: validating a config (config.py) must not load torch
+
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
 

@@ -25,10 +25,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.errors import UserError
+from cifar_exp.naming import PARENT_RUN_ENV, SWEPT_KEYS_ENV, command_line, git_tags
 from cifar_exp.redact import install_redaction, redact
 from cifar_exp.store import check_tracking_uri, open_experiment, with_retries
 from cifar_exp.tools.report import write_report
-from cifar_exp.tracking import PARENT_RUN_ENV, SWEPT_KEYS_ENV, command_line, git_tags
 
 log = logging.getLogger(__name__)
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper

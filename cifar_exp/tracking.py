@@ -4,13 +4,8 @@ The store itself (which URIs, opening it) is cifar_exp.store."""
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
-import os
-import re
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,6 +26,8 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 from cifar_exp import serving
 from cifar_exp.augment import Augmentation
 from cifar_exp.data import content_digest, split_files
+from cifar_exp.errors import Pruned
+from cifar_exp.naming import logged_model_name
 from cifar_exp.redact import redact
 from cifar_exp.serving import Classifier
 from cifar_exp.store import (
@@ -45,39 +42,6 @@ from cifar_exp.store import (
 log = logging.getLogger(__name__)
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
-# The project's source tree: its git commit goes on every run.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# A sweep's parent run id, set by the sweep callback for the jobs it launches.
-PARENT_RUN_ENV = "CIFAR_EXP_PARENT_RUN_ID"
-# The keys a sweep varies (comma-separated), set by the sweep callback: its jobs are named
-# after their values of them.
-SWEPT_KEYS_ENV = "CIFAR_EXP_SWEPT_KEYS"
-
-
-def command_line(module: str = "cifar_exp.run") -> str:
-    """The command as the user typed it, for the runs' `command` tag: `python -m MODULE
-    ARGS`, or under torchrun the torchrun command that started this rank."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun for the processes it starts
-        launcher = torchrun_arguments(os.getppid())
-        if launcher is None:  # its process unreadable: the part torchrun must have had
-            launcher = [f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}", "-m",
-                        module, *sys.argv[1:]]
-        return " ".join(["torchrun", *launcher])
-    return " ".join([f"python -m {module}", *sys.argv[1:]])
-
-
-def torchrun_arguments(pid: int) -> list[str] | None:
-    """The arguments of the torchrun (or `python -m torch.distributed.run`) process `pid`,
-    read from /proc; None where that cannot be read or `pid` is not torchrun."""
-    try:
-        argv = [arg.decode() for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
-    except OSError:
-        return None
-    for index, arg in enumerate(argv):
-        if Path(arg).name == "torchrun" or (arg == "torch.distributed.run"
-                                            and argv[index - 1] == "-m"):
-            return [arg for arg in argv[index + 1:] if arg]
-    return None
 
 
 def data_inputs(name: str, root: str, splits: Sequence[str] = ("train", "test")
@@ -97,14 +61,6 @@ def data_inputs(name: str, root: str, splits: Sequence[str] = ("train", "test")
     return inputs
 
 
-def short_keys(keys: Sequence[str]) -> list[str]:
-    """Config keys as run names and plot labels show them: by their last part
-    (`optimizer.lr` as `lr`), unless two of them end alike."""
-    lasts = [key.rsplit(".", 1)[-1] for key in keys]
-    return [last if lasts.count(last) == 1 else key for key, last in zip(keys, lasts,
-                                                                         strict=True)]
-
-
 def where_to_see(uri: str, experiment_id: str, run_id: str) -> str:
     """How to open run `run_id` in the MLflow UI."""
     page = f"#/experiments/{experiment_id}/runs/{run_id}"
@@ -114,11 +70,6 @@ def where_to_see(uri: str, experiment_id: str, run_id: str) -> str:
     if (database := sqlite_path(uri)) is not None:
         store = f"sqlite:///{database}"
     return f"mlflow ui --backend-store-uri {redact(store)}, then http://127.0.0.1:5000/{page}"
-
-
-def logged_model_name(run_name: str) -> str:
-    """A run's name as the name of its logged model (MLflow refuses / : . % and quotes)."""
-    return re.sub(r"[/:.%\"']", "_", run_name)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -131,27 +82,6 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def _git(folder: Path, *args: str) -> str | None:
-    try:
-        result = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True,
-                                timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip()
-
-
-@functools.cache
-def git_tags(folder: Path = PROJECT_ROOT) -> dict[str, str]:
-    """The commit checked out in `folder` and whether tracked files differ from it; empty
-    outside a git work tree. Cached: every job of a multirun runs the code imported at
-    start, so all its runs carry the commit read then."""
-    commit = _git(folder, "rev-parse", "HEAD")
-    if not commit:
-        return {}
-    changes = _git(folder, "status", "--porcelain", "--untracked-files=no")
-    return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(changes)).lower()}
 
 
 # A metric point as a checkpoint stores it: (key, value, timestamp in ms, step).
@@ -246,10 +176,12 @@ class RunTracker:
             self._fail(f"{len(self._buffer)} metric points")
         if exc_type is None:
             status = RunStatus.FINISHED
-        elif issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C, or cifar_exp's Stopped
+        elif issubclass(exc_type, KeyboardInterrupt | Pruned):  # Ctrl-C, Stopped, a pruner
             status = RunStatus.KILLED
         else:
             status = RunStatus.FAILED
+        if isinstance(exc, Pruned):  # told apart from a stop, and from a failure
+            self._guarded("the tag pruned", lambda: mlflow.set_tag("pruned", str(exc)))
         if self.failed_writes:
             self._guarded("the tag metric_write_failures", lambda: mlflow.set_tag(
                 "metric_write_failures", str(self.failed_writes)))

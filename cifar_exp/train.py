@@ -24,13 +24,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from cifar_exp.augment import Augmentation
 from cifar_exp.batches import EpochSampler
 from cifar_exp.data import CifarData
-from cifar_exp.distributed import SINGLE, World, agree_on_stop, mean_over_ranks
+from cifar_exp.distributed import agree_on_stop, mean_over_ranks, shard
 from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import NonFiniteLoss, Stopped
 from cifar_exp.lookahead import Lookahead
 from cifar_exp.models import frozen_parameters
 from cifar_exp.scoring import score
 from cifar_exp.step import TrainingStep, memory_format, synchronize
+from cifar_exp.world import SINGLE, World
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ class TrainResult:
 
 def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
           checkpoints: CheckpointSaver | None = None, resume: LoopState | None = None,
-          stop: StopCheck | None = None, world: World = SINGLE) -> TrainResult:
+          stop: StopCheck | None = None, world: World = SINGLE,
+          on_evaluation: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train `experiment` for its `settings.steps` steps on `data` (already on the model's
     device).
 
@@ -149,7 +151,10 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
     In a distributed `world` each rank trains on its slice of the same global batch; the
     logged loss is the global batch's, each rank evaluates its part of the test set (the
     sums are added over the ranks) and the caller gives only rank 0 a `checkpoints` saver
-    and a real `sink`."""
+    and a real `sink`.
+
+    `on_evaluation(step, precision)` is called after each evaluation; what it raises (an
+    Optuna trial that is Pruned) ends training there."""
     settings, model, optimizer = experiment.settings, experiment.model, experiment.optimizer
     augmentation, ema, lookahead = experiment.augmentation, experiment.ema, experiment.lookahead
     device = data.train_images.device
@@ -197,7 +202,7 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
                                         sampler.epoch)
             labels = data.train_labels[indices]
             if world.distributed:  # the global batch was drawn whole: keep this rank's slice
-                inputs, labels = world.shard(inputs), world.shard(labels)
+                inputs, labels = shard(world, inputs), shard(world, labels)
             inputs = inputs.contiguous(memory_format=layout)
             lr = optimizer.param_groups[0]["lr"]
             loss = training_step(inputs, labels, frozen_parameters(model, sampler.epoch))
@@ -232,6 +237,8 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
                 sink.log_metrics({"precision": precision, "test_loss": test_loss}, step)
                 log.info("step %d, precision @ 1 = %.4f, test loss = %.4f",
                          step, precision, test_loss)
+                if on_evaluation is not None and not last:  # a last one ends the run anyway
+                    on_evaluation(step, precision)
                 window.resume()
             signum = stop() if stop is not None else None
             if world.distributed:  # every rank stops at the same step

@@ -237,7 +237,7 @@ def test_every_search_space_composes_and_names_real_keys(option):
     cfg = compose_config([f"hparams_search={option}"], with_hydra=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
-    assert sweeper.sampler.seed is not None  # a search that can be repeated
+    assert sweeper.seed is not None  # a search that can be repeated
     parsed = OverridesParser.create().parse_overrides(
         [f"{key}={value}" for key, value in sweeper.params.items()])
     for override in parsed:

@@ -263,3 +263,14 @@ def test_real_data_verifies_against_its_own_manifest(data_root, tmp_path, capsys
     main(["--root", str(data_root), "--manifest", str(manifest)])
     printed = capsys.readouterr().out
     assert "50,000 training and 10,000 test images" in printed and "files verified" in printed
+
+
+def test_a_download_that_fails_leaves_no_data_folder(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataError, match="could not download CIFAR-10 into .*Network is "
+                                        "unreachable"):
+        load_cifar("cifar10", tmp_path / "data", download=True)
+    assert list(tmp_path.iterdir()) == []

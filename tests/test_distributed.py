@@ -14,8 +14,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cifar_exp.distributed import SINGLE, World, current_world, hydra_overrides
+from cifar_exp.distributed import shard
 from cifar_exp.errors import ConfigError
+from cifar_exp.world import SINGLE, World, check_batch_size, current_world, hydra_overrides
 from tests.conftest import cli, data_env, run_command
 
 # SGD at a small rate: its update is linear in the gradient, so the runs differ only by the
@@ -37,7 +38,7 @@ def test_world_from_torchrun_environment(monkeypatch):
 
 def test_each_rank_keeps_its_own_slice_of_the_global_batch():
     batch = torch.arange(8)
-    slices = [World(rank, 4).shard(batch) for rank in range(4)]
+    slices = [shard(World(rank, 4), batch) for rank in range(4)]
     assert torch.equal(torch.cat(slices), batch)
     assert [s.tolist() for s in slices] == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
@@ -48,8 +49,6 @@ def test_only_rank_0_gets_a_hydra_output_folder():
 
 
 def test_batch_that_does_not_divide_among_ranks_is_refused():
-    from cifar_exp.distributed import check_batch_size
-
     check_batch_size(128, World(0, 2))
     with pytest.raises(ConfigError, match="batch_size=10 does not divide into 4"):
         check_batch_size(10, World(0, 4))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +23,7 @@ from cifar_exp import job
 from cifar_exp import run as run_module
 from cifar_exp.config import compose_config
 from cifar_exp.errors import CheckpointError, ConfigError
-from cifar_exp.tracking import git_tags
+from cifar_exp.naming import git_tags
 from tests.conftest import MkdirPayload, cli, data_env, run_command
 
 METRICS = ("loss", "lr", "examples_per_sec", "sec_per_batch", "precision", "test_loss")
@@ -463,3 +465,29 @@ def test_a_config_file_cannot_run_code_through_hydra_callbacks(tmp_path, data_ro
         "Hydra, Optuna and logging (cifar_exp.*, hydra.*, hydra_plugins.*, optuna.samplers.*, "
         "optuna.pruners.*, logging.*); a config file may not run other code: remove it")
     assert not (tmp_path / "copied").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_help_gives_usage_examples_and_the_groups(tmp_path, data_root):
+    result = cli(tmp_path, "--help", data_root=data_root)
+    assert result.returncode == 0
+    assert result.stdout.startswith("cifar-exp: train CIFAR-10/100 models")
+    assert "cifar-exp experiment=fast94 debug=quick" in result.stdout
+    assert "optimizer: adam, adamw, sgd, sgd_decay" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing made
+
+
+def test_the_command_completes_groups_and_options_with_tab(tmp_path):
+    command = Path(sys.executable).parent / "cifar-exp"  # installed with the package
+    for line, expected in (("cifar-exp optim", "optimizer="),
+                           ("cifar-exp optimizer=", "optimizer=sgd_decay"),
+                           ("cifar-exp experiment=fa", "experiment=fast96")):
+        env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
+        result = subprocess.run([str(command), "-sc", "query=bash"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert expected in result.stdout.split(), (line, result.stdout, result.stderr)
+
+
+def test_a_refused_command_leaves_no_empty_run_folder(tmp_path, data_root):
+    result = cli(tmp_path, "steps=0", data_root=data_root)
+    assert result.returncode == 2
+    assert not (tmp_path / "outputs").exists()

@@ -87,7 +87,7 @@ def _evaluate_as_rank(rank: int, world_size: int, folder: str, images: torch.Ten
     """One process of a gloo group: evaluate its part, save what it got back."""
     import torch.distributed as dist
 
-    from cifar_exp.distributed import World
+    from cifar_exp.world import World
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/group", rank=rank,
                             world_size=world_size)

@@ -78,7 +78,7 @@ def test_optuna_search_returns_and_logs_its_best(tmp_path, data_root):
     result = cli(tmp_path, "-m", "hparams_search=tf_cnn_optuna", "hydra.sweeper.n_trials=3",
                  *SWEEP_JOB, f"tracking.uri={uri}", data_root=data_root)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Best value:" in result.stdout + result.stderr
+    assert "best of 3 complete trials: " in result.stdout + result.stderr
 
     [parent], children = parent_and_children(uri)
     assert parent.info.status == "FINISHED" and parent.data.tags["sweeper"] == "OptunaSweeper"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,13 +14,7 @@ from cifar_exp.augment import build_augmentation
 from cifar_exp.errors import CheckpointError
 from cifar_exp.models import build_model
 from cifar_exp.store import resumable_run
-from cifar_exp.tracking import (
-    RunTracker,
-    command_line,
-    flatten,
-    git_tags,
-    torchrun_arguments,
-)
+from cifar_exp.tracking import RunTracker, flatten
 
 
 @pytest.fixture(scope="module")
@@ -34,52 +25,6 @@ def store(tmp_path_factory) -> str:
 def test_flatten_nests_with_dots():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
         "a.b": 1, "a.c.d": [1, 2], "e": None}
-
-
-def git(folder: Path, *args: str) -> str:
-    command = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args]
-    return subprocess.run(command, cwd=folder, capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-def test_git_tags_name_the_commit_and_whether_tracked_files_changed(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    git(repo, "init", "-q")
-    (repo / "train.py").write_text("steps = 1\n")
-    git(repo, "add", "train.py")
-    git(repo, "commit", "-q", "-m", "first")
-    commit = git(repo, "rev-parse", "HEAD")
-    assert git_tags.__wrapped__(repo) == {"mlflow.source.git.commit": commit,
-                                          "git_dirty": "false"}
-    (repo / "train.py").write_text("steps = 2\n")
-    assert git_tags.__wrapped__(repo)["git_dirty"] == "true"
-    (tmp_path / "plain").mkdir()
-    assert git_tags.__wrapped__(tmp_path / "plain") == {}  # not a git work tree
-
-
-def test_command_line_under_torchrun_is_the_torchrun_command(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["run.py", "steps=5"])
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    assert command_line() == "python -m cifar_exp.run steps=5"
-    # A stand-in for torchrun: a process whose command line names it.
-    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                                 "/venv/bin/torchrun", "--nproc_per_node=2", "-m",
-                                 "cifar_exp.run", "steps=5"])
-    try:
-        cmdline = Path(f"/proc/{launcher.pid}/cmdline")
-        deadline = time.monotonic() + 30
-        while not cmdline.read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.05)  # a process just started shows its command line a moment later
-        assert torchrun_arguments(launcher.pid) == ["--nproc_per_node=2", "-m",
-                                                    "cifar_exp.run", "steps=5"]
-        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
-        monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
-        assert command_line() == "torchrun --nproc_per_node=2 -m cifar_exp.run steps=5"
-    finally:
-        launcher.kill()
-        launcher.wait()
-    assert torchrun_arguments(os.getpid()) is None  # pytest is not torchrun
 
 
 def test_finished_run_keeps_every_point(store):

@@ -28,9 +28,9 @@ from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
 from cifar_exp.errors import ConfigError, UserError, one_line
+from cifar_exp.naming import short_keys, short_number
 from cifar_exp.redact import redact
 from cifar_exp.store import check_tracking_uri
-from cifar_exp.tracking import short_keys
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -134,11 +134,7 @@ def _format(value: str | float | None) -> str:
     if value is None:
         return "-"
     if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        return value if number.is_integer() and "e" not in value.lower() else f"{number:.4g}"
+        return short_number(value)
     return "-" if math.isnan(value) else f"{value:.4f}"
 
 

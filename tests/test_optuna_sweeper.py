@@ -1,0 +1,100 @@
+"""cifar_exp's Optuna sweeper: a persisted study, resumed, with hopeless trials pruned."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import requests
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from mlflow.tracking import MlflowClient
+
+from hydra_plugins.cifar_exp_optuna.optuna_sweeper import OptunaSweeper, distribution
+from tests.conftest import cli, free_port, stop_process_group
+
+State = optuna.trial.TrialState
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("interval(0.0, 96.0)", optuna.distributions.FloatDistribution(0.0, 96.0)),
+    ("tag(log, interval(1e-4, 1e-2))", optuna.distributions.FloatDistribution(1e-4, 1e-2,
+                                                                                log=True)),
+    ("tag(int, interval(1, 8))", optuna.distributions.IntDistribution(1, 8)),
+    ("choice(64, 128, 256)", optuna.distributions.CategoricalDistribution([64, 128, 256])),
+    ("choice(adam, sgd)", optuna.distributions.CategoricalDistribution(["adam", "sgd"])),
+    ("range(1, 4)", optuna.distributions.CategoricalDistribution([1, 2, 3])),
+])
+def test_hydras_sweep_syntax_becomes_a_search_space(text, expected):
+    [override] = OverridesParser.create().parse_overrides([f"key={text}"])
+    assert distribution(override) == expected
+
+
+def test_trials_a_stopped_sweep_left_running_are_failed(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}")
+    study.tell(study.ask(), 1.0)
+    study.ask()  # its sweep was stopped: never told
+    OptunaSweeper._close_abandoned(study)
+    assert [trial.state for trial in study.trials] == [State.COMPLETE, State.FAIL]
+
+
+# The random sampler with seed 6 asks lr 0.003, 0.003, then 1e-9: the third trial, still
+# at its initial weights, falls under the median of the first two at step 20 and is pruned.
+SEARCH = ("hydra/sweeper=optuna", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=6",
+          "hydra.sweeper.study_name=lr", "optimizer.lr=choice(0.003,0.000000001)",
+          "steps=40", "log_every=20", "eval_every=20", "eval_images=500",
+          "tracking.log_model=false", "tracking.system_metrics_seconds=0")
+
+
+def test_a_search_is_persisted_pruned_resumed_and_shown_in_optuna_dashboard(tmp_path,
+                                                                            data_root):
+    store, sweep = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "sweep"
+    args = ("-m", *SEARCH, f"tracking.uri={store}", f"hydra.sweep.dir={sweep}")
+    first = cli(tmp_path, *args, "hydra.sweeper.n_trials=3", data_root=data_root)
+    assert first.returncode == 0, first.stderr[-3000:]
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    study = optuna.load_study(study_name="lr", storage=storage)
+    assert [t.state for t in study.trials] == [State.COMPLETE, State.COMPLETE, State.PRUNED]
+    assert study.trials[2].params == {"optimizer.lr": 1e-9}
+    assert "trial 2 pruned at step 20" in first.stderr
+
+    client = MlflowClient(store)
+    runs = {run.data.params["trial.number"]: run for run in client.search_runs(
+        [client.get_experiment_by_name("cifar_exp").experiment_id])
+        if "trial.number" in run.data.params}
+    assert runs["2"].info.status == "KILLED"  # not FAILED: stopped by its pruner
+    assert runs["2"].data.tags["pruned"].startswith("trial 2 pruned at step 20")
+    assert [m.step for m in client.get_metric_history(runs["2"].info.run_id, "precision")] \
+        == [20]  # it stopped there
+    assert runs["0"].info.status == runs["1"].info.status == "FINISHED"
+
+    # The same command with more trials goes on with the study where it stopped.
+    second = cli(tmp_path, *args, "hydra.sweeper.n_trials=4", data_root=data_root)
+    assert second.returncode == 0, second.stderr[-3000:]
+    study = optuna.load_study(study_name="lr", storage=storage)
+    assert len(study.trials) == 4 and study.trials[3].state == State.COMPLETE
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["n_trials"] == 4 and results["pruned"] == 1
+    assert results["best_value"] == study.best_value
+
+    port = free_port()
+    dashboard = subprocess.Popen(  # optuna-dashboard, as its command starts it
+        [sys.executable, "-c", "import sys; from optuna_dashboard._cli import main; "
+         "sys.exit(main())", storage, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                studies = requests.get(f"http://127.0.0.1:{port}/api/studies", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert dashboard.poll() is None and time.monotonic() < deadline
+                time.sleep(0.5)
+        [shown] = studies.json()["study_summaries"]
+        assert shown["study_name"] == "lr"
+    finally:
+        stop_process_group(dashboard)
