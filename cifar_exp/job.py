@@ -174,7 +174,7 @@ def _tracked(cfg: DictConfig, device: torch.device, world: World,
                 tracker.log_state_dict(experiment.ema.model, "ema_weights.pt")
             if cfg.tracking.log_model and not (resumed and tracker.has_models()):
                 tracker.log_models(experiment.evaluated, experiment.augmentation,
-                                   data.test_images, data.classes,
+                                   data.test_images, data.classes, cfg.steps,
                                    cfg.tracking.registered_model_name)
     except Stopped as stopped:
         if stopped.step is not None:

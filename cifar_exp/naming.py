@@ -22,15 +22,18 @@ SWEPT_KEYS_ENV = "CIFAR_EXP_SWEPT_KEYS"
 
 
 def command_line(module: str = "cifar_exp.run") -> str:
-    """The command as the user typed it, for the runs' `command` tag: `python -m MODULE
-    ARGS`, or under torchrun the torchrun command that started this rank."""
+    """The command as the user typed it, for the runs' `command` tag: `cifar-exp ARGS` or
+    `python -m MODULE ARGS`, or under torchrun the torchrun command that started this
+    rank."""
     if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun for the processes it starts
         launcher = torchrun_arguments(os.getppid())
         if launcher is None:  # its process unreadable: the part torchrun must have had
             launcher = [f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}", "-m",
                         module, *sys.argv[1:]]
         return " ".join(["torchrun", *launcher])
-    return " ".join([f"python -m {module}", *sys.argv[1:]])
+    started = Path(sys.argv[0]).name
+    command = started if started.startswith("cifar-exp") else f"python -m {module}"
+    return " ".join([command, *sys.argv[1:]])
 
 
 def torchrun_arguments(pid: int) -> list[str] | None:

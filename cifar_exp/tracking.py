@@ -18,7 +18,6 @@ import mlflow
 import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
 from mlflow.models import infer_signature
-from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
@@ -116,7 +115,6 @@ class RunTracker:
         self.flush_seconds = flush_seconds
         self.system_metrics_seconds = system_metrics_seconds  # 0: none
         self._buffer: list[Metric] = []
-        self._last: dict[str, Metric] = {}  # each key's latest point: the final metrics
         self._pending = list(pending)
         self._written: set[tuple[str, int]] = set()  # (key, step) already in a resumed run
         self.stored_up_to = 0  # the last step with a point in the store (a resumed run)
@@ -217,7 +215,6 @@ class RunTracker:
             self._wake.set()
 
     def _add(self, point: Metric) -> None:
-        self._last[point.key] = point
         if (point.key, point.step) not in self._written:
             self._buffer.append(point)
 
@@ -285,11 +282,12 @@ class RunTracker:
         self._guarded(f"the artifact {filename}", save_and_log)
 
     def log_inputs(self, inputs: Sequence[DatasetInput]) -> None:
+        """Log the data set's splits as the run's inputs."""
         self._guarded("the data set inputs", lambda: self.client.log_inputs(
             self.run_id, datasets=list(inputs)))
 
     def log_models(self, network: torch.nn.Module, augmentation: Augmentation,
-                   test_images: torch.Tensor, classes: Sequence[str],
+                   test_images: torch.Tensor, classes: Sequence[str], step: int,
                    registered_name: str | None = None) -> None:
         """Log the run's two models, named after the run:
 
@@ -300,8 +298,12 @@ class RunTracker:
         - `<run name>-network`: the plain torch module for mlflow.pytorch.load_model,
           taking preprocessed images (exported with torch.export, `data/model.pt2`).
 
-        The run's final `precision` and `test_loss` are linked to the served model. The
-        examples hold 8 test images: a batch of one would pin an export to batch size 1."""
+        Both are logged at `step`, the weights' step: MLflow links to a model the metrics
+        its run logged at that step, so the final `precision` and `test_loss` become the
+        models' (at step 0 it would link the system metrics' first sample instead).
+        The examples hold 8 test images: a batch of one would pin an export to batch size
+        1."""
+        self.flush()  # MLflow links the points it finds in the store
         name = logged_model_name(self.run_name)
         # CPU copies: the logged models load on any machine.
         network = copy.deepcopy(network).cpu().to(memory_format=torch.contiguous_format).eval()
@@ -315,26 +317,21 @@ class RunTracker:
         self._guarded("the network model", lambda: mlflow.pytorch.log_model(
             network, name=f"{name}-network",
             signature=infer_signature(inputs.numpy(), outputs.numpy()),
-            input_example=inputs.numpy(), pip_requirements=requirements[:1],
+            input_example=inputs.numpy(), pip_requirements=requirements[:1], step=step,
             serialization_format="pt2"))  # MLflow's default, except on Databricks
+        mlflow.clear_active_model()  # not the one the run's metrics go to
         with tempfile.TemporaryDirectory() as folder:
             artifacts = serving.write_artifacts(Classifier(network, preprocessing), images,
                                                 classes, Path(folder))
             example = images.numpy()
             predicted = serving.load_served(artifacts).predict(None, example)
             with warnings.catch_warnings(record=True):  # MLflow's advice on type hints
-                self._guarded("the served model", lambda: self._link(mlflow.pyfunc.log_model(
+                self._guarded("the served model", lambda: mlflow.pyfunc.log_model(
                     name=name, python_model=str(serving.PYFUNC_CODE), artifacts=artifacts,
                     signature=infer_signature(example, predicted), input_example=example,
-                    pip_requirements=requirements, registered_model_name=registered_name)))
-
-    def _link(self, model: ModelInfo) -> None:
-        """Attach the run's last precision and test_loss points to logged `model`: the same
-        points again, with its id (the run's own history does not repeat them)."""
-        points = [Metric(p.key, p.value, p.timestamp, p.step, model_id=model.model_id)
-                  for key in ("precision", "test_loss") if (p := self._last.get(key))]
-        if points:
-            self.client.log_batch(self.run_id, metrics=points, synchronous=True)
+                    pip_requirements=requirements, registered_model_name=registered_name,
+                    step=step))
+        mlflow.clear_active_model()  # the run's later system metrics are its own
 
     def has_models(self) -> bool:
         """Whether this run logged its models already (a run resumed after its last step)."""

@@ -61,6 +61,8 @@ def test_command_line_under_torchrun_is_the_torchrun_command(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["run.py", "steps=5"])
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     assert command_line() == "python -m cifar_exp.run steps=5"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/cifar-exp", "steps=5"])
+    assert command_line() == "cifar-exp steps=5"  # started by its console script
     # A stand-in for torchrun: a process whose command line names it.
     launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                                  "/venv/bin/torchrun", "--nproc_per_node=2", "-m",

@@ -55,7 +55,7 @@ def test_mlflow_models_serve_answers_a_posted_test_image(tmp_path, cifar10,
     network, augmentation = network_and_augmentation
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with RunTracker(store, "unit", "served") as run:
-        run.log_models(network, augmentation, cifar10.test_images, cifar10.classes)
+        run.log_models(network, augmentation, cifar10.test_images, cifar10.classes, 10)
     client = MlflowClient(store)
     [served] = [m for m in client.search_logged_models(
         experiment_ids=[client.get_experiment_by_name("unit").experiment_id])

@@ -14,7 +14,7 @@ from cifar_exp.augment import build_augmentation
 from cifar_exp.errors import CheckpointError
 from cifar_exp.models import build_model
 from cifar_exp.store import resumable_run
-from cifar_exp.tracking import RunTracker, flatten
+from cifar_exp.tracking import RunTracker, data_inputs, flatten
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +57,15 @@ def test_failed_and_interrupted_runs_are_marked(store):
     assert client.get_run(killed.run_id).info.status == "KILLED"
 
 
-def test_a_run_logs_a_model_to_serve_and_its_plain_network(store, tmp_path, cifar10):
+def test_a_run_logs_a_model_to_serve_and_its_plain_network(store, tmp_path, cifar10,
+                                                           data_root):
     augmentation = build_augmentation("tf_distort", cifar10.train_images)
     network = build_model("tf_cnn", 10, 24).eval().to(memory_format=torch.channels_last)
-    with RunTracker(store, "unit", "tf_cnn-adam lr=0.003") as run:
+    with RunTracker(store, "unit", "tf_cnn-adam lr=0.003", system_metrics_seconds=1) as run:
+        run.log_inputs(data_inputs("cifar10", str(data_root)))
         run.log_metrics({"precision": 0.25, "test_loss": 2.0}, 10)
         run.flush()
-        run.log_models(network, augmentation, cifar10.test_images, cifar10.classes,
+        run.log_models(network, augmentation, cifar10.test_images, cifar10.classes, 10,
                        registered_name="cifar-unit")
         run.log_state_dict(network, "weights.pt")
     client = MlflowClient(store)
@@ -95,10 +97,12 @@ def test_a_run_logs_a_model_to_serve_and_its_plain_network(store, tmp_path, cifa
                                rtol=1e-4, atol=1e-6)
     assert list(answer["class"]) == [cifar10.classes[i] for i in expected.argmax(1)]
 
-    # The final metrics are the served model's, and the run's history holds them once.
-    assert {(m.key, m.value, m.step) for m in client.get_logged_model(served.model_id).metrics
-            if not m.key.startswith("system/")} == {("precision", 0.25, 10),
-                                                    ("test_loss", 2.0, 10)}
+    # The final metrics are both models' (the same weights), and the run's history holds
+    # them once; the system metrics stay the run's own.
+    for model in (served, plain):
+        assert {(m.key, m.value, m.step) for m in
+                client.get_logged_model(model.model_id).metrics} == {
+            ("precision", 0.25, 10), ("test_loss", 2.0, 10)}
     assert len(client.get_metric_history(run.run_id, "precision")) == 1
     assert client.get_registered_model("cifar-unit").latest_versions[0].run_id == run.run_id
     state = torch.load(Path(mlflow.artifacts.download_artifacts(
