@@ -44,8 +44,17 @@ class RedactingFilter(logging.Filter):
 
 
 def install_redaction() -> None:
-    """Mask credentials in every record that the root logger's handlers (Hydra's console
-    and the job's log file) write from now on."""
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(existing, RedactingFilter) for existing in handler.filters):
+    """Mask credentials in every record written from now on by the handlers of the root
+    logger (Hydra's console and the job's log file) and of any other logger that has its
+    own, such as MLflow's (its system-metrics thread logs failed requests with their URL)."""
+    import mlflow  # noqa: F401  (MLflow replaces its loggers' handlers on import: come after)
+
+    named = logging.Logger.manager.loggerDict.values()
+    loggers = [logging.getLogger(), *(item for item in named if isinstance(item, logging.Logger))]
+    # logging.lastResort writes the records of a logger left without handlers (e.g. one that
+    # Hydra's logging config emptied while MLflow had set it not to propagate).
+    handlers = [logging.lastResort, *(handler for logger in loggers for handler in logger.handlers)]
+    for handler in handlers:
+        if handler is not None and not any(isinstance(existing, RedactingFilter)
+                                           for existing in handler.filters):
             handler.addFilter(RedactingFilter())

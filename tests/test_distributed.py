@@ -74,8 +74,10 @@ def test_two_processes_train_as_one_does(tmp_path, data_root):
         result = cli(folder, *args, data_root=data_root, processes=processes)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[processes] = finished_job(folder)
-        # Nothing but the store, its artifacts and the one output folder is created.
-        assert {p.name for p in folder.iterdir()} == {"mlflow.db", "mlartifacts", "outputs"}
+        # Nothing but the store (with the lock that serialises its creation), its artifacts
+        # and the one output folder is created.
+        assert {p.name for p in folder.iterdir()} == {
+            "mlflow.db", ".mlflow.db.lock", "mlartifacts", "outputs"}
 
     (single_runs, single_weights, _), (ddp_runs, ddp_weights, ddp_outputs) = runs[1], runs[2]
     assert len(ddp_runs) == 1 and len(ddp_outputs) == 1

@@ -37,3 +37,30 @@ def test_log_records_are_masked_by_the_installed_filter(caplog):
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "store %s", ("http://u:s@h",),
                                None)
     assert RedactingFilter().filter(record) and record.getMessage() == "store http://***@h"
+
+
+def test_mlflow_s_own_log_handler_masks_credentials(capsys):
+    # MLflow logs through a handler of its own (not the root's): e.g. its system-metrics
+    # thread reports a failed request with the server's URL.
+    install_redaction()
+    mlflow_handlers = logging.getLogger("mlflow").handlers
+    assert mlflow_handlers
+    for handler in mlflow_handlers:
+        assert sum(isinstance(f, RedactingFilter) for f in handler.filters) == 1
+    record = logging.LogRecord("mlflow.system_metrics", logging.WARNING, __file__, 1,
+                               "Failed to get mlflow run: API request to %s failed",
+                               ("http://user:secret@h:5000/api",), None)
+    assert all(handler.filter(record) for handler in mlflow_handlers)
+    assert record.getMessage() == ("Failed to get mlflow run: API request to "
+                                   "http://***@h:5000/api failed")
+
+
+def test_a_logger_left_without_handlers_is_masked_too(capsys):
+    # Hydra's logging config empties the handlers of the loggers it names; one that MLflow
+    # had set not to propagate then writes through logging.lastResort.
+    install_redaction()
+    orphan = logging.getLogger("cifar_exp_test_orphan")
+    orphan.handlers, orphan.propagate = [], False
+    orphan.warning("Failed to get mlflow run: API request to http://user:secret@h/api failed")
+    assert capsys.readouterr().err == ("Failed to get mlflow run: API request to "
+                                       "http://***@h/api failed\n")
