@@ -41,6 +41,30 @@ def test_trials_a_stopped_sweep_left_running_are_failed(tmp_path):
     assert [trial.state for trial in study.trials] == [State.COMPLETE, State.FAIL]
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_resumed_search_asks_new_points_reproducibly(tmp_path, sampler):
+    space = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+
+    def ask_and_tell(study, count):
+        asked = []
+        for _ in range(count):
+            trial = study.ask(space)
+            study.tell(trial, trial.params["lr"])
+            asked.append(trial.params["lr"])
+        return asked
+
+    def resumed_points(folder):
+        storage = f"sqlite:///{folder / 'o.db'}"
+        sweeper = OptunaSweeper(sampler=sampler, seed=3)
+        first = ask_and_tell(sweeper._open_study(storage), 3)
+        return first, ask_and_tell(sweeper._open_study(storage), 3)  # the same command again
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, resumed = resumed_points(tmp_path / "a")
+    assert not set(first) & set(resumed)  # not the first points replayed
+    assert resumed_points(tmp_path / "b") == (first, resumed)  # the same seed, the same search
+
+
 # The random sampler with seed 6 asks lr 0.003, 0.003, then 1e-9: the third trial, still
 # at its initial weights, falls under the median of the first two at step 20 and is pruned.
 SEARCH = ("hydra/sweeper=optuna", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=6",

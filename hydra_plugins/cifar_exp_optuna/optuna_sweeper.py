@@ -78,8 +78,6 @@ class OptunaSweeper(Sweeper):
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
 
     def sweep(self, arguments: list[str]) -> list[Any]:
-        import optuna
-
         parser = OverridesParser.create()
         given = parser.parse_overrides(arguments)
         searched = parser.parse_overrides([f"{key}={value}" for key, value in
@@ -89,11 +87,7 @@ class OptunaSweeper(Sweeper):
         fixed = [override.input_line for override in given if not override.is_sweep_override()]
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         storage = self.storage or f"sqlite:///{(self.sweep_dir / 'optuna.db').resolve()}"
-        study = optuna.create_study(
-            study_name=self.study_name, storage=storage, direction=self.direction,
-            sampler=make_sampler(self.sampler, self.seed), pruner=make_pruner(self.pruner),
-            load_if_exists=True)
-        self._close_abandoned(study)
+        study = self._open_study(storage)
         done = len(study.trials)
         log.info("Optuna study %r in %s: %d of %d trials done; see it with: optuna-dashboard "
                  "%s", self.study_name, storage, done, self.n_trials, storage)
@@ -108,6 +102,22 @@ class OptunaSweeper(Sweeper):
             returns.append(results)
         self._write_results(study)
         return returns
+
+    def _open_study(self, storage: str) -> optuna.Study:
+        """The study in `storage`, created or resumed, with the trials a stopped sweep left
+        running failed. Its sampler is seeded with `seed` plus the trials already there, so
+        a resumed search is reproducible and asks new points instead of replaying the
+        first ones (a sampler's state lives in memory, not in the storage)."""
+        import optuna
+
+        study = optuna.create_study(
+            study_name=self.study_name, storage=storage, direction=self.direction,
+            sampler=make_sampler(self.sampler, self.seed), pruner=make_pruner(self.pruner),
+            load_if_exists=True)
+        self._close_abandoned(study)
+        if study.trials and self.seed is not None:
+            study.sampler = make_sampler(self.sampler, self.seed + len(study.trials))
+        return study
 
     def _trial_overrides(self, trial: optuna.trial.Trial, storage: str) -> list[str]:
         """The trial's values, and where it reports its evaluations (cifar_exp's `trial`
