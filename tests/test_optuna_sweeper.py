@@ -65,9 +65,10 @@ def test_a_resumed_search_asks_new_points_reproducibly(tmp_path, sampler):
     assert resumed_points(tmp_path / "b") == (first, resumed)  # the same seed, the same search
 
 
-# The random sampler with seed 6 asks lr 0.003, 0.003, then 1e-9: the third trial, still
+# The random sampler with seed 41 asks lr 0.003, 0.003, then 1e-9: the third trial, still
 # at its initial weights, falls under the median of the first two at step 20 and is pruned.
-SEARCH = ("hydra/sweeper=optuna", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=6",
+# Resumed after 3 trials, the sampler is seeded with 41 + 3, whose first ask is 0.003.
+SEARCH = ("hydra/sweeper=optuna", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=41",
           "hydra.sweeper.study_name=lr", "optimizer.lr=choice(0.003,0.000000001)",
           "steps=40", "log_every=20", "eval_every=20", "eval_images=500",
           "tracking.log_model=false", "tracking.system_metrics_seconds=0")
