@@ -354,9 +354,8 @@ def _assemble(train: list[tuple[np.ndarray, np.ndarray]], test: tuple[np.ndarray
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m cifar_exp.data [--download] [--verify] [--manifest FILE]`: check (or
-    fetch) a data set and time its load; `--write-manifest FILE` writes its files' MD5s."""
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line of python -m cifar_exp.data."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--name", choices=sorted(SPECS), default="cifar10")
     parser.add_argument("--root", default=None, help="default: $CIFAR_EXP_DATA, else ./data")
@@ -366,7 +365,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--manifest", default=None, help="check against this manifest")
     parser.add_argument("--write-manifest", metavar="FILE", default=None,
                         help="write the MD5s of the data files found to FILE, then stop")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m cifar_exp.data [--download] [--verify] [--manifest FILE]`: check (or
+    fetch) a data set and time its load; `--write-manifest FILE` writes its files' MD5s."""
+    args = argument_parser().parse_args(argv)
     root = _root(args.root)
     start = time.perf_counter()
     try:

@@ -60,7 +60,8 @@ def predict(images: list[Path], source: Trained, top_k: int) -> list[list[tuple[
             for values, indices in zip(best.values, best.indices, strict=True)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line of cifar-exp-predict (python -m cifar_exp.predict)."""
     parser = argparse.ArgumentParser(prog="cifar-exp-predict",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
                         help="the store of --run (default sqlite:///mlflow.db)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")

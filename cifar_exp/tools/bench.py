@@ -355,7 +355,8 @@ def _print_description(figures: dict) -> None:
           f"channels_last {figures['channels_last']}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line of cifar-exp-bench (python -m cifar_exp.bench)."""
     parser = argparse.ArgumentParser(prog="python -m cifar_exp.bench",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, as for cifar_exp.run")
@@ -371,6 +372,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "warm-up window, print where the time goes and write Chrome traces "
                         "to this folder")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if args.windows < 1 or args.window_steps < 1:
         parser.error("--windows and --window-steps must be at least 1")

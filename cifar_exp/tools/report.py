@@ -348,14 +348,19 @@ def default_folder(name: str) -> Path:
     return Path("reports") / safe
 
 
-def main(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line of cifar-exp-report (python -m cifar_exp.report)."""
     parser = argparse.ArgumentParser(prog="python -m cifar_exp.report",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--experiment", default="cifar_exp", help="experiment name")
     parser.add_argument("--parent", help="a sweep's parent run id: report its jobs")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--out", type=Path, help="folder (default reports/<parent or name>)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argument_parser().parse_args(argv)
     folder = args.out or default_folder(args.parent or args.experiment)
     try:
         report = write_report(args.tracking_uri, folder, args.experiment, args.parent)
