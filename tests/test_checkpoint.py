@@ -15,6 +15,7 @@ from cifar_exp.checkpoint import (
     Checkpointer,
     atomic_save,
     check_config,
+    check_loop,
     find_checkpoint,
     load_checkpoint,
     restore,
@@ -307,3 +308,17 @@ def test_a_format_1_checkpoint_is_read_in_the_current_layout(tmp_path, lookahead
     assert restore(upgraded, path, fresh).step == 5
     for name, tensor in parts["model"].state_dict().items():
         assert torch.equal(fresh["model"].state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("edit,damaged", [
+    (lambda loop: loop.sampler.update(order=torch.zeros(10, dtype=torch.long)), "sampler.order"),
+    (lambda loop: loop.sampler.update(position=11), "sampler.position"),
+    (lambda loop: loop.sampler.update(epoch=-1), "sampler.epoch"),
+    (lambda loop: loop.window.update(lrs=[]), "window"),
+])
+def test_a_loop_state_edited_by_hand_is_refused_before_any_run_reopens(tmp_path, edit, damaged):
+    loop = loop_state()
+    check_loop(loop, tmp_path / "c.pt", 10)  # as saved: fine
+    edit(loop)
+    with pytest.raises(CheckpointError, match=f"its loop state is damaged \\({damaged}\\)"):
+        check_loop(loop, tmp_path / "c.pt", 10)

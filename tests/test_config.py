@@ -267,3 +267,15 @@ def test_the_experiment_name_limit_is_mlflows():
 
     from cifar_exp.config import MAX_EXPERIMENT_NAME_LENGTH
     assert mlflows == MAX_EXPERIMENT_NAME_LENGTH
+
+
+@pytest.mark.parametrize("override,refused", [
+    ("+hydra.job_logging.handlers.x.class=os.system", "hydra.job_logging.handlers.x.class"),
+    ("+hydra.callbacks.x._target_=shutil.rmtree", "hydra.callbacks.x._target_"),
+])
+def test_a_config_naming_code_outside_the_project_is_refused(override, refused):
+    # A log handler's class is called like a _target_: both are refused before Hydra
+    # instantiates them.
+    with pytest.raises(ConfigError, match=f"^{refused}=.* names code outside the project"):
+        compose_config([override], with_hydra=True)
+    compose_config(["+hydra.job_logging.handlers.x.class=logging.NullHandler"], with_hydra=True)

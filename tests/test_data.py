@@ -274,3 +274,10 @@ def test_a_download_that_fails_leaves_no_data_folder(tmp_path, monkeypatch):
                                         "unreachable"):
         load_cifar("cifar10", tmp_path / "data", download=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_binary_manifest_is_refused_in_one_line(tiny_cifar10_binary, tmp_path):
+    manifest = tmp_path / "manifest.bin"
+    manifest.write_bytes(bytes(range(256)))
+    with pytest.raises(DataError, match="not a text file of 'md5  path' lines"):
+        load_cifar("cifar10", tiny_cifar10_binary, manifest=manifest)

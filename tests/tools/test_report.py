@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from cifar_exp.tools.report import (
     RunSummary,
     _label,
+    default_folder,
     main,
     parse_overrides,
     plot_curves,
@@ -176,3 +177,13 @@ def test_plots_stay_readable_with_many_runs(tmp_path):
     for name in ("curves", "params", "speed"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
     assert _label(runs[3], keys) == "lr=0.0001 weight_decay=3"
+
+
+@pytest.mark.parametrize("name,folder", [
+    ("cifar_exp", "cifar_exp"),
+    ("../../escaped", "_.._escaped"),
+    ("/etc", "_etc"),
+    ("..", "_"),
+])
+def test_an_experiment_name_never_writes_outside_reports(name, folder):
+    assert default_folder(name) == Path("reports") / folder
