@@ -74,7 +74,6 @@ def run_name(cfg: DictConfig) -> str:
     return " ".join([base, *shown]) if shown else f"{base}-{cfg.steps} #{job_number}"
 
 
-
 def job_context(cfg: DictConfig, folder: Path | None = None) -> job.JobContext:
     """What Hydra decided for this job: its output folder, overrides, name and number.
     Outside a Hydra app: the current folder (or `folder`), no overrides."""

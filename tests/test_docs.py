@@ -1,9 +1,11 @@
-"""The documentation cannot rot: every cifar_exp command in README.md and docs/ parses and
-composes with today's code, and every relative link and #anchor in the markdown resolves."""
+"""The documentation cannot rot: every cifar_exp command in README.md, docs/ and the
+measurement log parses and composes with today's code, and every relative link and
+#anchor in the markdown resolves."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shlex
@@ -212,15 +214,20 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
-def anchors(path: Path) -> set[str]:
-    found, seen = set(), {}
+def prose_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The lines of `path` outside code blocks, with their line numbers."""
     in_code = False
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         if FENCE.match(line):
             in_code = not in_code
-            continue
-        if in_code:
-            continue
+        elif not in_code:
+            yield number, line
+
+
+@functools.cache  # a page is linked many times: read its headings once
+def anchors(path: Path) -> set[str]:
+    found, seen = set(), {}
+    for _, line in prose_lines(path):
         heading = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
         if heading:
             base = slug(heading.group(1))
@@ -239,13 +246,7 @@ def markdown_files() -> list[Path]:
 
 def relative_links(path: Path) -> Iterator[tuple[int, str]]:
     """The relative link targets of `path` outside code, with their line numbers."""
-    in_code = False
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if FENCE.match(line):
-            in_code = not in_code
-            continue
-        if in_code:
-            continue
+    for number, line in prose_lines(path):
         prose = re.sub(r"`[^`]*`", "", line)
         for target in re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", prose):
             if not re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, mailto:, ...
