@@ -100,7 +100,7 @@ def log_evaluation(model: Trained, data: CifarData, precision: float, test_loss:
     """A new MLflow run holding this evaluation, linked to the run that trained the model."""
     from mlflow.tracking import MlflowClient
 
-    from cifar_exp.store import open_experiment, store_opening
+    from cifar_exp.store import log_data_inputs, open_experiment, store_opening
     from cifar_exp.tracking import data_inputs
 
     cfg = model.cfg
@@ -125,7 +125,8 @@ def log_evaluation(model: Trained, data: CifarData, precision: float, test_loss:
         client.log_param(run.info.run_id, key, str(value))
     client.log_metric(run.info.run_id, "precision", precision, step=model.step)
     client.log_metric(run.info.run_id, "test_loss", test_loss, step=model.step)
-    client.log_inputs(run.info.run_id, data_inputs(cfg.data.name, cfg.data.root, splits=("test",)))
+    log_data_inputs(client, run.info.run_id,
+                    data_inputs(cfg.data.name, cfg.data.root, splits=("test",)))
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 

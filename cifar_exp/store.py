@@ -16,12 +16,12 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import requests
-from mlflow.entities import Run
+from mlflow.entities import DatasetInput, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -153,19 +153,34 @@ def _check_database(uri: str, shown: str) -> None:
                           f"({redact(one_line(error))}); start it or fix tracking.uri") from error
 
 
-def with_retries(action: Callable[[], T], what: str, tries: int = 6, pause: float = 0.5) -> T:
-    """Run `action`, retrying with doubling pauses while SQLite reports its lock busy:
-    parallel jobs writing to one database file take turns."""
+LOCKED = "database is locked"
+# Two runs starting at once on one store both insert the same data set row; the loser of
+# that race (SQLite's and PostgreSQL's words for it) finds the row there when it tries again.
+DATASET_RACE = ("UNIQUE constraint failed: datasets", 'unique constraint "dataset_pk"')
+
+
+def with_retries(action: Callable[[], T], what: str, tries: int = 6, pause: float = 0.5,
+                 transient: tuple[str, ...] = (LOCKED,)) -> T:
+    """Run `action`, retrying with doubling pauses while it fails with one of the
+    `transient` errors: by default SQLite's lock busy, as parallel jobs writing to one
+    database file take turns."""
     for attempt in range(tries):
         try:
             return action()
         except Exception as error:
-            if "database is locked" not in str(error) or attempt == tries - 1:
+            reason = next((text for text in transient if text in str(error)), None)
+            if reason is None or attempt == tries - 1:
                 raise
-            log.warning("MLflow: %s: database is locked, retrying in %.1f s", what, pause)
+            log.warning("MLflow: %s: %s, retrying in %.1f s", what, reason, pause)
             time.sleep(pause)
             pause *= 2
     raise AssertionError("unreachable")
+
+
+def log_data_inputs(client: MlflowClient, run_id: str, inputs: Sequence[DatasetInput]) -> None:
+    """Log the data set's splits as run `run_id`'s inputs."""
+    with_retries(lambda: client.log_inputs(run_id, datasets=list(inputs)),
+                 "log the data set inputs", transient=(LOCKED, *DATASET_RACE))
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from cifar_exp.naming import logged_model_name
 from cifar_exp.redact import redact
 from cifar_exp.serving import Classifier
 from cifar_exp.store import (
+    log_data_inputs,
     open_experiment,
     resumable_run,
     sqlite_path,
@@ -283,8 +284,8 @@ class RunTracker:
 
     def log_inputs(self, inputs: Sequence[DatasetInput]) -> None:
         """Log the data set's splits as the run's inputs."""
-        self._guarded("the data set inputs", lambda: self.client.log_inputs(
-            self.run_id, datasets=list(inputs)))
+        self._guarded("the data set inputs",
+                      lambda: log_data_inputs(self.client, self.run_id, inputs))
 
     def log_models(self, network: torch.nn.Module, augmentation: Augmentation,
                    test_images: torch.Tensor, classes: Sequence[str], step: int,

@@ -13,7 +13,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cifar_exp.errors import ConfigError
-from cifar_exp.store import check_tracking_uri, default_artifact_location, open_experiment
+from cifar_exp.store import (
+    check_tracking_uri,
+    default_artifact_location,
+    log_data_inputs,
+    open_experiment,
+    with_retries,
+)
 
 
 def test_artifacts_live_beside_the_database(tmp_path):
@@ -108,3 +114,42 @@ def test_processes_opening_a_new_store_at_once_all_get_the_experiment(tmp_path):
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         ids = pool.map(_open_in_a_process, [uri] * 4)
     assert len(set(ids)) == 1
+
+
+class RacingClient:
+    """A client whose first log_inputs loses a race to another run inserting the same
+    data set row, as two runs starting at once on one store do."""
+
+    def __init__(self, error: str) -> None:
+        self.error, self.calls = error, []
+
+    def log_inputs(self, run_id, datasets):
+        self.calls.append((run_id, datasets))
+        if len(self.calls) == 1:
+            raise Exception(self.error)
+
+
+@pytest.mark.parametrize("error", [
+    "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+    "datasets.name, datasets.digest",
+    'duplicate key value violates unique constraint "dataset_pk"',
+    "database is locked",
+])
+def test_data_inputs_that_lose_a_race_for_the_same_row_are_logged_again(error, monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    client = RacingClient(error)
+    log_data_inputs(client, "run", ["train", "test"])
+    assert client.calls == [("run", ["train", "test"])] * 2
+
+
+def test_only_transient_errors_are_retried(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    client = RacingClient("UNIQUE constraint failed: runs.run_uuid")  # no race: a real fault
+    with pytest.raises(Exception, match="runs.run_uuid"):
+        log_data_inputs(client, "run", [])
+    assert len(client.calls) == 1
+    # Elsewhere (creating a run, an experiment) a duplicate row is no race to retry.
+    racing = RacingClient("UNIQUE constraint failed: datasets")
+    with pytest.raises(Exception, match="UNIQUE constraint failed: datasets"):
+        with_retries(lambda: racing.log_inputs("run", []), "create a run")
+    assert len(racing.calls) == 1
