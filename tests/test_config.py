@@ -27,8 +27,8 @@ def options(group: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def small_data(cifar10) -> CifarData:
-    # As many training images as the largest recipe's batch (fast94: 1024).
-    return CifarData(cifar10.train_images[:1024], cifar10.train_labels[:1024],
+    # As many training images as the largest recipe's batch (fast94_muon: 2000).
+    return CifarData(cifar10.train_images[:2000], cifar10.train_labels[:2000],
                      cifar10.test_images[:64], cifar10.test_labels[:64], cifar10.classes)
 
 
@@ -196,8 +196,8 @@ def test_bad_values_are_refused(override, message):
 
 
 def test_batch_larger_than_training_set_is_refused(small_data):
-    with pytest.raises(ConfigError, match="batch_size=2000 exceeds the 1024 training images"):
-        build_experiment(compose_config(["batch_size=2000"]), small_data)
+    with pytest.raises(ConfigError, match="batch_size=3000 exceeds the 2000 training images"):
+        build_experiment(compose_config(["batch_size=3000"]), small_data)
 
 
 def test_unknown_builder_option_is_refused(small_data):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ def params() -> list[torch.nn.Parameter]:
 
 
 def test_registered_optimizers():
-    assert {"adam", "adamw", "sgd"} <= set(OPTIMIZERS.names())
+    assert {"adam", "adamw", "sgd", "muon"} <= set(OPTIMIZERS.names())
 
 
 def test_adam_defaults_are_the_tutorials():
@@ -103,3 +105,132 @@ def test_group_keys_override_the_options():
                                 decoupled_weight_decay=True)
     assert [g["lr"] for g in optimizer.param_groups] == [0.02, 0.1]
     assert [g["weight_decay"] for g in optimizer.param_groups] == pytest.approx([5.0, 1.0])
+
+
+# --- muon: torch.optim.Muon on the conv filters, SGD on the rest ---------------------------
+
+
+def muon_net() -> TinyNet:
+    torch.manual_seed(0)
+    net = TinyNet()
+    return net.to(memory_format=torch.channels_last)  # the trainer's layout: a 4-D stride
+
+
+def set_gradients(net: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for p in net.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape, generator=generator)
+
+
+def test_muon_puts_each_parameter_in_muon_or_sgd_once():
+    net = muon_net()
+    optimizer = build_optimizer("muon", parameter_groups(net), lr=0.24, sgd_lr=0.5,
+                                sgd_bias_lr=2.0)
+    filters, matrices, vectors = optimizer.param_groups
+    assert filters["params"] == [net.conv.weight] and filters["lr"] == 0.24
+    assert matrices["params"] == [net.head.weight] and matrices["lr"] == 0.5
+    assert vectors["params"] == [net.conv.bias, net.norm.bias] and vectors["lr"] == 2.0
+    grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in net.parameters() if p.requires_grad)
+    assert isinstance(optimizer.muon, torch.optim.Muon) and isinstance(optimizer.sgd,
+                                                                        torch.optim.SGD)
+    [matrix] = optimizer.muon.param_groups[0]["params"]
+    assert matrix.shape == (4, 27)  # out x (in * kh * kw): torch's Muon takes 2-D only
+    assert optimizer.defaults["lr"] == 0.24  # the configured lr, as the trainer reports it
+
+
+def test_muon_step_is_torch_muons_update_on_the_flattened_filter():
+    net = muon_net()
+    optimizer = build_optimizer("muon", parameter_groups(net), lr=0.1, momentum=0.6,
+                                ns_steps=3, sgd_lr=0.5, sgd_momentum=0.85)
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    reference = torch.nn.Parameter(net.conv.weight.detach().reshape(4, -1).clone())
+    muon = torch.optim.Muon([reference], lr=0.1, momentum=0.6, ns_steps=3, weight_decay=0.0)
+    head = torch.nn.Parameter(net.head.weight.detach().clone())
+    sgd = torch.optim.SGD([head], lr=0.5, momentum=0.85, nesterov=True)
+    for seed in range(2):
+        set_gradients(net, seed)
+        reference.grad = net.conv.weight.grad.reshape(4, -1).clone()
+        head.grad = net.head.weight.grad.clone()
+        optimizer.step()
+        muon.step()
+        sgd.step()
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[name]), name  # every trained weight moved
+    assert torch.equal(net.conv.weight.reshape(4, -1), reference)
+    assert torch.equal(net.head.weight, head)
+
+
+def test_muon_normalizes_filters_and_skips_those_without_gradient():
+    net = muon_net()
+    optimizer = build_optimizer("muon", parameter_groups(net), lr=1e-9,
+                                normalize_filters=True)
+    set_gradients(net, 0)
+    optimizer.step()
+    # airbench94_muon's projection: norm sqrt(out channels) (the update is 1e-9 x O(1)).
+    assert net.conv.weight.norm().item() == pytest.approx(2.0, rel=1e-6)
+    frozen = net.conv.weight.detach().clone()
+    optimizer.zero_grad()
+    set_gradients(net, 1)
+    net.conv.weight.grad = None  # as the trainer drops a frozen parameter's gradient
+    optimizer.step()
+    assert torch.equal(net.conv.weight, frozen)
+
+
+def test_muon_state_dict_round_trip_resumes_bit_identically():
+    def build(net):
+        optimizer = build_optimizer("muon", parameter_groups(net), lr=0.1, sgd_lr=0.5,
+                                    sgd_weight_decay=0.01, sgd_decoupled_weight_decay=True)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 10)
+        return optimizer, schedule
+
+    def steps(net, optimizer, schedule, seeds):
+        for seed in seeds:
+            optimizer.zero_grad(set_to_none=True)
+            set_gradients(net, seed)
+            optimizer.step()
+            schedule.step()
+
+    whole = muon_net()
+    optimizer, schedule = build(whole)
+    steps(whole, optimizer, schedule, range(3))
+    saved = io.BytesIO()  # as a checkpoint is written and read: tensors and plain values
+    torch.save({"model": whole.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": schedule.state_dict()}, saved)
+    steps(whole, optimizer, schedule, range(3, 6))
+
+    resumed = muon_net()
+    resumed_optimizer, resumed_schedule = build(resumed)
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)
+    resumed.load_state_dict(state["model"])
+    resumed_optimizer.load_state_dict(state["optimizer"])
+    resumed_schedule.load_state_dict(state["scheduler"])
+    assert [g["lr"] for g in resumed_optimizer.param_groups] == pytest.approx(
+        [0.1 * 0.7, 0.5 * 0.7, 0.5 * 0.7])  # the schedule's next lrs, not the last used
+    steps(resumed, resumed_optimizer, resumed_schedule, range(3, 6))
+    for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):
+        assert torch.equal(p, q), name
+    assert resumed_optimizer.sgd.param_groups is not optimizer.sgd.param_groups
+    assert resumed_optimizer.param_groups[1:] == resumed_optimizer.sgd.param_groups
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"fused": True}, "optimizer.fused=true is not possible with muon"),
+    ({"ns_steps": 0}, r"optimizer.ns_steps=0 must lie in \[1, 99\]"),
+    ({"ns_coefficients": [1.0, 2.0]}, "must be three numbers"),
+    ({"sgd_bias_lr": 0.0}, "must be positive"),
+    ({"adjust_lr_fn": "bad"}, "optimizer 'muon' refused its options"),
+])
+def test_muon_refuses_bad_options_in_one_line(options, message):
+    with pytest.raises(ConfigError, match=message) as refused:
+        build_optimizer("muon", parameter_groups(muon_net()), **options)
+    assert "\n" not in str(refused.value)
+
+
+def test_muon_needs_convolution_filters():
+    with pytest.raises(ConfigError, match="found no convolution filters"):
+        build_optimizer("muon", parameter_groups(torch.nn.Linear(3, 2)))

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_exp import run as run_module
 from cifar_exp.config import compose_config
+from cifar_exp.speed import resolve_cuda_graph
 
 
 def run_recipe(tmp_path, data_root, recipe: str, *overrides: str):
@@ -63,7 +64,7 @@ def test_fast96_is_airbench96_as_published():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["fast94", "fast96", "resnet18"])
+@pytest.mark.parametrize("recipe", ["fast94", "fast94_muon", "fast96", "resnet18"])
 def test_every_recipe_runs_as_written_for_two_steps(tmp_path, data_root, recipe):
     client, run = run_recipe(tmp_path, data_root, recipe, "steps=2")
     assert run.info.status == "FINISHED"
@@ -85,3 +86,42 @@ def test_every_recipe_trains_on_the_gpu_in_bf16(tmp_path, data_root, recipe):
     assert (tags["amp"], tags["compile"], tags["cuda_graph"]) == ("bf16", "none", "true")
     assert math.isfinite(run.data.metrics["loss"])
     assert 0.0 < run.data.metrics["precision"] <= 1.0
+
+
+def test_fast94_muon_is_airbench94_muon_as_published():
+    cfg = compose_config(["+experiment=fast94_muon"])
+    assert cfg.steps == 200 and cfg.batch_size == 2000  # 8 epochs of 25 batches
+    assert cfg.model.name == "airbench" and list(cfg.model.widths) == [64, 256, 256]
+    assert cfg.label_smoothing == 0.2 and cfg.tta == "flip_translate"
+    assert cfg.lookahead.every is None and cfg.ema.decay is None
+    opt = cfg.optimizer
+    assert opt.name == "muon" and opt.lr == 0.24 and opt.momentum == 0.6 and opt.nesterov
+    assert opt.ns_steps == 3 and opt.normalize_filters and opt.weight_decay == 0.0
+    # Per mean loss over 2000: airbench's per-example (summed-loss) values x 2000.
+    assert opt.sgd_bias_lr == pytest.approx(0.053 * 2000)
+    assert opt.sgd_weight_decay == pytest.approx(2e-6 * 2000)
+    # The head: logits (w / 256) . x with w of std 1, lr 0.67 per example; here torch's
+    # default init (std 1/sqrt(768)) and scale sqrt(3)/16 give the same initial logits,
+    # and the lr that makes the same steps of the logits' weights: lr x scale**2 equal.
+    scale = cfg.model.logit_scale
+    assert scale / math.sqrt(768) == pytest.approx(1 / 256)
+    assert opt.sgd_lr * scale**2 == pytest.approx(0.67 * 2000 / 256**2, rel=1e-4)
+    assert opt.sgd_momentum == 0.85 and opt.sgd_nesterov and opt.sgd_decoupled_weight_decay
+    assert (cfg.schedule.name, cfg.schedule.start_factor, cfg.schedule.peak_fraction,
+            cfg.schedule.end_factor) == ("triangle", 1.0, 0.0, 0.0)
+    # torch's Muon cannot run in a CUDA graph: `auto` keeps it off even on a GPU.
+    assert not resolve_cuda_graph("auto", torch.device("cuda"), "bf16", "none",
+                                  fused_optimizer=bool(opt.fused), data_parallel=False)
+
+
+def test_fast94_muon_trains_a_few_steps(tmp_path, data_root):
+    # The recipe as written, but 2 steps of 128 images.
+    client, run = run_recipe(tmp_path, data_root, "fast94_muon", "steps=2",
+                             "batch_size=128", "log_every=1", "tracking.log_model=false")
+    assert run.info.status == "FINISHED" and run.info.run_name == "airbench-muon-2"
+    assert run.data.params["optimizer.sgd_bias_lr"] == str(106 * 128 / 2000)
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
+    assert lrs == pytest.approx([0.24, 0.12])  # Muon's lr, falling linearly to 0
+    assert 0.0 <= run.data.metrics["precision"] <= 1.0
