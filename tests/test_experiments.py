@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -59,3 +60,86 @@ def test_fast_gpu_script_prints_its_table(tmp_path, data_root):
     assert [row.split("|")[2].strip() for row in others] == ["0", "1"]
     assert "tf_tutorial_adam over 2 seeds: " in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # writes nowhere else
+
+
+# --- experiments/race.py: its CPU parts (the race itself needs a GPU and airbench's code) ---
+
+RACE = REPO / "experiments" / "race.py"
+# A peer's table as airbench prints it: the run named on its first row, an `eval` row last.
+PEER_LOG = """\
+------------------------------------------------------------------------------
+|  run     |  epoch  |  train_acc  |  val_acc  |  tta_val_acc  |  time_seconds  |
+------------------------------------------------------------------------------
+|  warmup  |      0  |     0.1000  |   0.1000  |               |        9.0000  |
+|          |   eval  |             |           |       0.1000  |       20.0000  |
+|       0  |      0  |     0.8000  |   0.8000  |               |        1.0000  |
+|          |      1  |     0.9000  |   0.9300  |               |        2.5000  |
+|          |   eval  |             |           |       0.9400  |        2.7000  |
+|       1  |      0  |     0.8000  |   0.8000  |               |        1.1000  |
+|          |      1  |     0.9000  |   0.9300  |               |        2.6000  |
+|          |   eval  |             |           |       0.9200  |        2.8000  |
+Mean: 0.9300    Std: 0.0141
+"""
+
+
+def load_race():
+    spec = importlib.util.spec_from_file_location("race", RACE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["race"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_race_help_runs_on_the_cpu():
+    result = subprocess.run([sys.executable, str(RACE), "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "--peers" in result.stdout and "--seeds" in result.stdout
+
+
+def test_race_refuses_a_missing_peers_folder_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(RACE), "--peers", str(tmp_path / "nowhere")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    [error] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert "nowhere: no such folder" in error and "airbench94_muon.py" in error
+
+
+def test_race_arguments_and_peer_files(tmp_path):
+    race = load_race()
+    (tmp_path / "airbench94_muon.py").write_text("")
+    args = race.parse_args(["--peers", str(tmp_path), "--contenders",
+                            "airbench94_muon,fast94_muon"])
+    assert args.seeds == 5 and args.contenders == ["airbench94_muon", "fast94_muon"]
+    assert args.peer_files == {"airbench94_muon": tmp_path / "airbench94_muon.py"}
+    with pytest.raises(race.RaceError, match=r"missing peer script\(s\) .*airbench94.py"):
+        race.peer_files(tmp_path, race.CONTENDERS)
+    assert race.peer_files(tmp_path / "absent", ["fast94"]) == {}  # ours need no peers
+    with pytest.raises(SystemExit):
+        race.parse_args(["--peers", str(tmp_path), "--contenders", "resnet"])
+
+
+def test_race_patches_the_peer_scripts_as_documented():
+    race = load_race()
+    legacy = "    #main('warmup')\n    accs = torch.tensor([main(run) for run in range(25)])\n"
+    assert race.patched(legacy, "airbench94", 5) == (
+        "    main('warmup')\n    accs = torch.tensor([main(run) for run in range(5)])\n")
+    muon = "accs = torch.tensor([main(run, model) for run in range(200)])"
+    assert "for run in range(3)" in race.patched(muon, "airbench94_muon", 3)
+    with pytest.raises(race.RaceError, match="expected 'for run in range.200.' once"):
+        race.patched("print('a modified file')", "airbench94_muon", 5)
+
+
+def test_race_reads_a_peer_log_and_prints_its_table():
+    race = load_race()
+    seconds, precision = race.parse_peer_log(PEER_LOG)
+    assert seconds == [2.5, 2.6] and precision == [0.94, 0.92]  # the warm-up run left out
+    with pytest.raises(race.RaceError, match="no airbench results table"):
+        race.parse_peer_log("Traceback ...")
+    results = [race.Result("airbench94_muon", "airbench94_muon.py, published", seconds,
+                           precision), race.Result("fast94_muon", "cifar_exp")]
+    table = race.format_table(results, "NVIDIA H200").splitlines()
+    assert "CIFAR-10 (JPEG copy)" in table[2]
+    assert table[4] == ("| airbench94_muon | airbench94_muon.py, published | 2 | "
+                        "2.55 ± 0.07 | 0.9300 ± 0.0141 |")
+    assert table[5] == "| fast94_muon | cifar_exp | 0 | failed | failed |"
+    assert race.mean_std([1.0]) == (1.0, 0.0)
