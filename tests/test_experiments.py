@@ -143,3 +143,36 @@ def test_race_reads_a_peer_log_and_prints_its_table():
                         "2.55 ± 0.07 | 0.9300 ± 0.0141 |")
     assert table[5] == "| fast94_muon | cifar_exp | 0 | failed | failed |"
     assert race.mean_std([1.0]) == (1.0, 0.0)
+
+
+# --- experiments/carry_data.py: the data set packed small, unpacked byte for byte ---
+
+CARRY = REPO / "experiments" / "carry_data.py"
+
+
+def test_carry_data_packs_small_and_unpacks_the_same_bytes(tmp_path, data_root):
+    source = tmp_path / "source"
+    source.mkdir()
+    real = data_root / "cifar-10-batches-bin"
+    (source / "test_batch.bin").write_bytes((real / "test_batch.bin").read_bytes()[:500 * 3073])
+    (source / "batches.meta.txt").write_bytes((real / "batches.meta.txt").read_bytes())
+    packed, rebuilt = tmp_path / "packed", tmp_path / "rebuilt"
+    for action, origin, destination in (("pack", source, packed),
+                                        ("unpack", packed, rebuilt)):
+        result = subprocess.run([sys.executable, str(CARRY), action, str(origin),
+                                 str(destination)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("test_batch.bin", "batches.meta.txt"):
+        assert (rebuilt / name).read_bytes() == (source / name).read_bytes()
+    packed_size = sum(path.stat().st_size for path in packed.iterdir())
+    assert packed_size < 0.4 * (source / "test_batch.bin").stat().st_size
+
+    manifest = json.loads((packed / "manifest.json").read_text())
+    manifest["files"]["test_batch.bin"]["sha256"] = "0" * 64  # as if decoded otherwise
+    (packed / "manifest.json").write_text(json.dumps(manifest))
+    result = subprocess.run([sys.executable, str(CARRY), "unpack", str(packed),
+                             str(tmp_path / "again")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: test_batch.bin: rebuilt bytes differ")
+    assert f"install Pillow=={manifest['pillow']}" in result.stderr
