@@ -13,7 +13,7 @@ import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -40,6 +40,9 @@ from cifar_exp.tracking import (
 from cifar_exp.train import Experiment, LoopState, TrainResult, train
 from cifar_exp.world import SINGLE, World, check_batch_size, current_world
 
+if TYPE_CHECKING:
+    from cifar_exp.packing import Pack
+
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +55,8 @@ class JobContext:
     run_name: str = "run"
     job_number: int | None = None  # its number within a sweep; None for a single run
     hydra: DictConfig | None = None  # Hydra's own config, recorded beside the job's
+    pack: Pack | None = None  # a packed sweep's: the members that take their steps together
+    member: int = 0  # this job's place in its pack
 
 
 class Resumed(NamedTuple):
@@ -66,7 +71,9 @@ def run_job(cfg: DictConfig, context: JobContext) -> TrainResult:
     validate(cfg)
     world = current_world()
     check_batch_size(cfg.batch_size, world)
-    device = resolve_device(distributed.device_for(cfg.device, world), context.job_number)
+    # A pack's members share one device; the packs of a sweep take the GPUs in turn.
+    slot = context.job_number if context.pack is None else context.pack.index
+    device = resolve_device(distributed.device_for(cfg.device, world), slot)
     select_gpu(device)
     with distributed.process_group(world, device):
         return train_job(cfg, device, context, world)
@@ -98,6 +105,8 @@ def train_job(cfg: DictConfig, device: torch.device, context: JobContext,
         if cfg.eval_images is not None:
             data = limit_test_set(data, cfg.eval_images)
         experiment = build_experiment(cfg, data, world)
+        if context.pack is not None:  # the pack shows one progress bar for its members
+            experiment.settings.progress = False
         loop_state = None
         if resumed is not None:
             loop_state = checkpoint.restore(resumed.state, resumed.path, experiment.states())
@@ -141,8 +150,11 @@ def _tracked(cfg: DictConfig, device: torch.device, world: World,
                                   system_metrics_seconds=cfg.tracking.system_metrics_seconds)
                        if world.is_main else NoTracking())
     checkpointer = None
+    # A pack's members share the launcher's stop request: signals reach the main thread.
+    stop_request = (StopRequest() if context.pack is None
+                    else contextlib.nullcontext(context.pack.stop))
     try:
-        with StopRequest() as stop, tracker_of_rank as tracker:
+        with stop_request as stop, tracker_of_rank as tracker:
             if resumed is not None:
                 log.info("MLflow run %s resumed from step %d of %s (the store holds points up "
                          "to step %d: none is written twice)", tracker.run_id,
@@ -168,7 +180,9 @@ def _tracked(cfg: DictConfig, device: torch.device, world: World,
                            checkpoints=checkpointer if world.is_main else None,
                            resume=loop_state, stop=stop, world=world,
                            on_evaluation=trial_reporter(cfg) if not world.distributed
-                           else None)
+                           else None,
+                           make_step=(context.pack.step_maker(context.member)
+                                      if context.pack is not None else None))
             tracker.log_state_dict(experiment.model, "weights.pt")
             if experiment.ema is not None:
                 tracker.log_state_dict(experiment.ema.model, "ema_weights.pt")

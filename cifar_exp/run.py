@@ -100,8 +100,20 @@ def main(cfg: DictConfig) -> float:
     install_redaction()  # Hydra has set up this job's logging by now
     adopt_launcher_tasks()  # hydra.launcher.tasks_per_node > 1: one DDP job
     new_folder = made_for_this_job()
+    return run_and_report(cfg, job_context(cfg), new_folder)
+
+
+def run_and_report(cfg: DictConfig, context: job.JobContext,
+                   new_folder: Path | None = None) -> float:
+    """Run the job and return its final precision; what ends it is said in one line on
+    stderr, with the exit code (SystemExit) of the module docstring. Within a sweep a
+    diverged job, or one whose record failed, returns nan and the sweep goes on.
+    `new_folder` (made for this command) is removed when the command is refused."""
+    from cifar_exp import job
+
+    in_sweep = context.job_number is not None
     try:
-        return run_experiment(cfg).precision
+        return job.run_job(cfg, context).precision
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         if new_folder is not None:  # refused: leave no empty outputs/<date>/<time>/
@@ -109,7 +121,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
-        if sweep_job_number() is not None:
+        if in_sweep:
             return math.nan  # one diverged job (its run marked FAILED) does not end the sweep
         sys.exit(1)
     except Pruned as pruned:  # an Optuna trial the study's pruner stopped
@@ -117,7 +129,7 @@ def main(cfg: DictConfig) -> float:
         return pruned.precision
     except RecordFailure as error:
         print(f"error: {error}", file=sys.stderr)
-        if sweep_job_number() is not None:
+        if in_sweep:
             return math.nan  # the sweep goes on; this job's record says what is missing
         sys.exit(RecordFailure.EXIT_CODE)
     except Stopped as stopped:

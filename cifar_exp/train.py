@@ -12,7 +12,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -81,6 +81,21 @@ class CheckpointSaver(Protocol):
 StopCheck = Callable[[], int | None]  # the number of a signal that asked to stop, or None
 
 
+class Step(Protocol):
+    """A training step: `step(inputs, labels, frozen) -> loss` (detached, on the device),
+    with the fp16 loss `scaler` a checkpoint saves."""
+
+    scaler: torch.amp.GradScaler
+
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
+                 frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor: ...
+
+
+# Makes the step from the experiment and the training device (e.g. a packed sweep's member
+# step, cifar_exp.packing); by default the trainer makes its own TrainingStep.
+StepMaker = Callable[["Experiment", torch.device], Step]
+
+
 @dataclass
 class TrainSettings:
     steps: int
@@ -139,7 +154,8 @@ class TrainResult:
 def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
           checkpoints: CheckpointSaver | None = None, resume: LoopState | None = None,
           stop: StopCheck | None = None, world: World = SINGLE,
-          on_evaluation: Callable[[int, float], None] | None = None) -> TrainResult:
+          on_evaluation: Callable[[int, float], None] | None = None,
+          make_step: StepMaker | None = None) -> TrainResult:
     """Train `experiment` for its `settings.steps` steps on `data` (already on the model's
     device).
 
@@ -154,7 +170,8 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
     and a real `sink`.
 
     `on_evaluation(step, precision)` is called after each evaluation; what it raises (an
-    Optuna trial that is Pruned) ends training there."""
+    Optuna trial that is Pruned) ends training there. `make_step` replaces the trainer's
+    own TrainingStep (a packed sweep's members step together)."""
     settings, model, optimizer = experiment.settings, experiment.model, experiment.optimizer
     augmentation, ema, lookahead = experiment.augmentation, experiment.ema, experiment.lookahead
     device = data.train_images.device
@@ -165,10 +182,14 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
     evaluated = experiment.evaluated
     evaluated.to(memory_format=layout)
     model.train()
-    training_step = TrainingStep(model, optimizer, device, settings.amp, settings.compile,
-                                 data_parallel=world.distributed,
-                                 label_smoothing=settings.label_smoothing,
-                                 cuda_graph=settings.cuda_graph)
+    training_step: Step
+    if make_step is not None:
+        training_step = make_step(experiment, device)
+    else:
+        training_step = TrainingStep(model, optimizer, device, settings.amp, settings.compile,
+                                     data_parallel=world.distributed,
+                                     label_smoothing=settings.label_smoothing,
+                                     cuda_graph=settings.cuda_graph)
 
     window = _SpeedWindow(settings.batch_size, settings.log_every, device)
     train_seconds = 0.0

@@ -279,3 +279,12 @@ def test_a_config_naming_code_outside_the_project_is_refused(override, refused):
     with pytest.raises(ConfigError, match=f"^{refused}=.* names code outside the project"):
         compose_config([override], with_hydra=True)
     compose_config(["+hydra.job_logging.handlers.x.class=logging.NullHandler"], with_hydra=True)
+
+
+@pytest.mark.parametrize("option", options("hydra/launcher"))
+def test_every_launcher_preset_composes_and_names_a_launcher_class(option):
+    from hydra.plugins.launcher import Launcher
+    from hydra.utils import get_class
+
+    cfg = compose_config([f"hydra/launcher={option}"], with_hydra=True)
+    assert issubclass(get_class(cfg.hydra.launcher._target_), Launcher)

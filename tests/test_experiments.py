@@ -145,6 +145,23 @@ def test_race_reads_a_peer_log_and_prints_its_table():
     assert race.mean_std([1.0]) == (1.0, 0.0)
 
 
+@pytest.mark.slow  # three short sweeps of two jobs, twice
+def test_packed_gpu_script_prints_both_tables(tmp_path, data_root):
+    env = {**os.environ, "PYTHON": sys.executable, "CIFAR_EXP_DATA": str(data_root),
+           "OUT": str(tmp_path / "out"), "JOBS": "2", "BASELINE_ARGS": "",
+           "FAST_ARGS": "batch_size=64 eval_batch_size=250", "MPS": "false"}
+    result = subprocess.run(["bash", str(REPO / "experiments" / "packed_gpu.sh"), "steps=2",
+                             "log_every=1", "eval_images=500"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for table in ("baseline.md", "fast94.md"):
+        rows = (tmp_path / "out" / table).read_text().splitlines()[2:]
+        assert [row.split("|")[1].strip() for row in rows] == ["sequential", "stacked",
+                                                               "processes", "ray"]
+        assert all(row.split("|")[2].strip() == "2" for row in rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # writes nowhere else
+
+
 # --- experiments/carry_data.py: the data set packed small, unpacked byte for byte ---
 
 CARRY = REPO / "experiments" / "carry_data.py"

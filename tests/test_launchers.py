@@ -46,3 +46,14 @@ def test_two_tasks_per_node_train_one_data_parallel_job(tmp_path, data_root):
     _, [child] = tracked_sweep(uri, {"tf_cnn-adam-10 #0"})  # one run for the two ranks
     assert child.data.tags["processes"] == "2"
     assert len(list(tmp_path.glob("multirun/*/*/0"))) == 1  # one output folder for the job
+
+
+@pytest.mark.slow  # a local Ray instance starts, then two jobs as Ray tasks
+def test_ray_sweep_leaves_one_parent_and_two_finished_children(tmp_path, data_root):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = cli(tmp_path, "-m", "hydra/launcher=ray", "seed=0,1", *SWEEP_JOB,
+                 f"tracking.uri={uri}", data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    parent, _ = tracked_sweep(uri, {"tf_cnn-adam seed=0", "tf_cnn-adam seed=1"})
+    assert parent.data.tags["launcher"] == "RayLauncher"

@@ -3,6 +3,7 @@ the usual DataLoader pipeline.
 
     python -m cifar_exp.bench [overrides] [--windows N] [--window-steps N] [--workers 0,2]
                               [--bare-only | --profile FOLDER] [--json FILE]
+    python -m cifar_exp.bench --sweep N [overrides] [--modes sequential,stacked,processes,ray]
 
 (a) the bare model step: forward, loss, backward and optimizer step on random tensors
     already on the device -- the ceiling for this model, batch size and device;
@@ -38,6 +39,7 @@ from cifar_exp.build import build_experiment, build_settings, device_name, resol
 from cifar_exp.config import compose_config, validate
 from cifar_exp.data import CifarData, load_cifar
 from cifar_exp.step import TrainingStep, memory_format, synchronize
+from cifar_exp.tools import sweep_bench
 from cifar_exp.tools.loader_baseline import ArrayDataset, endless_batches, per_image_transform
 from cifar_exp.tools.profiling import StepProfile, WindowProfiler
 from cifar_exp.tracking import RunTracker
@@ -372,6 +374,12 @@ def argument_parser() -> argparse.ArgumentParser:
                         "warm-up window, print where the time goes and write Chrome traces "
                         "to this folder")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--sweep", type=int, metavar="N",
+                        help="instead: time a sweep of N seeds run one after another and "
+                        "packed onto the device (hydra/launcher=packed), as jobs per hour")
+    parser.add_argument("--modes", default="sequential,stacked,processes",
+                        help="with --sweep: the ways to run it (sequential, stacked, processes, "
+                        "ray), the first is the baseline")
     return parser
 
 
@@ -381,6 +389,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.windows < 1 or args.window_steps < 1:
         parser.error("--windows and --window-steps must be at least 1")
     logging.basicConfig(level=logging.WARNING)
+    if args.sweep is not None:
+        try:
+            print(sweep_bench.run(args.sweep, args.modes.split(","), args.overrides))
+        except (ValueError, RuntimeError) as error:
+            parser.exit(2, f"error: {error}\n")
+        return
     if args.profile:
         _print_profiles(args.overrides, args.window_steps, args.profile, args.json)
         return
