@@ -472,7 +472,7 @@ def test_help_gives_usage_examples_and_the_groups(tmp_path, data_root):
     assert result.returncode == 0
     assert result.stdout.startswith("cifar-exp: train CIFAR-10/100 models")
     assert "cifar-exp experiment=fast94 debug=quick" in result.stdout
-    assert "optimizer: adam, adamw, sgd, sgd_decay" in result.stdout
+    assert "optimizer: adam, adamw, muon, sgd, sgd_decay" in result.stdout
     assert list(tmp_path.iterdir()) == []  # nothing made
 
 
