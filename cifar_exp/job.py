@@ -105,8 +105,10 @@ def train_job(cfg: DictConfig, device: torch.device, context: JobContext,
         if cfg.eval_images is not None:
             data = limit_test_set(data, cfg.eval_images)
         experiment = build_experiment(cfg, data, world)
-        if context.pack is not None:  # the pack shows one progress bar for its members
+        if context.pack is not None:  # the pack shows one progress bar for its members,
+            # and its stacked step runs op by op (the run's tags say what ran)
             experiment.settings.progress = False
+            experiment.settings.compile, experiment.settings.cuda_graph = "none", False
         loop_state = None
         if resumed is not None:
             loop_state = checkpoint.restore(resumed.state, resumed.path, experiment.states())

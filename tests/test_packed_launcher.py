@@ -34,6 +34,7 @@ def test_a_stacked_sweep_gives_every_member_its_own_run_folder_log_and_checkpoin
         number = run.data.params["seed"]  # seed i is job i
         folder = sweep_dir / number
         assert run.data.tags["run_dir"] == str(folder)
+        assert (run.data.tags["compile"], run.data.tags["cuda_graph"]) == ("none", "false")
         assert (folder / "checkpoint.pt").is_file()
         assert (folder / ".hydra" / "overrides.yaml").is_file()
         log = (folder / "run.log").read_text()
@@ -44,6 +45,21 @@ def test_a_stacked_sweep_gives_every_member_its_own_run_folder_log_and_checkpoin
             run.info.run_id)}
     # Different seeds, different results: not one job's numbers three times.
     assert len({run.data.metrics["loss"] for run in children}) == 3
+
+
+def test_an_optuna_search_sees_one_result_per_packed_trial(tmp_path, data_root):
+    """Its trials differ in batch size: members of other shapes share a pack, not a stack."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = cli(tmp_path, "-m", *STACKED, "hparams_search=tf_cnn_optuna",
+                 "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", *SWEEP_JOB,
+                 f"tracking.uri={uri}", data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "packing 2 jobs onto one device" in output
+    assert "best of 2 complete trials: " in output
+    [parent], children = parent_and_children(uri)
+    assert parent.data.tags["sweeper"] == "OptunaSweeper"
+    assert len(children) == 2 and {run.info.status for run in children} == {"FINISHED"}
 
 
 def test_a_diverging_member_is_failed_and_the_others_finish(tmp_path, data_root):

@@ -206,9 +206,13 @@ class _Member:
             pack.leave()
 
     def report(self) -> None:
-        value = self.job_return._return_value
+        """One line, as Hydra's launchers log each job: its overrides and its result."""
+        failed = self.job_return.status == JobStatus.FAILED
+        # JobReturn.return_value raises a failed job's exception instead of giving it.
+        outcome = (f"failed ({self.job_return._return_value})" if failed
+                   else self.job_return.return_value)
         log.info("#%s %s: %s", self.context.job_number,
-                 " ".join(filter_overrides(self.job_return.overrides or [])), value)
+                 " ".join(filter_overrides(self.job_return.overrides or [])), outcome)
 
 
 class _MemberLogs:
