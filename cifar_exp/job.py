@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -28,6 +29,7 @@ from cifar_exp.redact import redact, redacted
 from cifar_exp.search import trial_reporter
 from cifar_exp.stop import StopRequest
 from cifar_exp.store import check_tracking_uri, open_experiment, resumable_run, sqlite_path
+from cifar_exp.timeline import Timeline
 from cifar_exp.tracking import (
     RUN_DIR_TAG,
     NoTracking,
@@ -68,6 +70,7 @@ def run_job(cfg: DictConfig, context: JobContext) -> TrainResult:
     """Check `cfg`, set up the device (and the process group under torchrun), and train.
     Under torchrun every rank trains its slice of each batch; rank 0 alone holds the run
     folder, tracks and checkpoints."""
+    timeline = Timeline.for_job()
     validate(cfg)
     world = current_world()
     check_batch_size(cfg.batch_size, world)
@@ -76,12 +79,14 @@ def run_job(cfg: DictConfig, context: JobContext) -> TrainResult:
     device = resolve_device(distributed.device_for(cfg.device, world), slot)
     select_gpu(device)
     with distributed.process_group(world, device):
-        return train_job(cfg, device, context, world)
+        return train_job(cfg, device, context, world, timeline)
 
 
 def train_job(cfg: DictConfig, device: torch.device, context: JobContext,
-              world: World = SINGLE) -> TrainResult:
-    """run_job's work once the device (and process group) are set up."""
+              world: World = SINGLE, timeline: Timeline | None = None) -> TrainResult:
+    """run_job's work once the device (and process group) are set up; `timeline` counts
+    where its time goes (a new one by default)."""
+    timeline = timeline or Timeline()
     check_tracking_uri(cfg.tracking.uri)
     config = redacted(flatten(OmegaConf.to_container(cfg, resolve=True)))
     # Rank 0's output folder holds the job's checkpoint, for every rank.
@@ -100,35 +105,41 @@ def train_job(cfg: DictConfig, device: torch.device, context: JobContext,
             if world.is_main:
                 run_folder.check_writable(path)
                 held.enter_context(run_folder.checkpoint_lock(path))
-        data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.verify,
-                          cfg.data.manifest).to(device)
-        if cfg.eval_images is not None:
-            data = limit_test_set(data, cfg.eval_images)
-        experiment = build_experiment(cfg, data, world)
+        with timeline.phase("data"):
+            data = load_cifar(cfg.data.name, cfg.data.root, cfg.data.download,
+                              cfg.data.verify, cfg.data.manifest).to(device)
+            if cfg.eval_images is not None:
+                data = limit_test_set(data, cfg.eval_images)
+        with timeline.phase("build"):
+            experiment = build_experiment(cfg, data, world)
         if context.pack is not None:  # the pack shows one progress bar for its members,
             # and its stacked step runs op by op (the run's tags say what ran)
             experiment.settings.progress = False
             experiment.settings.compile, experiment.settings.cuda_graph = "none", False
         loop_state = None
         if resumed is not None:
-            loop_state = checkpoint.restore(resumed.state, resumed.path, experiment.states())
+            with timeline.phase("build"):
+                loop_state = checkpoint.restore(resumed.state, resumed.path,
+                                                experiment.states())
             checkpoint.check_loop(loop_state, resumed.path, data.train_labels.numel())
-        if world.is_main and resumed is None:  # the store's schema and the experiment,
-            open_experiment(cfg.tracking.uri, cfg.tracking.experiment)  # e.g. one deleted
-        if owns_folder:
-            close_abandoned_runs(cfg.tracking.uri, cfg.tracking.experiment, folder,
-                                 keep=resumed.state["tracking"]["run_id"] if resumed else "")
-            run_folder.record_config(folder, cfg, context.hydra, context.overrides,
-                                     replace=resumed is None)
+        with timeline.phase("tracking"):
+            if world.is_main and resumed is None:  # the store's schema and the experiment,
+                open_experiment(cfg.tracking.uri, cfg.tracking.experiment)  # e.g. one deleted
+            if owns_folder:
+                close_abandoned_runs(cfg.tracking.uri, cfg.tracking.experiment, folder,
+                                     keep=resumed.state["tracking"]["run_id"] if resumed else "")
+                run_folder.record_config(folder, cfg, context.hydra, context.overrides,
+                                         replace=resumed is None)
         return _tracked(cfg, device, world, context, folder, config, data, experiment,
-                        resumed, loop_state, path)
+                        resumed, loop_state, path, timeline)
 
 
 def _tracked(cfg: DictConfig, device: torch.device, world: World,
              context: JobContext, folder: Path, config: dict[str, Any], data: CifarData,
              experiment: Experiment, resumed: Resumed | None, loop_state: LoopState | None,
-             path: Path | None) -> TrainResult:
-    """Train `experiment` inside its MLflow run, then log the weights and the model."""
+             path: Path | None, timeline: Timeline) -> TrainResult:
+    """Train `experiment` inside its MLflow run, then log the weights and the model; say
+    where the job's time went."""
     tags = {"command": command_line(),
             "overrides": " ".join(context.overrides),
             "device": device_name(device),
@@ -156,18 +167,11 @@ def _tracked(cfg: DictConfig, device: torch.device, world: World,
     stop_request = (StopRequest() if context.pack is None
                     else contextlib.nullcontext(context.pack.stop))
     try:
-        with stop_request as stop, tracker_of_rank as tracker:
-            if resumed is not None:
-                log.info("MLflow run %s resumed from step %d of %s (the store holds points up "
-                         "to step %d: none is written twice)", tracker.run_id,
-                         resumed.state["step"], resumed.path, tracker.stored_up_to)
-            else:
-                log.info("MLflow run %s (%s) in %s", tracker.run_id, context.run_name,
-                         redact(cfg.tracking.uri))
-                tracker.log_params(config)
-                tracker.log_inputs(data_inputs(cfg.data.name, cfg.data.root))
-                tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-                tracker.log_text("\n".join(context.overrides) + "\n", "overrides.txt")
+        with contextlib.ExitStack() as run_scope:
+            with timeline.phase("tracking"):
+                stop = run_scope.enter_context(stop_request)
+                tracker = run_scope.enter_context(tracker_of_rank)
+                _open_record(cfg, context, tracker, resumed, config, data)
             if path is not None:
                 every = cfg.checkpoint.every or 0
                 checkpointer = checkpoint.Checkpointer(
@@ -178,27 +182,40 @@ def _tracked(cfg: DictConfig, device: torch.device, world: World,
             else:
                 log.info("no checkpoints (checkpoint.enabled=false): a stopped run cannot be "
                          "resumed")
-            result = train(experiment, data, tracker,
-                           checkpoints=checkpointer if world.is_main else None,
-                           resume=loop_state, stop=stop, world=world,
-                           on_evaluation=trial_reporter(cfg) if not world.distributed
-                           else None,
-                           make_step=(context.pack.step_maker(context.member)
-                                      if context.pack is not None else None))
-            tracker.log_state_dict(experiment.model, "weights.pt")
-            if experiment.ema is not None:
-                tracker.log_state_dict(experiment.ema.model, "ema_weights.pt")
-            if cfg.tracking.log_model and not (resumed and tracker.has_models()):
-                tracker.log_models(experiment.evaluated, experiment.augmentation,
-                                   data.test_images, data.classes, cfg.steps,
-                                   cfg.tracking.registered_model_name)
+            loop_start = time.perf_counter()
+            try:
+                result = train(experiment, data, tracker,
+                               checkpoints=checkpointer if world.is_main else None,
+                               resume=loop_state, stop=stop, world=world,
+                               on_evaluation=trial_reporter(cfg) if not world.distributed
+                               else None,
+                               make_step=(context.pack.step_maker(context.member)
+                                          if context.pack is not None else None))
+            finally:  # the loop's time less its evaluations and checkpoints: its steps
+                checkpoint_seconds = checkpointer.seconds if checkpointer else 0.0
+                timeline.add("checkpoints", checkpoint_seconds)
+            timeline.add("evaluation", result.eval_seconds)
+            timeline.add("training", time.perf_counter() - loop_start - result.eval_seconds
+                         - checkpoint_seconds)
+            with timeline.phase("model_logging"):
+                tracker.log_state_dict(experiment.model, "weights.pt")
+                if experiment.ema is not None:
+                    tracker.log_state_dict(experiment.ema.model, "ema_weights.pt")
+                if cfg.tracking.log_model and not (resumed and tracker.has_models()):
+                    tracker.log_models(experiment.evaluated, experiment.augmentation,
+                                       data.test_images, data.classes, cfg.steps,
+                                       cfg.tracking.registered_model_name)
+            tracker.log_metrics(timeline.metrics(), cfg.steps)  # the run's closing aside
+            closing_start = time.perf_counter()
+        timeline.add("tracking", time.perf_counter() - closing_start)
     except Stopped as stopped:
         if stopped.step is not None:
             stopped.hint = stop_hint(context, cfg, path, checkpointer, stopped.step)
         raise
     log.info("final precision @ 1 = %.4f (%.0f examples/sec, %.1f s training, %.1f s "
              "writing checkpoints)", result.precision, result.examples_per_sec,
-             result.train_seconds, checkpointer.seconds if checkpointer else 0.0)
+             result.train_seconds, checkpoint_seconds)
+    log.info("time: %s", timeline.summary())
     failure = record_failure(cfg, context, tracker, checkpointer, path)
     if failure is not None:
         raise RecordFailure(failure)
@@ -206,6 +223,22 @@ def _tracked(cfg: DictConfig, device: torch.device, world: World,
         log.info("MLflow run %s: %s", tracker.run_id,
                  where_to_see(cfg.tracking.uri, tracker.experiment_id, tracker.run_id))
     return result
+
+
+def _open_record(cfg: DictConfig, context: JobContext, tracker: RunTracker | NoTracking,
+                 resumed: Resumed | None, config: dict[str, Any], data: CifarData) -> None:
+    """Say which MLflow run this is; a new one gets its params, inputs and config."""
+    if resumed is not None:
+        log.info("MLflow run %s resumed from step %d of %s (the store holds points up "
+                 "to step %d: none is written twice)", tracker.run_id,
+                 resumed.state["step"], resumed.path, tracker.stored_up_to)
+        return
+    log.info("MLflow run %s (%s) in %s", tracker.run_id, context.run_name,
+             redact(cfg.tracking.uri))
+    tracker.log_params(config)
+    tracker.log_inputs(data_inputs(cfg.data.name, cfg.data.root))
+    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    tracker.log_text("\n".join(context.overrides) + "\n", "overrides.txt")
 
 
 def stop_hint(context: JobContext, cfg: DictConfig, path: Path | None,

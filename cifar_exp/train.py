@@ -148,7 +148,8 @@ class TrainResult:
     precision: float
     test_loss: float
     examples_per_sec: float  # over all training steps, evaluation time excluded
-    train_seconds: float
+    train_seconds: float  # of all the steps, those of earlier sessions of a resumed run too
+    eval_seconds: float = 0.0  # of this session's evaluations
 
 
 def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
@@ -194,6 +195,7 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
     window = _SpeedWindow(settings.batch_size, settings.log_every, device)
     train_seconds = 0.0
     precision = test_loss = float("nan")
+    eval_seconds = 0.0
     first_step = 1
     if resume is not None:
         generator.set_state(resume.generator)
@@ -251,6 +253,7 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
                 bar.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
             if step % settings.eval_every == 0 or last:  # every rank scores its part
                 window.pause()
+                eval_start = time.perf_counter()
                 precision, test_loss = score(evaluated, augmentation, data.test_images,
                                                 data.test_labels, settings.eval_batch_size,
                                                 layout, settings.amp, settings.tta,
@@ -260,6 +263,7 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
                          step, precision, test_loss)
                 if on_evaluation is not None and not last:  # a last one ends the run anyway
                     on_evaluation(step, precision)
+                eval_seconds += time.perf_counter() - eval_start
                 window.resume()
             signum = stop() if stop is not None else None
             if world.distributed:  # every rank stops at the same step
@@ -275,7 +279,8 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
             if signum is not None:
                 raise Stopped(signum, step)
     examples = settings.steps * settings.batch_size
-    return TrainResult(precision, test_loss, examples / max(train_seconds, 1e-9), train_seconds)
+    return TrainResult(precision, test_loss, examples / max(train_seconds, 1e-9), train_seconds,
+                       eval_seconds)
 
 
 class _SpeedWindow:

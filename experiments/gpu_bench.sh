@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU host (sized for one H100, under 10 minutes), nothing from the network:
 #   1. python -m cifar_exp.bench for tf_cnn at batch 128 and at batch 1024;
-#   2. the tutorial's full recipe: optimizer=sgd_decay steps=100000, end to end;
+#   2. the tutorial's full recipe: optimizer=sgd_decay steps=100000, end to end, and where
+#      its time went (start-up, data, tracking, steps, evaluations, checkpoints, model);
 #   3. a table of the figures;
 #   4. a profile of the bare and the framework step at the first batch size, for each
 #      setting in PROFILES: where the time goes, operators and kernel launches per step.
@@ -53,6 +54,8 @@ final = re.findall(r"final precision @ 1 = ([0-9.]+) \(([0-9]+) examples/sec", l
 precision, rate = final[-1] if final else ("?", "?")
 print(f"\noptimizer=sgd_decay steps={steps}: precision {precision}, "
       f"{end - start:.0f} s end to end, {rate} examples/sec")
+timeline = re.findall(r"\] time: (.*)", log)  # where the run's seconds went
+print(f"its time, phase by phase: {timeline[-1] if timeline else '?'}")
 PY
 
 read -r first_batch _ <<< "${BATCHES:-128 1024}"

@@ -24,6 +24,7 @@ from cifar_exp import run as run_module
 from cifar_exp.config import compose_config
 from cifar_exp.errors import CheckpointError, ConfigError
 from cifar_exp.naming import git_tags
+from cifar_exp.timeline import PHASES
 from tests.conftest import MkdirPayload, cli, data_env, run_command
 
 METRICS = ("loss", "lr", "examples_per_sec", "sec_per_batch", "precision", "test_loss")
@@ -97,6 +98,15 @@ def test_twenty_step_run_logs_everything(tmp_path, data_root):
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert sorted(m.name for m in logged) == ["tf_cnn-adam-20", "tf_cnn-adam-20-network"]
     assert not (tmp_path / "mlruns").exists()  # artifacts go to mlartifacts/ beside the db
+    # Where the time went: every phase, at the last step, adding up to the total.
+    seconds = {key.split("/", 1)[1]: value for key, value in run.data.metrics.items()
+               if key.startswith("seconds/")}
+    assert set(seconds) == {*PHASES, "total"}
+    assert all(value >= 0 for value in seconds.values())
+    assert seconds["training"] > 0 and seconds["evaluation"] > 0 and seconds["startup"] > 0
+    assert sum(seconds[phase] for phase in PHASES) == pytest.approx(seconds["total"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "seconds/total")] == [20]
+    assert re.search(r"time: [0-9.]+ s in all: startup [0-9.]+ s, .*training [0-9.]+ s", output)
 
 
 def test_a_recipe_and_debug_quick_compose_from_the_command_line(tmp_path, data_root):
