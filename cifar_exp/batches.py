@@ -1,10 +1,16 @@
-"""Mini-batches drawn on the training device: one seeded permutation per epoch."""
+"""Mini-batches drawn on the training device: one seeded permutation per epoch, and the
+data path that turns the drawn indices into a step's inputs and labels."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+from cifar_exp.augment import Augmentation, epoch_key
+from cifar_exp.data import CifarData
+from cifar_exp.distributed import shard
+from cifar_exp.world import SINGLE, World
 
 
 class EpochSampler:
@@ -48,3 +54,28 @@ class EpochSampler:
             raise ValueError(f"sampler state walks {order.numel()} items, not {self.num_items}")
         self._order = order.to(self.device)
         self._position, self.epoch = int(state["position"]), int(state["epoch"])
+
+
+class BatchMaker:
+    """The data path of a step: `make(indices, epoch) -> (inputs, labels)`, the drawn
+    training images gathered and augmented (under torchrun, this rank's slice of the global
+    batch), in the activation layout, with their labels. Every op runs on the device, so with
+    CUDA graphs the whole path is captured with the step (cifar_exp.step_graph)."""
+
+    def __init__(self, data: CifarData, augmentation: Augmentation,
+                 generator: torch.Generator, layout: torch.memory_format,
+                 world: World = SINGLE) -> None:
+        self.images, self.labels = data.train_images, data.train_labels
+        self.augmentation, self.generator = augmentation, generator
+        self.layout, self.world = layout, world
+
+    def __call__(self, indices: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self.augmentation.train(self.images[indices], self.generator, indices, epoch)
+        labels = self.labels[indices]
+        if self.world.distributed:  # the global batch was drawn whole: keep this rank's slice
+            inputs, labels = shard(self.world, inputs), shard(self.world, labels)
+        return inputs.contiguous(memory_format=self.layout), labels
+
+    def epoch_key(self, epoch: int) -> int:
+        """What of the epoch the batches depend on (a graph of the path is kept per key)."""
+        return epoch_key(self.augmentation, epoch)

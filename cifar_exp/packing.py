@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from cifar_exp.stacked_step import Member, signature, stacked_step
+from cifar_exp.step_graph import BatchSource
 
 if TYPE_CHECKING:
     from cifar_exp.train import Experiment, StopCheck
@@ -103,3 +104,8 @@ class PackedStep:
                         experiment.settings.label_smoothing, inputs, labels, frozen)
         return self.pack.take_step(self.member_id, member, self.device,
                                    experiment.settings.amp)
+
+    def on_batch(self, batches: BatchSource, indices: torch.Tensor, epoch: int,
+                 frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """The step on the batch `batches` makes of `indices` (made by this member)."""
+        return self(*batches(indices, epoch), frozen)

@@ -14,7 +14,7 @@ from torch import nn
 
 from cifar_exp import distributed
 from cifar_exp.models import regularization_loss
-from cifar_exp.step_graph import StepGraphs
+from cifar_exp.step_graph import BatchSource, StepGraphs
 
 # The autocast dtype of each `amp` format (speed.AMP_FORMATS); None: plain fp32.
 AMP_DTYPES: dict[str, torch.dtype | None] = {
@@ -95,3 +95,11 @@ class TrainingStep:
         if self.graphs is not None:
             return self.graphs(inputs, labels, frozen)
         return self.eager(inputs, labels, frozen)
+
+    def on_batch(self, batches: BatchSource, indices: torch.Tensor, epoch: int,
+                 frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """One step on the batch `batches` makes of the drawn `indices`: with `cuda_graph`
+        the making (gathering, augmentation) is replayed in the step's graph."""
+        if self.graphs is not None:
+            return self.graphs.on_batch(batches, indices, epoch, frozen)
+        return self.eager(*batches(indices, epoch), frozen)

@@ -4,14 +4,19 @@ GPU are bound by kernel launches, not by the GPU's arithmetic.
 
 A graph replays fixed memory: each step copies its batch into the graph's input buffers and
 its learning rates into device tensors that the fused optimizer reads, so schedules go on
-working. A change of the frozen parameters (e.g. airbench's whitening bias after its first
-epochs) captures a new graph."""
+working. The trainer's steps (`on_batch`) capture the data path too: the graph takes the
+drawn indices and does the gathering and the augmentation's random draws itself (the
+training generator is registered with the graph, so each replay draws new numbers, the
+ones the same steps run op by op would draw). A change of the frozen parameters (e.g.
+airbench's whitening bias after its first epochs), or of what the augmentation does with
+the epoch, captures a new graph."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -19,14 +24,28 @@ import torch
 # lazily (optimizer state, cuDNN's algorithm choice, autograd's buffers). They train.
 WARMUP_STEPS = 3
 
+# Graphs kept at once (each holds its own activation memory): a new one beyond this drops
+# the oldest. Built-in recipes need at most 4 (frozen or not, even or odd epoch).
+MAX_GRAPHS = 4
+
 Step = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+
+
+class BatchSource(Protocol):
+    """Makes a step's inputs and labels from drawn indices (cifar_exp.batches.BatchMaker)."""
+
+    generator: torch.Generator
+
+    def __call__(self, indices: torch.Tensor,
+                 epoch: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def epoch_key(self, epoch: int) -> int: ...
 
 
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    inputs: torch.Tensor
-    labels: torch.Tensor
+    arguments: tuple[torch.Tensor, ...]  # the buffers each replay reads its arguments from
     loss: torch.Tensor
 
 
@@ -40,25 +59,43 @@ class StepGraphs:
         self.step, self.device = step, device
         self.lrs = DeviceLearningRates(optimizer, device)
         self.eager_steps = 0
-        self._captured: dict[tuple[int, ...], _Captured] = {}
-
-    @property
-    def captures(self) -> int:
-        """How many graphs were captured so far (one per set of frozen parameters)."""
-        return len(self._captured)
+        self._captured: dict[Hashable, _Captured] = {}
+        self.captures = 0  # graphs captured so far (one per set of frozen parameters, ...)
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
                  frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """A step on this batch (copied into the graph's buffers)."""
+        key = ("batch", *(id(parameter) for parameter in frozen))
+        return self._run(key, (inputs, labels),
+                         lambda batch_inputs, batch_labels: self.step(batch_inputs,
+                                                                      batch_labels, frozen))
+
+    def on_batch(self, batches: BatchSource, indices: torch.Tensor, epoch: int,
+                 frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """A step on the batch `batches` makes of `indices` in `epoch`, the making replayed
+        in the same graph: only the indices are copied in."""
+        key = ("indices", batches.epoch_key(epoch), *(id(parameter) for parameter in frozen))
+        return self._run(key, (indices,),
+                         lambda drawn: self.step(*batches(drawn, epoch), frozen),
+                         batches.generator)
+
+    def _run(self, key: Hashable, arguments: tuple[torch.Tensor, ...],
+             work: Callable[..., torch.Tensor],
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """`work(*arguments)`: eagerly for the first steps, then by replaying its graph
+        for `key`, captured the first time the key comes."""
         if self.eager_steps < WARMUP_STEPS:
             self.eager_steps += 1
-            return self._on_side_stream(lambda: self.step(inputs, labels, frozen))
-        key = tuple(id(parameter) for parameter in frozen)
+            return self._on_side_stream(lambda: work(*arguments))
         captured = self._captured.get(key)
         if captured is None:
-            captured = self._captured[key] = self._capture(inputs, labels, frozen)
+            if len(self._captured) >= MAX_GRAPHS:  # the oldest goes, with its memory
+                del self._captured[next(iter(self._captured))]
+            captured = self._captured[key] = self._capture(arguments, work, generator)
+            self.captures += 1
         self.lrs.refill()
-        captured.inputs.copy_(inputs)
-        captured.labels.copy_(labels)
+        for buffer, argument in zip(captured.arguments, arguments, strict=True):
+            buffer.copy_(argument)
         captured.graph.replay()
         return captured.loss
 
@@ -70,16 +107,19 @@ class StepGraphs:
         torch.cuda.current_stream(self.device).wait_stream(side)
         return result
 
-    def _capture(self, inputs: torch.Tensor, labels: torch.Tensor,
-                 frozen: Sequence[torch.Tensor]) -> _Captured:
-        """Record one step on copies of this batch. Capturing runs nothing: the caller's
-        replay then does this step's work."""
-        static_inputs, static_labels = inputs.clone(), labels.clone()
+    def _capture(self, arguments: tuple[torch.Tensor, ...], work: Callable[..., torch.Tensor],
+                 generator: torch.Generator | None) -> _Captured:
+        """Record `work` on copies of `arguments`. Capturing runs nothing: the caller's
+        replay then does this step's work. A `generator` the work draws from is registered:
+        each replay then advances it as the same work run op by op would."""
+        buffers = tuple(argument.clone() for argument in arguments)
         graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            graph.register_generator_state(generator)
         # thread_local: other threads (a DataLoader's pinning thread) may go on using CUDA.
         with self.lrs.installed(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            loss = self.step(static_inputs, static_labels, frozen)
-        return _Captured(graph, static_inputs, static_labels, loss)
+            loss = work(*buffers)
+        return _Captured(graph, buffers, loss)
 
 
 class DeviceLearningRates:

@@ -22,9 +22,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cifar_exp.augment import Augmentation
-from cifar_exp.batches import EpochSampler
+from cifar_exp.batches import BatchMaker, EpochSampler
 from cifar_exp.data import CifarData
-from cifar_exp.distributed import agree_on_stop, mean_over_ranks, shard
+from cifar_exp.distributed import agree_on_stop, mean_over_ranks
 from cifar_exp.ema import WeightAverage
 from cifar_exp.errors import NonFiniteLoss, Stopped
 from cifar_exp.lookahead import Lookahead
@@ -82,12 +82,16 @@ StopCheck = Callable[[], int | None]  # the number of a signal that asked to sto
 
 
 class Step(Protocol):
-    """A training step: `step(inputs, labels, frozen) -> loss` (detached, on the device),
-    with the fp16 loss `scaler` a checkpoint saves."""
+    """A training step: `step(inputs, labels, frozen) -> loss` (detached, on the device), or
+    `step.on_batch(batches, indices, epoch, frozen)` on the batch `batches` makes of drawn
+    indices (what the trainer calls); with the fp16 loss `scaler` a checkpoint saves."""
 
     scaler: torch.amp.GradScaler
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
+                 frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor: ...
+
+    def on_batch(self, batches: BatchMaker, indices: torch.Tensor, epoch: int,
                  frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor: ...
 
 
@@ -179,6 +183,7 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
     generator = torch.Generator(device).manual_seed(settings.seed)
     sampler = EpochSampler(data.train_labels.numel(), settings.batch_size, generator, device)
     layout = memory_format(settings.channels_last)
+    batches = BatchMaker(data, augmentation, generator, layout, world)
     model.to(memory_format=layout)
     evaluated = experiment.evaluated
     evaluated.to(memory_format=layout)
@@ -221,14 +226,9 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
     with logging_redirect_tqdm(), bar:
         for step in range(first_step, settings.steps + 1):
             indices = sampler.next()
-            inputs = augmentation.train(data.train_images[indices], generator, indices,
-                                        sampler.epoch)
-            labels = data.train_labels[indices]
-            if world.distributed:  # the global batch was drawn whole: keep this rank's slice
-                inputs, labels = shard(world, inputs), shard(world, labels)
-            inputs = inputs.contiguous(memory_format=layout)
             lr = optimizer.param_groups[0]["lr"]
-            loss = training_step(inputs, labels, frozen_parameters(model, sampler.epoch))
+            frozen = frozen_parameters(model, sampler.epoch)
+            loss = training_step.on_batch(batches, indices, sampler.epoch, frozen)
             if world.distributed:
                 loss = mean_over_ranks(loss)
             experiment.scheduler.step()

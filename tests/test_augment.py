@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from cifar_exp.augment import AUGMENTATIONS, build_augmentation
-from cifar_exp.augment.ops import channel_stats, crop, cutout, per_image_standardization
+from cifar_exp.augment.ops import (
+    _channel_tensors,
+    channel_stats,
+    crop,
+    cutout,
+    normalize,
+    per_image_standardization,
+)
 from cifar_exp.errors import ConfigError
 
 COLUMNS = torch.arange(32, dtype=torch.uint8).mul(8).repeat(32, 1)  # value = 8 * column
@@ -195,3 +202,16 @@ def test_cutout_op_matches_slicing():
     for i in range(3):
         expected[i, :, top[i] : top[i] + 4, left[i] : left[i] + 4] = 0
     torch.testing.assert_close(cutout(images, top, left, 4), expected)
+
+
+def test_normalize_makes_its_channel_constants_once_per_device():
+    images = column_images(2)
+    mean, std = [0.5, 0.25, 0.125], [0.25, 0.5, 1.0]
+    out = normalize(images, mean, std)
+    expected = torch.stack([(images[:, c].float() / 255 - mean[c]) / std[c] for c in range(3)], 1)
+    torch.testing.assert_close(out, expected)
+    # The constants are made once, then reused: no copy from the host each batch (inside a
+    # CUDA graph's capture such a copy is not allowed).
+    first = _channel_tensors(images.device, tuple(mean), tuple(std))
+    normalize(images, mean, std)
+    assert _channel_tensors(images.device, tuple(mean), tuple(std))[0] is first[0]

@@ -1,17 +1,22 @@
-"""The whole training step as CUDA graphs: the device learning rates (on the CPU), and on a
-GPU the graphed steps against the same steps run op by op."""
+"""The whole training step as CUDA graphs: the device learning rates and which graph a step
+replays (on the CPU, a replay standing in for the graph), and on a GPU the graphed steps,
+data path included, against the same steps run op by op."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from cifar_exp import step_graph
+from cifar_exp.augment import build_augmentation
+from cifar_exp.batches import BatchMaker
+from cifar_exp.data import CifarData
 from cifar_exp.models import build_model
 from cifar_exp.optim import build_optimizer
 from cifar_exp.optim.groups import parameter_groups
 from cifar_exp.schedules import build_schedule
 from cifar_exp.step import TrainingStep
-from cifar_exp.step_graph import WARMUP_STEPS, DeviceLearningRates
+from cifar_exp.step_graph import MAX_GRAPHS, WARMUP_STEPS, DeviceLearningRates, StepGraphs
 
 CPU = torch.device("cpu")
 
@@ -111,3 +116,113 @@ def test_a_new_frozen_set_captures_a_new_graph_that_leaves_it_alone():
     assert torch.equal(model.conv1.bias, bias)
     assert not torch.equal(model.conv1.weight, weight)
     assert losses[-1] < losses[0]  # the same batch again and again: it is learned
+
+
+class ReplayedEagerly:
+    """Stands in for a CUDA graph on the CPU: each replay runs the captured work again on
+    the graph's buffers and writes its result where the graph's loss lives."""
+
+    def __init__(self, work, buffers, loss) -> None:
+        self.work, self.buffers, self.loss = work, buffers, loss
+
+    def replay(self) -> None:
+        self.loss.copy_(self.work(*self.buffers))
+
+
+@pytest.fixture
+def graphs_on_the_cpu(monkeypatch):
+    """StepGraphs with its side stream and capture replaced for the CPU; the generators each
+    capture registered are listed."""
+    registered = []
+
+    def capture(self, arguments, work, generator):
+        buffers = tuple(argument.clone() for argument in arguments)
+        registered.append(generator)
+        loss = torch.zeros((), dtype=torch.float64)  # batch_summary sums in float64
+        return step_graph._Captured(ReplayedEagerly(work, buffers, loss), buffers, loss)
+
+    monkeypatch.setattr(StepGraphs, "_capture", capture)
+    monkeypatch.setattr(StepGraphs, "_on_side_stream", lambda self, work: work())
+    return registered
+
+
+def batch_summary(inputs: torch.Tensor, labels: torch.Tensor, frozen=()) -> torch.Tensor:
+    """A stand-in step whose "loss" tells the batch it was given."""
+    return inputs.double().sum() + labels.double().sum() * 1e3
+
+
+def test_graphed_batches_replay_the_data_path_on_each_steps_indices(cifar10,
+                                                                      graphs_on_the_cpu):
+    data = CifarData(cifar10.train_images[:512], cifar10.train_labels[:512],
+                     cifar10.test_images[:8], cifar10.test_labels[:8], cifar10.classes)
+    augmentation = build_augmentation("crop_flip", data.train_images, alternating_flip=True)
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    made = BatchMaker(data, augmentation, torch.Generator().manual_seed(1),
+                      torch.contiguous_format)
+    twin = BatchMaker(data, augmentation, torch.Generator().manual_seed(1),
+                      torch.contiguous_format)
+    graphs = StepGraphs(batch_summary, optimizer, CPU)
+    order = torch.randperm(512, generator=torch.Generator().manual_seed(2))
+    epochs = [0] * 6 + [1] * 3 + [2] * 3  # warm-up steps, then three epochs
+    for step, epoch in enumerate(epochs):
+        indices = order[step * 16:(step + 1) * 16]
+        loss = graphs.on_batch(made, indices, epoch).clone()
+        assert loss == batch_summary(*twin(indices, epoch)), step  # the same draws, in turn
+    assert graphs.captures == 2  # one graph per flip parity, reused in epoch 2
+    assert graphs_on_the_cpu == [made.generator, made.generator]  # each draws from the trainer's
+
+
+def test_a_new_frozen_set_or_parity_captures_a_graph_and_the_oldest_goes(cifar10,
+                                                                         graphs_on_the_cpu):
+    augmentation = build_augmentation("crop_flip", cifar10.train_images[:64],
+                                      alternating_flip=True)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    made = BatchMaker(cifar10, augmentation, torch.Generator(), torch.contiguous_format)
+    graphs = StepGraphs(batch_summary, optimizer, CPU)
+    indices = torch.arange(8)
+    for _ in range(WARMUP_STEPS):
+        graphs.on_batch(made, indices, 0)
+    assert graphs.captures == 0
+    frozen_sets = [(), (model.bias,), (model.weight,)]
+    for frozen in frozen_sets:  # 3 frozen sets x 2 parities = 6 graphs
+        for epoch in (0, 1):
+            graphs.on_batch(made, indices, epoch, frozen)
+    assert graphs.captures == 6 and len(graphs._captured) == MAX_GRAPHS
+    graphs.on_batch(made, indices, 1, (model.weight,))  # among the kept ones: replayed
+    assert graphs.captures == 6
+    graphs.on_batch(made, indices, 0, ())  # the first, dropped: captured again
+    assert graphs.captures == 7 and len(graphs._captured) == MAX_GRAPHS
+
+
+@pytest.mark.gpu
+def test_graphed_batches_draw_and_train_as_the_eager_ones(monkeypatch, cifar10):
+    """The data path inside the step's graph: the same augmentation draws (the trainer's
+    generator ends in the same state), the same losses and weights as op by op, across an
+    epoch boundary of alternating flips."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    cuda, steps = torch.device("cuda"), 12
+    data = cifar10.to(cuda)
+    runs = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        augmentation = build_augmentation("crop_flip", data.train_images, alternating_flip=True,
+                                          cutout=8)
+        model = build_model("resnet9", 10, 32).to(cuda)
+        optimizer, schedule = sgd_with_schedule(model, steps)
+        step = TrainingStep(model, optimizer, cuda, "fp32", cuda_graph=graphed)
+        generator = torch.Generator(cuda).manual_seed(1)
+        made = BatchMaker(data, augmentation, generator, torch.channels_last)
+        losses = []
+        for index in range(steps):
+            indices = torch.randint(0, 50_000, (64,), device=cuda, generator=generator)
+            losses.append(step.on_batch(made, indices, epoch=index // 6).clone())
+            schedule.step()
+        runs[graphed] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()],
+                         generator.get_state())
+        if graphed:
+            assert step.graphs is not None and step.graphs.captures == 2
+    assert torch.equal(runs[True][2], runs[False][2])
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-5)
+    for graphed_param, eager_param in zip(runs[True][1], runs[False][1], strict=True):
+        torch.testing.assert_close(graphed_param, eager_param, rtol=1e-4, atol=1e-5)

@@ -31,6 +31,14 @@ class Augmentation(Protocol):
         ...
 
 
+def epoch_key(augmentation: Augmentation, epoch: int) -> int:
+    """What of the epoch the augmentation's training batches depend on, for CUDA graphs of the
+    data path (one is captured per key): an augmentation that knows says so with an
+    `epoch_key(epoch)` method; one that does not is taken to depend on the epoch itself."""
+    own = getattr(augmentation, "epoch_key", None)
+    return int(own(epoch)) if own is not None else epoch
+
+
 def build_augmentation(name: str, train_images: torch.Tensor, **options: Any) -> Augmentation:
     """Build the augmentation registered as `name`."""
     return AUGMENTATIONS.build(name, train_images, **options)

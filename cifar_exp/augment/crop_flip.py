@@ -39,6 +39,10 @@ class CropFlip:
             return random_flags(count, generator, device)
         return self.first_flips[indices] ^ (epoch % 2 == 1)
 
+    def epoch_key(self, epoch: int) -> int:
+        """Alternating flips differ between even and odd epochs; nothing else does."""
+        return epoch % 2 if self.first_flips is not None else 0
+
     def train(self, images: torch.Tensor, generator: torch.Generator,
               indices: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
         count, device = images.shape[0], images.device

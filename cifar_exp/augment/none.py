@@ -17,6 +17,9 @@ class NoAugmentation:
               indices: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
         return self.eval(images)
 
+    def epoch_key(self, epoch: int) -> int:
+        return 0  # every epoch alike
+
     def eval(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.mean, self.std)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -84,7 +86,14 @@ def channel_stats(images: torch.Tensor, mean: list[float] | None = None,
 
 def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 -> float on [0, 1], then (x - mean) / std per channel."""
-    device = images.device
-    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    mean_t, std_t = _channel_tensors(images.device, tuple(mean), tuple(std))
     return (images.float() / 255 - mean_t) / std_t
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_tensors(device: torch.device, mean: tuple[float, ...],
+                     std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel constants on the device, made once: a copy from the host each batch
+    would cost a transfer, and inside a CUDA graph's capture it is not allowed."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, device=device).view(1, -1, 1, 1))

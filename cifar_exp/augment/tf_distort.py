@@ -28,6 +28,9 @@ class TfDistort:
               indices: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
         return per_image_standardization(self.distort(images, generator))
 
+    def epoch_key(self, epoch: int) -> int:
+        return 0  # every epoch alike
+
     def distort(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Crop, flip, brightness and contrast, before standardization (0..255 scale)."""
         count, device = images.shape[0], images.device
