@@ -14,11 +14,14 @@ the epoch, captures a new graph."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # Eager steps, on a side stream, before the first capture: they initialize what is made
 # lazily (optimizer state, cuDNN's algorithm choice, autograd's buffers). They train.
@@ -61,6 +64,8 @@ class StepGraphs:
         self.eager_steps = 0
         self._captured: dict[Hashable, _Captured] = {}
         self.captures = 0  # graphs captured so far (one per set of frozen parameters, ...)
+        # Why the data path runs outside the graph (its capture failed); None: it is inside.
+        self.batches_outside: str | None = None
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
                  frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
@@ -73,11 +78,22 @@ class StepGraphs:
     def on_batch(self, batches: BatchSource, indices: torch.Tensor, epoch: int,
                  frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """A step on the batch `batches` makes of `indices` in `epoch`, the making replayed
-        in the same graph: only the indices are copied in."""
-        key = ("indices", batches.epoch_key(epoch), *(id(parameter) for parameter in frozen))
-        return self._run(key, (indices,),
-                         lambda drawn: self.step(*batches(drawn, epoch), frozen),
-                         batches.generator)
+        in the same graph: only the indices are copied in. Should the data path not be
+        capturable (an augmentation that reads the host, say), it runs op by op from then
+        on, before the step's own graph, with a warning."""
+        if self.batches_outside is None:
+            key = ("indices", batches.epoch_key(epoch),
+                   *(id(parameter) for parameter in frozen))
+            try:
+                return self._run(key, (indices,),
+                                 lambda drawn: self.step(*batches(drawn, epoch), frozen),
+                                 batches.generator)
+            except _DataPathNotCaptured as failed:
+                self.batches_outside = str(failed.__cause__)
+                log.warning("the data path could not be captured in the step's CUDA graph "
+                            "(%s); it runs op by op, the step still as a graph",
+                            self.batches_outside)
+        return self(*batches(indices, epoch), frozen)
 
     def _run(self, key: Hashable, arguments: tuple[torch.Tensor, ...],
              work: Callable[..., torch.Tensor],
@@ -91,7 +107,13 @@ class StepGraphs:
         if captured is None:
             if len(self._captured) >= MAX_GRAPHS:  # the oldest goes, with its memory
                 del self._captured[next(iter(self._captured))]
-            captured = self._captured[key] = self._capture(arguments, work, generator)
+            try:
+                captured = self._capture(arguments, work, generator)
+            except RuntimeError as error:
+                if generator is None:  # the step alone: nothing to fall back to
+                    raise
+                raise _DataPathNotCaptured from error
+            self._captured[key] = captured
             self.captures += 1
         self.lrs.refill()
         for buffer, argument in zip(captured.arguments, arguments, strict=True):
@@ -120,6 +142,10 @@ class StepGraphs:
         with self.lrs.installed(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
             loss = work(*buffers)
         return _Captured(graph, buffers, loss)
+
+
+class _DataPathNotCaptured(Exception):
+    """The capture of a step with its data path failed (the cause says why)."""
 
 
 class DeviceLearningRates:

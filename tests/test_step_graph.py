@@ -226,3 +226,29 @@ def test_graphed_batches_draw_and_train_as_the_eager_ones(monkeypatch, cifar10):
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-5)
     for graphed_param, eager_param in zip(runs[True][1], runs[False][1], strict=True):
         torch.testing.assert_close(graphed_param, eager_param, rtol=1e-4, atol=1e-5)
+
+
+def test_a_data_path_that_cannot_be_captured_runs_op_by_op_before_the_graph(
+        cifar10, graphs_on_the_cpu, monkeypatch, caplog):
+    capture = StepGraphs._capture
+
+    def refuse_the_data_path(self, arguments, work, generator):
+        if generator is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return capture(self, arguments, work, generator)
+
+    monkeypatch.setattr(StepGraphs, "_capture", refuse_the_data_path)
+    augmentation = build_augmentation("tf_distort", cifar10.train_images[:64])
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    made = BatchMaker(cifar10, augmentation, torch.Generator().manual_seed(4),
+                      torch.contiguous_format)
+    twin = BatchMaker(cifar10, augmentation, torch.Generator().manual_seed(4),
+                      torch.contiguous_format)
+    graphs = StepGraphs(batch_summary, optimizer, CPU)
+    for step in range(WARMUP_STEPS + 3):
+        indices = torch.arange(step * 8, step * 8 + 8)
+        assert graphs.on_batch(made, indices, 0) == batch_summary(*twin(indices, 0)), step
+    assert graphs.batches_outside == "operation not permitted when stream is capturing"
+    assert graphs.captures == 1  # the step alone, once
+    warnings = [r.message for r in caplog.records if "could not be captured" in r.message]
+    assert len(warnings) == 1 and "it runs op by op, the step still as a graph" in warnings[0]
