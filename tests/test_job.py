@@ -48,7 +48,8 @@ def test_a_store_that_fails_mid_run_ends_in_one_line_and_resuming_finishes(
     assert message.startswith(f"the MLflow store {store} failed (store gone); not written: ")
     [run] = MlflowClient(store).search_runs(
         [MlflowClient(store).get_experiment_by_name("cifar_exp").experiment_id])
-    assert f"not written: 10 metric points, the run's end (run {run.info.run_id} is left " \
+    # 10 training points of steps 15 and 20, and the 10 `seconds/` points of the job's time
+    assert f"not written: 20 metric points, the run's end (run {run.info.run_id} is left " \
            f"RUNNING)" in message
     assert message.endswith(f"once the store answers, python -m cifar_exp.run "
                             f"resume={tmp_path / 'checkpoint.pt'} writes it and closes run "
@@ -68,6 +69,8 @@ def test_a_store_that_fails_mid_run_ends_in_one_line_and_resuming_finishes(
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [
             5, 10, 15, 20], key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "precision")] == [20]
+    # The resumed session, which closed the run, says where its own time went.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "seconds/total")] == [20]
 
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_training_goes_on(
