@@ -183,17 +183,16 @@ def _tracked(cfg: DictConfig, device: torch.device, world: World,
                 log.info("no checkpoints (checkpoint.enabled=false): a stopped run cannot be "
                          "resumed")
             loop_start = time.perf_counter()
-            try:
-                result = train(experiment, data, tracker,
-                               checkpoints=checkpointer if world.is_main else None,
-                               resume=loop_state, stop=stop, world=world,
-                               on_evaluation=trial_reporter(cfg) if not world.distributed
-                               else None,
-                               make_step=(context.pack.step_maker(context.member)
-                                          if context.pack is not None else None))
-            finally:  # the loop's time less its evaluations and checkpoints: its steps
-                checkpoint_seconds = checkpointer.seconds if checkpointer else 0.0
-                timeline.add("checkpoints", checkpoint_seconds)
+            result = train(experiment, data, tracker,
+                           checkpoints=checkpointer if world.is_main else None,
+                           resume=loop_state, stop=stop, world=world,
+                           on_evaluation=trial_reporter(cfg) if not world.distributed
+                           else None,
+                           make_step=(context.pack.step_maker(context.member)
+                                      if context.pack is not None else None))
+            # The loop's time less its evaluations and checkpoints: its steps.
+            checkpoint_seconds = checkpointer.seconds if checkpointer else 0.0
+            timeline.add("checkpoints", checkpoint_seconds)
             timeline.add("evaluation", result.eval_seconds)
             timeline.add("training", time.perf_counter() - loop_start - result.eval_seconds
                          - checkpoint_seconds)

@@ -31,6 +31,7 @@ from cifar_exp.lookahead import Lookahead
 from cifar_exp.models import frozen_parameters
 from cifar_exp.scoring import score
 from cifar_exp.step import TrainingStep, memory_format, synchronize
+from cifar_exp.step_graph import BatchSource
 from cifar_exp.world import SINGLE, World
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class Step(Protocol):
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
                  frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor: ...
 
-    def on_batch(self, batches: BatchMaker, indices: torch.Tensor, epoch: int,
+    def on_batch(self, batches: BatchSource, indices: torch.Tensor, epoch: int,
                  frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor: ...
 
 

@@ -24,15 +24,20 @@ def test_slurm_preset_reads_partition_and_account_from_the_environment(
     assert launcher["max_num_timeout"] > 0 and launcher["additional_parameters"]["requeue"]
 
 
-@pytest.mark.slow  # submitit starts each job in its own Python process
-def test_submitit_sweep_leaves_one_parent_and_two_finished_children(tmp_path, data_root):
+# submitit starts each job in its own Python process; Ray starts a local instance, then
+# runs the jobs as its tasks.
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,tag", [("submitit_local", "LocalLauncher"),
+                                          ("ray", "RayLauncher")])
+def test_a_launchers_sweep_leaves_one_parent_and_two_finished_children(tmp_path, data_root,
+                                                                        launcher, tag):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = cli(tmp_path, "-m", "hydra/launcher=submitit_local", "seed=0,1", *SWEEP_JOB,
+    result = cli(tmp_path, "-m", f"hydra/launcher={launcher}", "seed=0,1", *SWEEP_JOB,
                  f"tracking.uri={uri}", data_root=data_root)
     assert result.returncode == 0, result.stderr[-3000:]
 
     parent, _ = tracked_sweep(uri, {"tf_cnn-adam seed=0", "tf_cnn-adam seed=1"})
-    assert parent.data.tags["launcher"] == "LocalLauncher"
+    assert parent.data.tags["launcher"] == tag
 
 
 @pytest.mark.slow  # one job of two submitit tasks on the CPU (gloo)
@@ -46,14 +51,3 @@ def test_two_tasks_per_node_train_one_data_parallel_job(tmp_path, data_root):
     _, [child] = tracked_sweep(uri, {"tf_cnn-adam-10 #0"})  # one run for the two ranks
     assert child.data.tags["processes"] == "2"
     assert len(list(tmp_path.glob("multirun/*/*/0"))) == 1  # one output folder for the job
-
-
-@pytest.mark.slow  # a local Ray instance starts, then two jobs as Ray tasks
-def test_ray_sweep_leaves_one_parent_and_two_finished_children(tmp_path, data_root):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = cli(tmp_path, "-m", "hydra/launcher=ray", "seed=0,1", *SWEEP_JOB,
-                 f"tracking.uri={uri}", data_root=data_root)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    parent, _ = tracked_sweep(uri, {"tf_cnn-adam seed=0", "tf_cnn-adam seed=1"})
-    assert parent.data.tags["launcher"] == "RayLauncher"

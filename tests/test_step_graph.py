@@ -151,16 +151,20 @@ def batch_summary(inputs: torch.Tensor, labels: torch.Tensor, frozen=()) -> torc
     return inputs.double().sum() + labels.double().sum() * 1e3
 
 
+def twin_batch_makers(data: CifarData, augmentation, seed: int) -> tuple[BatchMaker, BatchMaker]:
+    """Two data paths alike, their generators seeded alike: one for the graphs, one to
+    check against op by op."""
+    return tuple(BatchMaker(data, augmentation, torch.Generator().manual_seed(seed),
+                            torch.contiguous_format) for _ in range(2))
+
+
 def test_graphed_batches_replay_the_data_path_on_each_steps_indices(cifar10,
                                                                       graphs_on_the_cpu):
     data = CifarData(cifar10.train_images[:512], cifar10.train_labels[:512],
                      cifar10.test_images[:8], cifar10.test_labels[:8], cifar10.classes)
     augmentation = build_augmentation("crop_flip", data.train_images, alternating_flip=True)
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
-    made = BatchMaker(data, augmentation, torch.Generator().manual_seed(1),
-                      torch.contiguous_format)
-    twin = BatchMaker(data, augmentation, torch.Generator().manual_seed(1),
-                      torch.contiguous_format)
+    made, twin = twin_batch_makers(data, augmentation, seed=1)
     graphs = StepGraphs(batch_summary, optimizer, CPU)
     order = torch.randperm(512, generator=torch.Generator().manual_seed(2))
     epochs = [0] * 6 + [1] * 3 + [2] * 3  # warm-up steps, then three epochs
@@ -240,10 +244,7 @@ def test_a_data_path_that_cannot_be_captured_runs_op_by_op_before_the_graph(
     monkeypatch.setattr(StepGraphs, "_capture", refuse_the_data_path)
     augmentation = build_augmentation("tf_distort", cifar10.train_images[:64])
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
-    made = BatchMaker(cifar10, augmentation, torch.Generator().manual_seed(4),
-                      torch.contiguous_format)
-    twin = BatchMaker(cifar10, augmentation, torch.Generator().manual_seed(4),
-                      torch.contiguous_format)
+    made, twin = twin_batch_makers(cifar10, augmentation, seed=4)
     graphs = StepGraphs(batch_summary, optimizer, CPU)
     for step in range(WARMUP_STEPS + 3):
         indices = torch.arange(step * 8, step * 8 + 8)
