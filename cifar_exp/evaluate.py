@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cifar_exp.errors import UserError
-from cifar_exp.naming import command_line, git_tags
-from cifar_exp.redact import redact
+from cifar_exp.tracking.naming import command_line, git_tags
+from cifar_exp.tracking.redact import redact
 
 if TYPE_CHECKING:
     from cifar_exp.data import CifarData
-    from cifar_exp.trained import Trained
+    from cifar_exp.serving.trained import Trained
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 OWN_KEYS = ("run_id", "checkpoint", "log")
@@ -65,10 +65,10 @@ class Evaluation:
 def evaluate(argv: list[str]) -> Evaluation:
     """Score what `argv` names; print and (unless log=false) log the result."""
     # Here, not above: torch and MLflow are not for --help.
-    from cifar_exp import trained as trained_models
     from cifar_exp.data import limit_test_set
-    from cifar_exp.scoring import score
-    from cifar_exp.step import memory_format
+    from cifar_exp.serving import trained as trained_models
+    from cifar_exp.training.scoring import score
+    from cifar_exp.training.step import memory_format
 
     own, overrides = parse(argv)
     uri = next((o.partition("=")[2] for o in overrides if o.startswith("tracking.uri=")),
@@ -100,8 +100,8 @@ def log_evaluation(model: Trained, data: CifarData, precision: float, test_loss:
     """A new MLflow run holding this evaluation, linked to the run that trained the model."""
     from mlflow.tracking import MlflowClient
 
-    from cifar_exp.store import log_data_inputs, open_experiment, store_opening
-    from cifar_exp.tracking import data_inputs
+    from cifar_exp.tracking.runs import data_inputs
+    from cifar_exp.tracking.store import log_data_inputs, open_experiment, store_opening
 
     cfg = model.cfg
     client = MlflowClient(cfg.tracking.uri)

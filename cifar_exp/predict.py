@@ -20,7 +20,7 @@ from cifar_exp.errors import UserError
 if TYPE_CHECKING:
     import numpy as np
 
-    from cifar_exp.trained import Trained
+    from cifar_exp.serving.trained import Trained
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -28,7 +28,7 @@ def read_image(path: Path) -> np.ndarray:
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from cifar_exp.serving import IMAGE_SIDE
+    from cifar_exp.serving.classifier import IMAGE_SIDE
 
     try:
         with Image.open(path) as image:
@@ -47,7 +47,7 @@ def predict(images: list[Path], source: Trained, top_k: int) -> list[list[tuple[
     import numpy as np
     import torch
 
-    from cifar_exp.serving import Classifier
+    from cifar_exp.serving.classifier import Classifier
 
     batch = torch.as_tensor(np.stack([read_image(path) for path in images]))
     classifier = Classifier(source.model, source.augmentation).eval()
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
-    from cifar_exp import trained as trained_models  # torch and MLflow: not for --help
+    from cifar_exp.serving import trained as trained_models  # torch and MLflow: not for --help
 
     overrides = [f"device={args.device}"]
     try:

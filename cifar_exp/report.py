@@ -1,8 +1,8 @@
-"""`python -m cifar_exp.report`: the runs report (cifar_exp.tools.report)."""
+"""`python -m cifar_exp.report`: the runs report (cifar_exp.tracking.report)."""
 
 import sys
 
-from cifar_exp.tools.report import main
+from cifar_exp.tracking.report import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,13 +34,13 @@ from cifar_exp.errors import (
     Stopped,
     UserError,
 )
-from cifar_exp.naming import SWEPT_KEYS_ENV, git_tags, short_keys, short_number
-from cifar_exp.redact import install_redaction
+from cifar_exp.tracking.naming import SWEPT_KEYS_ENV, git_tags, short_keys, short_number
+from cifar_exp.tracking.redact import install_redaction
 from cifar_exp.world import adopt_launcher_tasks, current_world, hydra_overrides
 
 if TYPE_CHECKING:
-    from cifar_exp import job
-    from cifar_exp.train import TrainResult
+    from cifar_exp.job import job
+    from cifar_exp.training.loop import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def run_name(cfg: DictConfig) -> str:
 def job_context(cfg: DictConfig, folder: Path | None = None) -> job.JobContext:
     """What Hydra decided for this job: its output folder, overrides, name and number.
     Outside a Hydra app: the current folder (or `folder`), no overrides."""
-    from cifar_exp import job  # torch and MLflow: not for --help and tab completion
+    from cifar_exp.job import job  # torch and MLflow: not for --help and tab completion
 
     if not HydraConfig.initialized():
         return job.JobContext(folder or Path.cwd(), run_name=run_name(cfg))
@@ -87,9 +87,9 @@ def job_context(cfg: DictConfig, folder: Path | None = None) -> job.JobContext:
 
 
 def run_experiment(cfg: DictConfig, folder: Path | None = None) -> TrainResult:
-    """Train the job `cfg` describes (see cifar_exp.job); `folder` stands for the output
+    """Train the job `cfg` describes (see cifar_exp.job.job); `folder` stands for the output
     folder when called outside a Hydra app."""
-    from cifar_exp import job
+    from cifar_exp.job import job
 
     return job.run_job(cfg, job_context(cfg, folder))
 
@@ -109,7 +109,7 @@ def run_and_report(cfg: DictConfig, context: job.JobContext,
     stderr, with the exit code (SystemExit) of the module docstring. Within a sweep a
     diverged job, or one whose record failed, returns nan and the sweep goes on.
     `new_folder` (made for this command) is removed when the command is refused."""
-    from cifar_exp import job
+    from cifar_exp.job import job
 
     in_sweep = context.job_number is not None
     try:

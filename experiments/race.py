@@ -238,10 +238,10 @@ def run_peer(name: str, script: Path, seeds: int, workdir: Path, python: str,
 
 def run_ours(name: str, seeds: int, data_root: str | None, device: str) -> Result:
     """Train `experiment=<name>` in-process: one warm-up run, then seeds 0..seeds-1."""
-    from cifar_exp.build import build_experiment
     from cifar_exp.config import compose_config, validate
     from cifar_exp.data import load_cifar
-    from cifar_exp.train import train
+    from cifar_exp.training.build import build_experiment
+    from cifar_exp.training.loop import train
 
     class NoSink:
         def log_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -13,10 +13,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from cifar_exp.build import build_experiment, resolve_device, select_gpu
 from cifar_exp.config import CONF_DIR, compose_config, validate
 from cifar_exp.data import CifarData
 from cifar_exp.errors import ConfigError
+from cifar_exp.training.build import build_experiment, resolve_device, select_gpu
 
 GROUPS = ("model", "optimizer", "schedule", "augmentation", "data")
 

@@ -23,9 +23,9 @@ from omegaconf import OmegaConf, open_dict
 from cifar_exp import evaluate, predict
 from cifar_exp.config import command_overrides, compose_config, validate
 from cifar_exp.data import argument_parser as data_arguments
+from cifar_exp.serving.trained import apply_overrides
 from cifar_exp.tools.bench import argument_parser as bench_arguments
-from cifar_exp.tools.report import argument_parser as report_arguments
-from cifar_exp.trained import apply_overrides
+from cifar_exp.tracking.report import argument_parser as report_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tests.conftest import SWEEP_JOB, cli
-from tests.test_sweep import tracked_sweep
+from tests.tracking.test_sweep import tracked_sweep
 
 
 def test_slurm_preset_reads_partition_and_account_from_the_environment(

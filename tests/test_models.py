@@ -21,7 +21,7 @@ from cifar_exp.models import (
 from cifar_exp.models.airbench import patch_covariance
 from cifar_exp.optim import build_optimizer
 from cifar_exp.optim.groups import parameter_groups
-from cifar_exp.step import TrainingStep
+from cifar_exp.training.step import TrainingStep
 
 
 def test_tf_cnn_has_the_tutorials_parameter_count():

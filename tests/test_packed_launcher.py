@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from hydra_plugins.cifar_exp_packed.packed_launcher import PackedLauncher, resolve_mode
 from tests.conftest import SWEEP_JOB, cli
 from tests.test_run import start, wait_for
-from tests.test_sweep import parent_and_children, tracked_sweep
+from tests.tracking.test_sweep import parent_and_children, tracked_sweep
 
 STACKED = ("hydra/launcher=packed", "hydra.launcher.mode=stacked")
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_exp import trained
 from cifar_exp.predict import main, predict, read_image
-from cifar_exp.serving import Classifier
+from cifar_exp.serving import trained
+from cifar_exp.serving.classifier import Classifier
 
 
 @pytest.fixture(scope="module")

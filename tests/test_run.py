@@ -19,12 +19,12 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import job
 from cifar_exp import run as run_module
 from cifar_exp.config import compose_config
 from cifar_exp.errors import CheckpointError, ConfigError
-from cifar_exp.naming import git_tags
-from cifar_exp.timeline import PHASES
+from cifar_exp.job import job
+from cifar_exp.tracking.naming import git_tags
+from cifar_exp.training.timeline import PHASES
 from tests.conftest import MkdirPayload, cli, data_env, run_command
 
 METRICS = ("loss", "lr", "examples_per_sec", "sec_per_batch", "precision", "test_loss")

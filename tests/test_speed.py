@@ -13,7 +13,7 @@ from cifar_exp.speed import (
     resolve_compile,
     resolve_cuda_graph,
 )
-from cifar_exp.step import AMP_DTYPES
+from cifar_exp.training.step import AMP_DTYPES
 
 CPU = torch.device("cpu")
 

@@ -35,15 +35,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from cifar_exp.build import build_experiment, build_settings, device_name, resolve_device
 from cifar_exp.config import compose_config, validate
 from cifar_exp.data import CifarData, load_cifar
-from cifar_exp.step import TrainingStep, memory_format, synchronize
 from cifar_exp.tools import sweep_bench
 from cifar_exp.tools.loader_baseline import ArrayDataset, endless_batches, per_image_transform
 from cifar_exp.tools.profiling import StepProfile, WindowProfiler
-from cifar_exp.tracking import RunTracker
-from cifar_exp.train import Experiment, StopCheck, TrainResult, train
+from cifar_exp.tracking.runs import RunTracker
+from cifar_exp.training.build import build_experiment, build_settings, device_name, resolve_device
+from cifar_exp.training.loop import Experiment, StopCheck, TrainResult, train
+from cifar_exp.training.step import TrainingStep, memory_format, synchronize
 
 
 def _timed_windows(one_step: Callable[[], object], device: torch.device, batch_size: int,

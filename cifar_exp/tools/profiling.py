@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cifar_exp.step import synchronize
+from cifar_exp.training.step import synchronize
 
 # The runtime calls that start work on a GPU: one per kernel, or one per CUDA graph replay.
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",

@@ -28,7 +28,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from cifar_exp.search import PRUNED_AT, PRUNERS, SAMPLERS, make_pruner, make_sampler
+from cifar_exp.job.search import PRUNED_AT, PRUNERS, SAMPLERS, make_pruner, make_sampler
 
 if TYPE_CHECKING:
     import optuna

@@ -1,7 +1,7 @@
 """A sweep's jobs packed onto one device: `-m hydra/launcher=packed key=a,b,...`.
 
 `mode=stacked` trains up to `jobs_per_device` jobs at once in this process, one thread per
-job, their training steps taken together as one stacked step (cifar_exp.packing): one
+job, their training steps taken together as one stacked step (cifar_exp.training.packing): one
 launch where N jobs one after another would each launch their own. `mode=processes` runs
 `jobs_per_device` jobs at a time as processes on each device (Hydra's joblib launcher);
 `mode=sequential` one job after another (Hydra's basic launcher). `auto` takes stacked on a
@@ -105,9 +105,9 @@ class PackedLauncher(Launcher):
 
         from cifar_exp.config import validate
         from cifar_exp.errors import Stopped, UserError
-        from cifar_exp.packing import Pack
-        from cifar_exp.redact import install_redaction
-        from cifar_exp.stop import StopRequest
+        from cifar_exp.job.stop import StopRequest
+        from cifar_exp.tracking.redact import install_redaction
+        from cifar_exp.training.packing import Pack
 
         log.info("packing %d jobs onto one device (hydra/launcher=packed, mode=stacked)",
                  len(job_overrides))

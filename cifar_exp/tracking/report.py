@@ -1,0 +1,374 @@
+"""Summarize runs of an MLflow store as a markdown table and PNG plots.
+
+    python -m cifar_exp.report                         # every run of experiment cifar_exp
+    python -m cifar_exp.report --parent RUN_ID         # the jobs of one sweep
+    python -m cifar_exp.report --experiment NAME --tracking-uri sqlite:///mlflow.db --out DIR
+
+The folder gets report.md, curves.png (loss and precision per run, overlaid),
+params.png (each swept value against precision) and speed.png (examples/sec per run).
+A sweep's report is also logged to its parent run, under report/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from tqdm import tqdm
+
+from cifar_exp.errors import ConfigError, UserError, one_line
+from cifar_exp.tracking.naming import short_keys, short_number
+from cifar_exp.tracking.redact import redact
+from cifar_exp.tracking.store import check_tracking_uri
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+CURVES = ("loss", "precision")
+SEED_KEY = "seed"
+MAX_LEGEND = 8  # beyond this many runs a legend is no help: the table names them
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    name: str
+    status: str
+    overrides: dict[str, str]
+    precision: float
+    examples_per_sec: float  # median of the logged windows: warm-up does not skew it
+    wall_seconds: float
+    histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)  # the run's whole config, flat
+    eval_images: int | None = None  # scored on the first N test images; None: all
+
+    def value(self, key: str) -> str | None:
+        """The run's value of `key` (an override key): as overridden, else from its
+        config (`optimizer` is `optimizer.name` there)."""
+        for found in (self.overrides.get(key), self.params.get(key),
+                      self.params.get(f"{key}.name")):
+            if found is not None:
+                return found
+        return None
+
+
+@dataclass
+class Report:
+    folder: Path
+    markdown: str
+    runs: list[RunSummary]
+    swept: list[str]
+    best: RunSummary | None
+    plots: list[Path]
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """'optimizer=sgd seed=1' -> {'optimizer': 'sgd', 'seed': '1'} (Hydra's +/~ prefixes
+    dropped)."""
+    pairs = (item.split("=", 1) for item in text.split() if "=" in item)
+    return {key.lstrip("+~"): value for key, value in pairs}
+
+
+def find_runs(client: MlflowClient, experiment: str, parent: str | None) -> list[Run]:
+    """The jobs of sweep `parent`, or every training run of `experiment` (sweep parents
+    left out), oldest first."""
+    if parent is not None:
+        try:
+            parent_run = client.get_run(parent)
+        except Exception as error:
+            raise ConfigError(f"no run {parent} in the tracking store; give the id of a "
+                              f"sweep's parent run (see the sweep's log or the MLflow UI)"
+                              ) from error
+        query = f"tags.`mlflow.parentRunId` = '{parent}'"
+        experiment_ids = [parent_run.info.experiment_id]
+    else:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ConfigError(f"no experiment {experiment!r} in the tracking store; check "
+                              f"--experiment and --tracking-uri")
+        query = ""
+        experiment_ids = [found.experiment_id]
+    runs = client.search_runs(experiment_ids, query, order_by=["attributes.start_time ASC"],
+                              max_results=5000)
+    return [run for run in runs if run.data.tags.get("sweep") != "parent"]
+
+
+def summarize(client: MlflowClient, run: Run) -> RunSummary:
+    histories = {key: sorted((m.step, m.value) for m in client.get_metric_history(
+        run.info.run_id, key)) for key in (*CURVES, "examples_per_sec")}
+    speeds = [value for _, value in histories.pop("examples_per_sec")]
+    end = run.info.end_time or run.info.start_time
+    eval_images = run.data.params.get("eval_images", "None")
+    return RunSummary(
+        run_id=run.info.run_id,
+        name=run.info.run_name or run.info.run_id[:8],
+        status=run.info.status,
+        overrides=parse_overrides(run.data.tags.get("overrides", "")),
+        precision=run.data.metrics.get("precision", math.nan),
+        examples_per_sec=statistics.median(speeds) if speeds else math.nan,
+        wall_seconds=(end - run.info.start_time) / 1000,
+        histories=histories,
+        params=dict(run.data.params),
+        eval_images=int(eval_images) if eval_images.isdigit() else None,
+    )
+
+
+def swept_keys(runs: list[RunSummary]) -> list[str]:
+    """Override keys whose value differs between runs: what the sweep varied."""
+    keys = sorted({key for run in runs for key in run.overrides})
+    return [key for key in keys if len({run.value(key) for run in runs}) > 1]
+
+
+def _format(value: str | float | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return short_number(value)
+    return "-" if math.isnan(value) else f"{value:.4f}"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def runs_table(runs: list[RunSummary], keys: list[str]) -> str:
+    """One row per run, best precision first; a precision measured on part of the test set
+    is marked, and ranked after every one measured on all of it."""
+    header = ["run", *keys, "status", "precision", "examples/sec", "wall time (s)"]
+    lines = [_row(header), _row(["---"] * len(header))]
+    for run in sorted(runs, key=_rank):
+        partial = f" ({run.eval_images} images)" if run.eval_images is not None else ""
+        lines.append(_row([run.name, *(_format(run.value(k)) for k in keys),
+                           run.status, _format(run.precision) + partial,
+                           f"{run.examples_per_sec:,.0f}"
+                           if not math.isnan(run.examples_per_sec) else "-",
+                           f"{run.wall_seconds:.1f}"]))
+    return "\n".join(lines)
+
+
+def _rank(run: RunSummary) -> tuple[bool, float]:
+    """Whole-test-set runs first, then by precision, best first (nan last)."""
+    return run.eval_images is not None, -run.precision if not math.isnan(run.precision) else 1
+
+
+def seed_table(runs: list[RunSummary], keys: list[str]) -> str | None:
+    """Mean ± sample std of precision over seeds for each configuration, when some
+    configuration ran with more than one seed; None otherwise."""
+    if SEED_KEY not in keys:
+        return None
+    config_keys = [key for key in keys if key != SEED_KEY]
+    groups: dict[tuple, list[RunSummary]] = defaultdict(list)
+    for run in runs:
+        groups[tuple(run.value(key) for key in config_keys)].append(run)
+    header = [*config_keys, "seeds", "precision (mean ± std)", "examples/sec (mean)"]
+    lines = [_row(header), _row(["---"] * len(header))]
+    for values, members in groups.items():
+        precisions = [run.precision for run in members if not math.isnan(run.precision)]
+        speeds = [run.examples_per_sec for run in members if not math.isnan(run.examples_per_sec)]
+        if len(precisions) > 1:
+            cell = f"{statistics.mean(precisions):.4f} ± {statistics.stdev(precisions):.4f}"
+        else:
+            cell = _format(precisions[0] if precisions else math.nan)
+        speed = f"{statistics.mean(speeds):,.0f}" if speeds else "-"
+        lines.append(_row([*(_format(v) for v in values), str(len(members)), cell, speed]))
+    return "\n".join(lines)
+
+
+def _label(run: RunSummary, keys: list[str]) -> str:
+    """What tells the run apart: its values of the swept keys, the keys cut short."""
+    return " ".join(f"{short}={_format(run.value(key))}"
+                    for key, short in zip(keys, short_keys(keys), strict=True)) or run.name
+
+
+def _figure(**options: Any) -> Figure:
+    # matplotlib is imported here: it adds half a second to every run's start, and only
+    # reports draw.
+    from matplotlib.figure import Figure
+
+    return Figure(layout="constrained", **options)
+
+
+def plot_curves(runs: list[RunSummary], keys: list[str], path: Path) -> None:
+    """Loss and precision against the step, a line per run; the legend beside the plots
+    (never over the curves), left out past MAX_LEGEND runs, when the table names them."""
+    legend = len(runs) <= MAX_LEGEND
+    figure = _figure(figsize=(13 if legend else 11, 4))
+    axes = figure.subplots(1, len(CURVES))
+    for ax, metric in zip(axes, CURVES, strict=True):
+        for run in runs:
+            points = run.histories.get(metric, [])
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, marker="." if len(points) < 20 else None,
+                        label=_label(run, keys))
+        ax.set(xlabel="step", ylabel=metric, title=f"{metric} per run")
+        ax.grid(alpha=0.3)
+    if legend:
+        axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1),
+                        borderaxespad=0)
+    else:
+        figure.suptitle(f"{len(runs)} runs: the table tells them apart", fontsize="small")
+    figure.savefig(path, dpi=100)
+
+
+def _numeric(values: list[str | None]) -> list[float] | None:
+    try:
+        return [float(value) for value in values]  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def plot_params(runs: list[RunSummary], keys: list[str], path: Path) -> bool:
+    """Precision against each swept value (seeds pooled); False when nothing was swept."""
+    keys = [key for key in keys if key != SEED_KEY]
+    if not keys:
+        return False
+    from matplotlib.ticker import NullFormatter
+
+    figure = _figure(figsize=(4 * len(keys), 3.5))
+    axes = figure.subplots(1, len(keys), squeeze=False)[0]
+    precisions = [run.precision for run in runs]
+    for ax, key in zip(axes, keys, strict=True):
+        values = [run.overrides.get(key) for run in runs]
+        numbers = _numeric(values)
+        if numbers is not None:
+            ax.scatter(numbers, precisions)
+            if min(numbers) > 0 and max(numbers) / min(numbers) >= 20:
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minors overlap
+        else:
+            categories = sorted({str(value) for value in values})
+            ax.scatter([categories.index(str(value)) for value in values], precisions)
+            ax.set_xticks(range(len(categories)), categories, rotation=20)
+        ax.set(xlabel=key, ylabel="precision", title=f"precision vs {key}")
+        ax.grid(alpha=0.3)
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def plot_speed(runs: list[RunSummary], keys: list[str], path: Path) -> None:
+    figure = _figure(figsize=(8, 0.6 + 0.35 * len(runs)))
+    ax = figure.subplots()
+    labels = [_label(run, keys) for run in runs]
+    ax.barh(range(len(runs)), [run.examples_per_sec for run in runs])
+    ax.set_yticks(range(len(runs)), labels, fontsize="small" if len(runs) <= 20 else "x-small")
+    ax.invert_yaxis()
+    ax.set(xlabel="examples/sec (median over log windows)", title="training speed per run")
+    ax.grid(axis="x", alpha=0.3)
+    figure.savefig(path, dpi=100)
+
+
+def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
+                 parent: str | None = None, progress: bool = True) -> Report:
+    """Read the runs from the store at `uri`, write report.md and the plots into `folder`,
+    and log them to `parent` (when given) under report/, with the table as its note."""
+    check_tracking_uri(uri, must_exist=True)
+    check_output_folder(folder)
+    client = MlflowClient(uri)
+    try:
+        found = find_runs(client, experiment, parent)
+    except MlflowException as error:  # e.g. a store of an older MLflow, never upgraded here
+        raise ConfigError(f"cannot read the tracking store {redact(uri)} "
+                          f"({one_line(error)})") from error
+    if not found:
+        raise ConfigError(f"no runs to report in {parent or experiment!r} at {uri}")
+    runs = [summarize(client, run) for run in tqdm(found, desc="reading runs", unit="run",
+                                                     disable=not progress or None)]
+    keys = swept_keys(runs)
+    folder.mkdir(parents=True, exist_ok=True)
+    finished = [run for run in runs if not math.isnan(run.precision)]
+    whole = [run for run in finished if run.eval_images is None]
+    best = min(whole or finished, key=_rank) if finished else None
+
+    plots = [folder / "curves.png", folder / "speed.png"]
+    plot_curves(runs, keys, plots[0])
+    plot_speed(runs, keys, plots[1])
+    if plot_params(runs, keys, folder / "params.png"):
+        plots.append(folder / "params.png")
+
+    title = f"sweep {parent}" if parent else f"experiment {experiment}"
+    sections = [f"# Report: {title}", f"{len(runs)} runs, tracking store {uri}.",
+                runs_table(runs, keys)]
+    partial = sorted({run.eval_images for run in runs if run.eval_images is not None})
+    if partial:
+        sections.append(f"Runs scored on the first {', '.join(map(str, partial))} test images "
+                        f"only (eval_images) show how many: their precision is not comparable "
+                        f"with a whole-test-set run's, and they rank after those.")
+    if best is not None:
+        sections.append(f"Best: **{best.name}** ({_label(best, keys)}), precision "
+                        f"{best.precision:.4f}" + (f" on the first {best.eval_images} test "
+                                                   f"images" if best.eval_images else "") + ".")
+    if (seeds := seed_table(runs, keys)) is not None:
+        sections += ["## Over seeds", seeds]
+    sections.append("\n".join(f"![{plot.stem}]({plot.name})" for plot in plots))
+    markdown = "\n\n".join(sections) + "\n"
+    (folder / "report.md").write_text(markdown)
+
+    if parent is not None:
+        client.log_artifacts(parent, str(folder), "report")
+        # Shown on the run's page, where the plots are the run's artifacts, as the UI
+        # serves them: report.md's relative links would not resolve there.
+        note = markdown
+        for plot in plots:
+            note = note.replace(f"]({plot.name})", f"](get-artifact?path=report%2F{plot.name}"
+                                                   f"&run_uuid={parent})")
+        client.set_tag(parent, "mlflow.note.content", note)
+    return Report(folder, markdown, runs, keys, best, plots)
+
+
+def check_output_folder(folder: Path) -> None:
+    """Refuse, before reading any run, an output folder that is a file or cannot be made."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out {folder} is a file; give a folder for the report")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--out {folder} cannot be made ({error.strerror}); give another "
+                          f"folder") from error
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--out {folder} cannot be written (no permission); give another "
+                          f"folder")
+
+
+def default_folder(name: str) -> Path:
+    """reports/<name>, with the name made a single safe folder name: an experiment called
+    `../x` must not write outside reports/."""
+    safe = re.sub(r"[^\w.-]+", "_", name).lstrip(".") or "_"
+    return Path("reports") / safe
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line of cifar-exp-report (python -m cifar_exp.report)."""
+    parser = argparse.ArgumentParser(prog="python -m cifar_exp.report",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--experiment", default="cifar_exp", help="experiment name")
+    parser.add_argument("--parent", help="a sweep's parent run id: report its jobs")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--out", type=Path, help="folder (default reports/<parent or name>)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argument_parser().parse_args(argv)
+    folder = args.out or default_folder(args.parent or args.experiment)
+    try:
+        report = write_report(args.tracking_uri, folder, args.experiment, args.parent)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report.markdown)
+    print(f"report written to {folder}/" + (" and logged to the parent run" if args.parent
+                                              else ""))
+    return 0
+

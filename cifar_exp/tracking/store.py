@@ -1,0 +1,250 @@
+"""The MLflow tracking store: which URIs are accepted, checked before any work starts, and
+opening it (schema and experiment) one process at a time.
+
+Accepted: `sqlite:///<file>` (the default; the file may be new), `http(s)://<server>`
+(an MLflow tracking server), and the databases MLflow supports (`postgresql://`,
+`mysql://`, `mssql://`). Refused, each with one line: folder stores (`./mlruns`, `file:`),
+which this project never writes; `sqlite:///:memory:`, which keeps nothing once the command
+ends; a path that is a folder or not an SQLite file, or an SQLite file of another program;
+a store that cannot be written; a server or database that does not answer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import requests
+from mlflow.entities import DatasetInput, Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from cifar_exp.config import check_experiment_name
+from cifar_exp.errors import CheckpointError, ConfigError, one_line
+from cifar_exp.job.locks import exclusive
+from cifar_exp.tracking.redact import redact
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+# MLflow's HTTP client retries for minutes by default; a tracking server that went away
+# must not hold a run up that long. And no progress bar for each artifact it reads back.
+# A user's own settings win.
+CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+CONNECT_TIMEOUT = 5  # seconds, for a server or database that may not answer
+
+
+def use_client_defaults() -> None:
+    """Apply CLIENT_DEFAULTS where the environment does not set them."""
+    for name, value in CLIENT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI, None for any other store."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]).expanduser().resolve() if uri.startswith(prefix) else None
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """For a SQLite store, artifacts go to `mlartifacts/` beside the database file (MLflow
+    would otherwise create a `./mlruns` folder wherever the command runs)."""
+    database = sqlite_path(uri)
+    if database is None:
+        return None  # a tracking server decides for itself
+    return (database.parent / "mlartifacts").as_uri()
+
+
+def check_tracking_uri(uri: str, must_exist: bool = False) -> None:
+    """Fail fast, before any work, on a tracking URI that MLflow would refuse, that keeps
+    nothing, or whose store does not answer. `must_exist`: the store must hold runs already
+    (a report), so a new SQLite file is refused instead of created."""
+    shown = redact(uri)
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        _check_server(uri, shown)
+    elif scheme == "sqlite":
+        _check_sqlite(uri, shown, must_exist)
+    elif scheme.split("+")[0] in DATABASE_SCHEMES:
+        _check_database(uri, shown)
+    elif scheme != "databricks":
+        raise ConfigError(f"tracking.uri={shown} is not a store this project writes to; use "
+                          f"sqlite:///<file> (the default is sqlite:///mlflow.db), "
+                          f"http(s)://<server> or a database URI such as postgresql://...")
+
+
+def _check_server(uri: str, shown: str) -> None:
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=CONNECT_TIMEOUT).raise_for_status()
+    except requests.RequestException as error:
+        raise ConfigError(f"MLflow tracking server {shown} does not answer "
+                          f"({redact(one_line(error))}); start it or fix tracking.uri "
+                          f"(default sqlite:///mlflow.db)") from error
+
+
+def _check_sqlite(uri: str, shown: str, must_exist: bool) -> None:
+    database = sqlite_path(uri)
+    if database is None or uri.startswith("sqlite:///:memory:"):
+        raise ConfigError(f"tracking.uri={shown} keeps nothing once the command ends; give a "
+                          f"file: sqlite:///<path> (the default is sqlite:///mlflow.db)")
+    if must_exist and not database.is_file():
+        raise ConfigError(f"no tracking store at {database}; pass the tracking URI of the "
+                          f"store the runs were logged to")
+    if not database.parent.is_dir():
+        raise ConfigError(f"tracking.uri={shown}: folder {database.parent} does not exist; "
+                          f"create it or choose another path")
+    if database.is_dir():
+        raise ConfigError(f"tracking.uri={shown}: {database} is a folder; name a database "
+                          f"file inside it, e.g. sqlite:///{database / 'mlflow.db'}")
+    writable = os.access(database.parent, os.W_OK) and (not database.exists()
+                                                        or os.access(database, os.W_OK))
+    if not must_exist and not writable:
+        raise ConfigError(f"tracking.uri={shown}: {database} cannot be written (no "
+                          f"permission); fix its permissions or choose another file")
+    if not database.exists() or database.stat().st_size == 0:
+        if must_exist:
+            raise ConfigError(f"{database} is empty: no runs to read; pass the tracking "
+                              f"URI of the store the runs were logged to")
+        return  # a new store: MLflow creates its schema
+    with database.open("rb") as file:
+        if file.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise ConfigError(f"tracking.uri={shown}: {database} is not an SQLite database; "
+                              f"choose another file (or move this one away)")
+    try:
+        # Read-only: a check must not change the file.
+        with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True,
+                                                timeout=CONNECT_TIMEOUT)) as connection:
+            tables = {name for (name,) in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as error:
+        raise ConfigError(f"tracking.uri={shown}: {database} is damaged ({error}); restore "
+                          f"it from a copy or choose another file") from error
+    if tables and "experiments" not in tables:
+        raise ConfigError(f"tracking.uri={shown}: {database} is another program's SQLite "
+                          f"database, not an MLflow store; choose another file")
+
+
+def _check_database(uri: str, shown: str) -> None:
+    import sqlalchemy  # MLflow's own dependency; only database stores need it here
+
+    dialect = uri.split("://", 1)[0].split("+")[0].lower()
+    connect_args = {"login_timeout" if dialect == "mssql" else "connect_timeout":
+                    CONNECT_TIMEOUT}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
+        with engine.connect():
+            pass
+    except ModuleNotFoundError as error:
+        raise ConfigError(f"tracking.uri={shown} needs the database driver {error.name}; "
+                          f"install it, or name one that is installed (pip install -e "
+                          f"'.[server]' brings postgresql+psycopg2://)") from error
+    except Exception as error:  # refused, unknown host, bad password: all the same here
+        raise ConfigError(f"the tracking database {shown} does not answer "
+                          f"({redact(one_line(error))}); start it or fix tracking.uri") from error
+
+
+LOCKED = "database is locked"
+# Two runs starting at once on one store both insert the same data set row; the loser of
+# that race (SQLite's and PostgreSQL's words for it) finds the row there when it tries again.
+DATASET_RACE = ("UNIQUE constraint failed: datasets", 'unique constraint "dataset_pk"')
+
+
+def with_retries(action: Callable[[], T], what: str, tries: int = 6, pause: float = 0.5,
+                 transient: tuple[str, ...] = (LOCKED,)) -> T:
+    """Run `action`, retrying with doubling pauses while it fails with one of the
+    `transient` errors: by default SQLite's lock busy, as parallel jobs writing to one
+    database file take turns."""
+    for attempt in range(tries):
+        try:
+            return action()
+        except Exception as error:
+            reason = next((text for text in transient if text in str(error)), None)
+            if reason is None or attempt == tries - 1:
+                raise
+            log.warning("MLflow: %s: %s, retrying in %.1f s", what, reason, pause)
+            time.sleep(pause)
+            pause *= 2
+    raise AssertionError("unreachable")
+
+
+def log_data_inputs(client: MlflowClient, run_id: str, inputs: Sequence[DatasetInput]) -> None:
+    """Log the data set's splits as run `run_id`'s inputs."""
+    with_retries(lambda: client.log_inputs(run_id, datasets=list(inputs)),
+                 "log the data set inputs", transient=(LOCKED, *DATASET_RACE))
+
+
+@contextlib.contextmanager
+def store_opening(uri: str) -> Iterator[None]:
+    """One process at a time opens a SQLite store (MLflow creates or upgrades its schema on
+    first use: two processes doing it at once collide); other stores need no lock."""
+    database = sqlite_path(uri)
+    if database is None:
+        yield
+        return
+    with exclusive(database.with_name(f".{database.name}.lock"), "", wait=True):
+        yield
+
+
+def open_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name` in the store at `uri`, creating the store's schema and the
+    experiment if needed, one process at a time, so that parallel jobs or runs started at
+    the same moment never race to migrate a new database or to create the same experiment.
+    A deleted experiment is refused (MLflow would not log to it)."""
+    check_experiment_name(name)
+    with store_opening(uri):
+        client = MlflowClient(uri)
+        found = with_retries(lambda: client.get_experiment_by_name(name), "read experiment")
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                raise ConfigError(
+                    f"experiment {name!r} was deleted from {redact(uri)}; restore it (mlflow "
+                    f"experiments restore --experiment-id {found.experiment_id}) or choose "
+                    f"another tracking.experiment")
+            return found.experiment_id
+        # The UI then opens on the runs table, not on its GenAI overview.
+        tags = {"mlflow.experimentKind": "custom_model_development"}
+        return with_retries(lambda: client.create_experiment(
+            name, default_artifact_location(uri), tags), "create experiment")
+
+
+def resumable_run(uri: str, run_id: str) -> Run:
+    """The run a checkpoint continues, checked before any work: it must be in the store."""
+    shown = redact(uri)
+    if (database := sqlite_path(uri)) is not None and not database.is_file():
+        # Checked first: opening a SQLite store that is not there would create it.
+        raise CheckpointError(f"the checkpoint's MLflow run {run_id} is not in {shown} (no "
+                              f"such file); resume with the tracking.uri the run was started "
+                              f"with")
+    try:
+        with store_opening(uri):
+            run = MlflowClient(uri).get_run(run_id)
+    except MlflowException as error:
+        raise CheckpointError(f"the checkpoint's MLflow run {run_id} is not in {shown}; resume "
+                              f"with the tracking.uri the run was started with") from error
+    if run.info.lifecycle_stage == "deleted":
+        raise CheckpointError(f"the checkpoint's MLflow run {run_id} was deleted from {shown}; "
+                              f"restore it (mlflow runs restore) or start a new run")
+    return run
+
+
+
+_DRIVER_ERROR = re.compile(r"\((\w+(?:\.\w+)*(?:Error|Exception))\) ([^\[\n(]+)")
+
+
+def store_error(error: BaseException) -> str:
+    """What a failed store call says, on one line and with credentials masked: for a
+    database error the driver's own words (SQLAlchemy wraps them in its statement, its
+    parameters and advice), else the message cut short."""
+    found = _DRIVER_ERROR.search(str(error))
+    text = f"{found[1]}: {found[2].strip()}" if found else one_line(error, 200)
+    return redact(text)

@@ -1,0 +1,125 @@
+"""One MLflow parent run per Hydra multirun, its jobs logged as children.
+
+Hydra calls this callback (configured under `hydra.callbacks` in conf/config.yaml) in the
+process that launches the jobs. At the start it prepares the store and the experiment
+once, so parallel jobs never race to create them, and opens the parent run; its id
+reaches the jobs through the environment (inherited by joblib's worker processes). At the
+end the parent gets the sweep's report: the table of jobs, the best one, mean ± std over
+seeds, the plots and, for an Optuna sweep, the study's best parameters and value.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_exp.errors import UserError
+from cifar_exp.tracking.naming import PARENT_RUN_ENV, SWEPT_KEYS_ENV, command_line, git_tags
+from cifar_exp.tracking.redact import install_redaction, redact
+from cifar_exp.tracking.report import write_report
+from cifar_exp.tracking.store import check_tracking_uri, open_experiment, with_retries
+
+log = logging.getLogger(__name__)
+OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper
+
+
+class SweepTracking(Callback):
+    """Only strings are kept here: Hydra pickles its callbacks into joblib's workers."""
+
+    def __init__(self) -> None:
+        self.uri = ""
+        self.parent_run_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        install_redaction()  # before the launcher logs each job's overrides
+        self.uri = config.tracking.uri
+        try:
+            check_tracking_uri(self.uri)
+            experiment_id = open_experiment(self.uri, config.tracking.experiment)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        overrides = redact(" ".join(config.hydra.overrides.task))
+        tags = {"sweep": "parent", "command": redact(command_line()), "overrides": overrides,
+                "sweep_dir": str(config.hydra.sweep.dir),
+                "sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
+                "launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
+                **git_tags()}
+        client = MlflowClient(self.uri)
+        swept = swept_keys(config)
+        shown = " ".join(override for override in config.hydra.overrides.task
+                         if override.lstrip("+~").split("=", 1)[0] in swept)
+        # Named by what it varies; the tag `overrides` holds the whole command.
+        run = with_retries(lambda: client.create_run(
+            experiment_id, run_name=redact(f"sweep {shown or overrides}").strip(), tags=tags),
+            "create run")
+        self.parent_run_id = run.info.run_id
+        os.environ[PARENT_RUN_ENV] = self.parent_run_id
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
+        atexit.register(self._close, RunStatus.FAILED)  # a sweep that dies midway
+        log.info("MLflow sweep run %s in %s", self.parent_run_id, redact(self.uri))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_run_id is None:
+            return
+        client = MlflowClient(self.uri)
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        log_study_result(client, self.parent_run_id, sweep_dir / OPTUNA_RESULTS)
+        report = write_report(self.uri, sweep_dir / "report", config.tracking.experiment,
+                              parent=self.parent_run_id)
+        finished = [run for run in report.runs if run.status == "FINISHED"]
+        metrics = {"jobs": len(report.runs), "jobs_finished": len(finished)}
+        if report.best is not None:
+            metrics["best_precision"] = report.best.precision
+            client.set_tag(self.parent_run_id, "best_run_id", report.best.run_id)
+            client.set_tag(self.parent_run_id, "best_run", report.best.name)
+        for key, value in metrics.items():
+            client.log_metric(self.parent_run_id, key, value)
+        log.info("sweep summary (%d jobs, %d finished) in %s and on MLflow run %s",
+                 len(report.runs), len(finished), report.folder, self.parent_run_id)
+        self._close(RunStatus.FINISHED)
+
+    def _close(self, status: int) -> None:
+        if self.parent_run_id is None:
+            return
+        run_id, self.parent_run_id = self.parent_run_id, None
+        os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEPT_KEYS_ENV, None)
+        try:
+            client = MlflowClient(self.uri)
+            with_retries(lambda: client.set_terminated(run_id, RunStatus.to_string(status)),
+                         "end run")
+        except Exception as error:  # at exit: report, never mask the real failure
+            log.error("MLflow: could not close sweep run %s (%s)", run_id, error)
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a sweep varies: those given several values on the command line (a,b or a
+    range), and an Optuna search space's."""
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [override.key_or_group for override in parsed if override.is_sweep_override()]
+    searched = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return [*keys, *(key for key in searched if key not in keys)]
+
+
+def log_study_result(client: MlflowClient, run_id: str, results_file: Path) -> None:
+    """The Optuna study's best parameters (params best.<name>) and value (metric
+    best_value), when the sweep was an Optuna search."""
+    if not results_file.is_file():
+        return
+    results = yaml.safe_load(results_file.read_text())
+    for name, value in (results.get("best_params") or {}).items():
+        client.log_param(run_id, f"best.{name}", str(value))
+    if results.get("best_value") is not None:
+        client.log_metric(run_id, "best_value", float(results["best_value"]))

@@ -1,0 +1,102 @@
+"""Config -> the parts of a run as one `Experiment`: augmentation, model, optimizer,
+schedule, EMA, lookahead, and the trainer's settings."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from cifar_exp.augment import Augmentation, build_augmentation
+from cifar_exp.config import split_name
+from cifar_exp.data import CifarData
+from cifar_exp.errors import ConfigError
+from cifar_exp.models import build_model, initialize_from_data, wants_data
+from cifar_exp.optim import build_optimizer
+from cifar_exp.optim.groups import parameter_groups
+from cifar_exp.schedules import build_schedule
+from cifar_exp.speed import resolve_amp, resolve_compile, resolve_cuda_graph
+from cifar_exp.training.ema import WeightAverage
+from cifar_exp.training.lookahead import Lookahead
+from cifar_exp.training.loop import Experiment, TrainSettings
+from cifar_exp.world import SINGLE, World
+
+# Models that initialize from data (e.g. a whitening layer) see this many training images,
+# as airbench's whitening does: plenty for a 12 x 12 patch covariance.
+DATA_INIT_IMAGES = 5000
+
+
+def resolve_device(name: str, job_number: int | None = None) -> torch.device:
+    """auto -> cuda when a GPU is visible, else cpu. Jobs of a sweep (numbered 0, 1, ...)
+    take the visible GPUs in turn, so parallel jobs each get their own."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and job_number is not None:
+        return torch.device("cuda", job_number % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name for a GPU (as runs are tagged and the bench reports), else `cpu`."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def select_gpu(device: torch.device) -> None:
+    """Make a sweep job's or a rank's GPU (`cuda:N`) the current one. A plain `cuda` keeps
+    the current GPU: set_device refuses a device without an index."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
+def build_experiment(cfg: DictConfig, data: CifarData, world: World = SINGLE) -> Experiment:
+    """Build every part named by `cfg` for `data` (already on the training device), to
+    train in `world` (one process, or the ranks of a data-parallel job)."""
+    num_train = data.train_labels.numel()
+    if cfg.batch_size > num_train:
+        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {num_train} training images")
+    device = data.train_images.device
+    augmentation, model = build_network(cfg, data)
+    name, options = split_name(cfg.optimizer)
+    optimizer = build_optimizer(name, parameter_groups(model), **options)
+    name, options = split_name(cfg.schedule)
+    scheduler = build_schedule(name, optimizer, cfg.steps, num_train / cfg.batch_size, **options)
+    ema = WeightAverage(model, cfg.ema.decay) if cfg.ema.decay is not None else None
+    lookahead = (Lookahead(model, cfg.lookahead.every, cfg.lookahead.decay, cfg.steps,
+                           cfg.lookahead.start_epochs, cfg.lookahead.reset_each_epoch)
+                 if cfg.lookahead.every is not None else None)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # shapes are static
+    return Experiment(augmentation, model, optimizer, scheduler, ema=ema, lookahead=lookahead,
+                      settings=build_settings(cfg, device, world))
+
+
+def build_network(cfg: DictConfig, data: CifarData) -> tuple[Augmentation, torch.nn.Module]:
+    """The augmentation (its statistics measured on `data`'s training images) and the
+    model `cfg` names, on `data`'s device, seeded by `cfg.seed` as training builds them."""
+    torch.manual_seed(cfg.seed)
+    name, options = split_name(cfg.augmentation)
+    augmentation = build_augmentation(name, data.train_images, **options)
+    name, options = split_name(cfg.model)
+    model = build_model(name, data.num_classes, augmentation.image_size, **options)
+    model.to(data.train_images.device)
+    if wants_data(model):
+        initialize_from_data(model, augmentation.eval(data.train_images[:DATA_INIT_IMAGES]))
+    return augmentation, model
+
+
+def build_settings(cfg: DictConfig, device: torch.device,
+                   world: World = SINGLE) -> TrainSettings:
+    """The trainer's settings from `cfg`, with `auto` speed options resolved for `device`
+    and `world`; only the main process shows a progress bar."""
+    amp = resolve_amp(cfg.amp, device)
+    compile_mode = resolve_compile(cfg.compile, device)
+    cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device, amp, compile_mode,
+                                    fused_optimizer=bool(cfg.optimizer.get("fused")),
+                                    data_parallel=world.distributed)
+    return TrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                         log_every=cfg.log_every, eval_every=cfg.eval_every,
+                         eval_batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
+                         amp=amp, compile=compile_mode, cuda_graph=cuda_graph,
+                         label_smoothing=cfg.label_smoothing, tta=cfg.tta,
+                         progress=world.is_main)

@@ -1,0 +1,85 @@
+"""Precision@1 and loss over a whole test set, in large batches, with one host sync;
+optionally with test-time augmentation (logits averaged over flipped and shifted views)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifar_exp.augment import Augmentation
+from cifar_exp.augment.ops import crop
+from cifar_exp.speed import TTA_MODES
+from cifar_exp.training.distributed import shard, share_buffers_of_main, sum_over_ranks
+from cifar_exp.training.step import autocast
+from cifar_exp.world import SINGLE, World
+
+
+def _shifted(inputs: torch.Tensor, offset: int) -> torch.Tensor:
+    """Each image moved by `offset` pixels down and right (negative: up and left), the
+    border filled by reflection."""
+    count, size = inputs.shape[0], inputs.shape[-1]
+    corner = torch.full((count,), -offset, device=inputs.device)
+    return crop(inputs, corner, corner, size)
+
+
+def tta_views(inputs: torch.Tensor, mode: str) -> list[tuple[float, torch.Tensor]]:
+    """(weight, view) pairs whose weighted logits make the prediction, weights summing to 1.
+
+    flip: the image and its mirror, 1/2 each. flip_translate (airbench's level 2): half on
+    those two, half on the same pair for the image shifted by one pixel up-left and by one
+    down-right (1/8 each)."""
+    if mode == "none":
+        return [(1.0, inputs)]
+    views = [(0.5, inputs), (0.5, inputs.flip(-1))]
+    if mode == "flip":
+        return views
+    if mode != "flip_translate":
+        raise ValueError(f"unknown test-time augmentation {mode!r}; use one of {TTA_MODES}")
+    shifted = [_shifted(inputs, -1), _shifted(inputs, 1)]
+    return ([(0.25, view) for _, view in views]
+            + [(0.125, view) for image in shifted for view in (image, image.flip(-1))])
+
+
+def tta_logits(model: nn.Module, inputs: torch.Tensor, tta: str = "none",
+            memory_format: torch.memory_format = torch.contiguous_format,
+            amp: str = "fp32") -> torch.Tensor:
+    """The model's fp32 logits for `inputs`, averaged over the views of `tta`."""
+    logits = None
+    for weight, view in tta_views(inputs, tta):
+        with autocast(inputs.device, amp):
+            out = model(view.contiguous(memory_format=memory_format)).float()
+        logits = weight * out if logits is None else logits + weight * out
+    return logits
+
+
+@torch.no_grad()
+def score(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
+             labels: torch.Tensor, batch_size: int = 500,
+             memory_format: torch.memory_format = torch.contiguous_format,
+             amp: str = "fp32", tta: str = "none",
+             world: World = SINGLE) -> tuple[float, float]:
+    """Return (precision@1, mean cross-entropy) over every image exactly once.
+
+    In a distributed `world` every rank must call it: each scores its part of the images
+    with rank 0's BatchNorm statistics, and all get the totals over the ranks."""
+    if world.distributed:
+        share_buffers_of_main(model)
+        images, labels = shard(world, images), shard(world, labels)
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.float64, device=labels.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
+    for image_batch, label_batch in zip(images.split(batch_size), labels.split(batch_size),
+                                        strict=True):
+        logits = tta_logits(model, augmentation.eval(image_batch), tta, memory_format, amp)
+        correct += (logits.argmax(1) == label_batch).sum()
+        loss_sum += F.cross_entropy(logits, label_batch, reduction="sum").double()
+    model.train(was_training)
+    # One tensor for the sums, so a distributed run adds them over the ranks at once.
+    totals = torch.stack([correct, loss_sum,
+                          torch.tensor(labels.numel(), dtype=torch.float64, device=labels.device)])
+    if world.distributed:
+        totals = sum_over_ranks(totals)
+    correct_total, loss_total, count = totals.tolist()
+    return correct_total / count, loss_total / count

@@ -1,0 +1,102 @@
+"""A training job when its record fails: the tracking store or the checkpoint's disk going
+away mid-run. Training goes on, nothing already written is lost, the command ends with one
+line that says what failed and how to finish, and resuming finishes it."""
+
+from __future__ import annotations
+
+import errno
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cifar_exp import run as run_module
+from cifar_exp.config import compose_config
+from cifar_exp.errors import RecordFailure
+from cifar_exp.job import checkpoint
+
+JOB = ("steps=20", "log_every=5", "eval_every=20", "eval_images=500", "checkpoint.every=10",
+       "tracking.log_model=false", "tracking.flush_seconds=0")
+
+
+def job_config(tmp_path, data_root, *extra: str):
+    return compose_config([*JOB, f"data.root={data_root}",
+                           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                           f"checkpoint.path={tmp_path / 'checkpoint.pt'}", *extra])
+
+
+def test_a_store_that_fails_mid_run_ends_in_one_line_and_resuming_finishes(
+        tmp_path, data_root, monkeypatch):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_batch = MlflowClient.log_batch
+
+    def store_gone_after_step_12(client, run_id, metrics=(), **kwargs):
+        if any(point.step > 12 for point in metrics):
+            raise ConnectionError("store gone")
+        return log_batch(client, run_id, metrics=metrics, **kwargs)
+
+    def cannot_close(*args, **kwargs):
+        raise ConnectionError("store gone")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", store_gone_after_step_12)
+    monkeypatch.setattr(MlflowClient, "set_terminated", cannot_close)
+    with pytest.raises(RecordFailure) as failure:
+        run_module.run_experiment(job_config(tmp_path, data_root), folder=tmp_path)
+    monkeypatch.undo()
+    message = str(failure.value)
+    assert "\n" not in message
+    assert message.startswith(f"the MLflow store {store} failed (store gone); not written: ")
+    [run] = MlflowClient(store).search_runs(
+        [MlflowClient(store).get_experiment_by_name("cifar_exp").experiment_id])
+    # 10 training points of steps 15 and 20, and the 10 `seconds/` points of the job's time
+    assert f"not written: 20 metric points, the run's end (run {run.info.run_id} is left " \
+           f"RUNNING)" in message
+    assert message.endswith(f"once the store answers, python -m cifar_exp.run "
+                            f"resume={tmp_path / 'checkpoint.pt'} writes it and closes run "
+                            f"{run.info.run_id}")
+    assert run.info.status == "RUNNING"
+    kept = checkpoint.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert kept["step"] == 20
+    assert {step for _, _, _, step in kept["tracking"]["pending"]} == {15, 20}
+
+    # The store is back: the command in the message writes what it missed.
+    run_module.run_experiment(job_config(tmp_path, data_root,
+                                         f"resume={tmp_path / 'checkpoint.pt'}"),
+                              folder=tmp_path)
+    client = MlflowClient(store)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    for key in ("loss", "lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [
+            5, 10, 15, 20], key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "precision")] == [20]
+    # The resumed session, which closed the run, says where its own time went.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "seconds/total")] == [20]
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_training_goes_on(
+        tmp_path, data_root, monkeypatch, caplog):
+    real_save, saves = checkpoint.atomic_save, []
+
+    def disk_full_after_the_first(content, path):
+        saves.append(content["step"])
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(content, path)
+
+    monkeypatch.setattr(checkpoint, "atomic_save", disk_full_after_the_first)
+    with caplog.at_level("WARNING", logger="cifar_exp.job.checkpoint"), \
+            pytest.raises(RecordFailure) as failure:
+        run_module.run_experiment(job_config(tmp_path, data_root), folder=tmp_path)
+    assert saves == [10, 20]
+    assert str(failure.value) == (
+        f"checkpoint {tmp_path / 'checkpoint.pt'} could not be written at step 20 (No space "
+        f"left on device); it holds step 10")
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 10
+    assert any("step 20, checkpoint not written" in m and "it still holds step 10" in m
+               for m in caplog.messages)
+    # The run itself finished and holds its final weights.
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = mlflow.search_runs(experiment_names=["cifar_exp"], output_format="list")
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert "weights.pt" in artifacts

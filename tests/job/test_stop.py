@@ -1,0 +1,25 @@
+"""SIGINT and SIGTERM become a stop request; a second signal stops at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from cifar_exp.errors import Stopped
+from cifar_exp.job.stop import StopRequest
+
+
+@pytest.mark.parametrize("signum,exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_first_signal_is_a_request_the_second_stops_at_once(signum, exit_code):
+    before = signal.getsignal(signum)
+    with StopRequest() as stop:
+        assert stop() is None
+        os.kill(os.getpid(), signum)  # handled synchronously in the main thread
+        assert stop() == signum  # no KeyboardInterrupt: the loop decides where to stop
+        with pytest.raises(Stopped) as stopped:
+            os.kill(os.getpid(), signum)
+    assert stopped.value.step is None and stopped.value.exit_code == exit_code
+    assert str(stopped.value) == f"stopped by {signal.Signals(signum).name} at once"
+    assert signal.getsignal(signum) is before  # the previous handler is back

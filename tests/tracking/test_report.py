@@ -1,0 +1,189 @@
+"""The report: tables, seed statistics and plots rendered from an MLflow store."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from cifar_exp.tracking.report import (
+    RunSummary,
+    _label,
+    default_folder,
+    main,
+    parse_overrides,
+    plot_curves,
+    plot_params,
+    plot_speed,
+    runs_table,
+    seed_table,
+    swept_keys,
+    write_report,
+)
+
+PRECISIONS = {("adam", "0"): 0.61, ("adam", "1"): 0.63, ("sgd", "0"): 0.52, ("sgd", "1"): 0.56}
+
+
+def summary(name: str, precision: float, **overrides: str) -> RunSummary:
+    return RunSummary(run_id=name, name=name, status="FINISHED", overrides=overrides,
+                      precision=precision, examples_per_sec=1000.0, wall_seconds=12.0)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> tuple[str, str]:
+    """A store holding one sweep, parent and four jobs, as the sweep callback leaves it
+    (written directly: no training needed). Returns (uri, parent run id)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("cifar_exp", (tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment, run_name="sweep optimizer=adam,sgd seed=0,1",
+                               tags={"sweep": "parent"}).info.run_id
+    for number, ((optimizer, seed), precision) in enumerate(PRECISIONS.items()):
+        run = client.create_run(experiment, run_name=f"tf_cnn-{optimizer}-10 #{number}", tags={
+            "mlflow.parentRunId": parent, "overrides": f"optimizer={optimizer} seed={seed} "
+                                                       "steps=10"}).info.run_id
+        client.log_batch(run, metrics=[
+            Metric("loss", 2.5 - step / 10, 0, step) for step in (5, 10)] + [
+            Metric("examples_per_sec", 900.0 + step, 0, step) for step in (5, 10)] + [
+            Metric("precision", precision, 0, 10)])
+        client.set_terminated(run)
+    return uri, parent
+
+
+def test_parse_overrides_drops_hydra_prefixes():
+    assert parse_overrides("optimizer=sgd +experiment=x ~ema seed=1 lr=a=b") == {
+        "optimizer": "sgd", "experiment": "x", "seed": "1", "lr": "a=b"}
+    assert parse_overrides("") == {}
+
+
+def test_swept_keys_are_the_overrides_that_differ():
+    runs = [summary("a", 0.5, optimizer="sgd", steps="10", seed="0"),
+            summary("b", 0.6, optimizer="adam", steps="10", seed="1"),
+            summary("c", 0.7, optimizer="adam", steps="10")]
+    assert swept_keys(runs) == ["optimizer", "seed"]
+
+
+def test_runs_table_puts_the_best_first_and_shortens_numbers():
+    runs = [summary("a", 0.5, **{"optimizer.lr": "0.0012345678"}),
+            summary("b", 0.7, **{"optimizer.lr": "0.01"}),
+            summary("c", math.nan, **{"optimizer.lr": "1e6"})]
+    lines = runs_table(runs, ["optimizer.lr"]).splitlines()
+    assert lines[0] == ("| run | optimizer.lr | status | precision | examples/sec "
+                        "| wall time (s) |")
+    assert lines[2] == "| b | 0.01 | FINISHED | 0.7000 | 1,000 | 12.0 |"
+    assert lines[3].startswith("| a | 0.001235 |") and lines[4].startswith("| c | 1e+06 |")
+
+
+def test_seed_table_gives_mean_and_sample_std_per_configuration():
+    runs = [summary(f"{o}{s}", p, optimizer=o, seed=s) for (o, s), p in PRECISIONS.items()]
+    table = seed_table(runs, ["optimizer", "seed"])
+    adam = statistics.mean([0.61, 0.63]), statistics.stdev([0.61, 0.63])
+    assert f"| adam | 2 | {adam[0]:.4f} ± {adam[1]:.4f} | 1,000 |" in table
+    assert "| sgd | 2 | 0.5400 ± 0.0283 | 1,000 |" in table
+    assert seed_table(runs, ["optimizer"]) is None  # no seed swept: no such table
+
+
+def test_report_renders_a_sweep_from_the_store_and_logs_it_on_the_parent(store, tmp_path):
+    uri, parent = store
+    report = write_report(uri, tmp_path / "out", parent=parent, progress=False)
+    assert report.swept == ["optimizer", "seed"]
+    assert report.best.name == "tf_cnn-adam-10 #1" and report.best.precision == 0.63
+    assert [run.examples_per_sec for run in report.runs] == [907.5] * 4  # median of windows
+    assert {path.name for path in report.plots} == {"curves.png", "speed.png", "params.png"}
+    for path in report.plots:
+        assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 10_000
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert markdown == report.markdown
+    assert "| tf_cnn-adam-10 #1 | adam | 1 | FINISHED | 0.6300 |" in markdown
+    assert "## Over seeds" in markdown and "![curves](curves.png)" in markdown
+
+    client = MlflowClient(uri)
+    logged = {a.path for a in client.list_artifacts(parent, "report")}
+    assert logged == {"report/report.md", "report/curves.png", "report/speed.png",
+                      "report/params.png"}
+    # On the parent's page the plots are its artifacts, as the MLflow UI serves them.
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert note == markdown.replace("](curves.png)", f"](get-artifact?path=report%2Fcurves.png"
+                                                     f"&run_uuid={parent})").replace(
+        "](speed.png)", f"](get-artifact?path=report%2Fspeed.png&run_uuid={parent})").replace(
+        "](params.png)", f"](get-artifact?path=report%2Fparams.png&run_uuid={parent})")
+
+
+def test_report_of_a_whole_experiment_leaves_sweep_parents_out(store, tmp_path):
+    uri, _ = store
+    report = write_report(uri, tmp_path / "out", experiment="cifar_exp", progress=False)
+    assert sorted(run.name for run in report.runs) == [
+        "tf_cnn-adam-10 #0", "tf_cnn-adam-10 #1", "tf_cnn-sgd-10 #2", "tf_cnn-sgd-10 #3"]
+
+
+def test_cli_writes_the_folder(store, tmp_path, capsys):
+    uri, parent = store
+    assert main(["--parent", parent, "--tracking-uri", uri, "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.md").is_file()
+    assert "logged to the parent run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tracking-uri", "sqlite:///{tmp}/none.db"], "error: no tracking store at "),
+    (["--experiment", "nope"], "error: no experiment 'nope' in the tracking store"),
+    (["--parent", "0123abcd"], "error: no run 0123abcd in the tracking store"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(store, tmp_path, capsys, args, message):
+    uri, _ = store
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    if "--tracking-uri" not in args:
+        args += ["--tracking-uri", uri]
+    assert main([*args, "--out", str(tmp_path / "r")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(message) and error.count("\n") == 1
+
+
+def test_a_key_a_run_did_not_override_shows_its_value_from_the_config():
+    runs = [summary("a", 0.5, **{"optimizer.lr": "0.01"}),
+            summary("b", 0.6)]
+    runs[1].params = {"optimizer.lr": "0.001", "optimizer.name": "adam"}
+    runs[0].params = {"optimizer.lr": "0.01", "optimizer.name": "adam"}
+    assert swept_keys(runs) == ["optimizer.lr"]
+    table = runs_table(runs, ["optimizer.lr"])
+    assert "| b | 0.001 |" in table and "| a | 0.01 |" in table and " - |" not in table
+
+
+def test_runs_on_part_of_the_test_set_are_marked_and_ranked_after_whole_ones():
+    whole, partial = summary("whole", 0.5), summary("partial", 0.9)
+    partial.eval_images = 500
+    lines = runs_table([partial, whole], []).splitlines()
+    assert lines[2].startswith("| whole | FINISHED | 0.5000 |")
+    assert lines[3].startswith("| partial | FINISHED | 0.9000 (500 images) |")
+
+
+@pytest.mark.filterwarnings("error")  # matplotlib's warnings would reach the console
+def test_plots_stay_readable_with_many_runs(tmp_path):
+    runs = []
+    for number in range(30):
+        run = summary(f"tf_cnn-adam lr={number}", 0.5 + number / 100,
+                      **{"optimizer.lr": f"{10 ** -(number % 5 + 1):g}",
+                         "optimizer.weight_decay": str(number)})
+        run.histories = {"loss": [(5, 2.0), (10, 1.5)], "precision": [(10, run.precision)]}
+        runs.append(run)
+    keys = swept_keys(runs)
+    assert keys == ["optimizer.lr", "optimizer.weight_decay"]
+    plot_curves(runs, keys, tmp_path / "curves.png")  # no legend: 30 runs
+    plot_params(runs, keys, tmp_path / "params.png")
+    plot_speed(runs, keys, tmp_path / "speed.png")
+    for name in ("curves", "params", "speed"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    assert _label(runs[3], keys) == "lr=0.0001 weight_decay=3"
+
+
+@pytest.mark.parametrize("name,folder", [
+    ("cifar_exp", "cifar_exp"),
+    ("../../escaped", "_.._escaped"),
+    ("/etc", "_etc"),
+    ("..", "_"),
+])
+def test_an_experiment_name_never_writes_outside_reports(name, folder):
+    assert default_folder(name) == Path("reports") / folder

@@ -1,0 +1,155 @@
+"""The tracking store: which URIs are accepted, and opening it one process at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cifar_exp.errors import ConfigError
+from cifar_exp.tracking.store import (
+    check_tracking_uri,
+    default_artifact_location,
+    log_data_inputs,
+    open_experiment,
+    with_retries,
+)
+
+
+def test_artifacts_live_beside_the_database(tmp_path):
+    location = default_artifact_location(f"sqlite:///{tmp_path}/x.db")
+    assert location == (tmp_path / "mlartifacts").as_uri()
+    assert default_artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_unreachable_tracking_is_reported_up_front(tmp_path):
+    with pytest.raises(ConfigError, match=r"MLflow tracking server http://127.0.0.1:9 does "
+                                          r"not answer"):
+        check_tracking_uri("http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="does not exist; create it"):
+        check_tracking_uri(f"sqlite:///{tmp_path}/missing/mlflow.db")
+    check_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # a new file in a real folder is fine
+
+
+@pytest.fixture
+def mlflow_store(tmp_path) -> str:
+    """A store with one experiment in it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    open_experiment(uri, "kept")
+    return uri
+
+
+def stores(tmp_path: Path) -> dict[str, str]:
+    """Files that are not MLflow stores, by what they are."""
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"weights": torch.zeros(3)}, checkpoint)
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as connection:
+        connection.execute("CREATE TABLE notes (text)")
+        connection.commit()
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    return {"checkpoint": str(checkpoint), "other": str(other), "damaged": str(damaged)}
+
+
+@pytest.mark.parametrize("uri,message", [
+    ("./mlruns", "tracking.uri=./mlruns is not a store this project writes to"),
+    ("file:///tmp/mlruns", "tracking.uri=file:///tmp/mlruns is not a store this project"),
+    ("sqlite:///:memory:", "keeps nothing once the command ends; give a file"),
+    ("sqlite://", "keeps nothing once the command ends"),
+    ("sqlite:///{tmp}", "is a folder; name a database file inside it"),
+    ("sqlite:///{checkpoint}", "checkpoint.pt is not an SQLite database; choose another file"),
+    ("sqlite:///{other}", "other.db is another program's SQLite database, not an MLflow store"),
+    ("sqlite:///{damaged}", "damaged.db is damaged"),
+    ("postgresql+psycopg2://mlflow:secret@127.0.0.1:9/mlflow",
+     "the tracking database postgresql+psycopg2://***@127.0.0.1:9/mlflow does not answer"),
+    ("http://user:secret@127.0.0.1:9", "MLflow tracking server http://***@127.0.0.1:9 does "
+                                       "not answer"),
+])
+def test_stores_mlflow_would_refuse_or_that_keep_nothing_are_refused(tmp_path, uri, message):
+    files = stores(tmp_path)
+    before = {path: Path(path).read_bytes() for path in files.values()}
+    uri = uri.format(tmp=tmp_path, **files)
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        check_tracking_uri(uri)
+    assert "secret" not in str(error.value) and "\n" not in str(error.value)
+    assert {path: Path(path).read_bytes() for path in files.values()} == before  # untouched
+
+
+def test_a_report_needs_a_store_that_holds_runs(tmp_path):
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match="empty.db is empty: no runs to read"):
+        check_tracking_uri(f"sqlite:///{empty}", must_exist=True)
+    assert empty.read_bytes() == b""  # no schema written into it
+    with pytest.raises(ConfigError, match="no tracking store at"):
+        check_tracking_uri(f"sqlite:///{tmp_path / 'none.db'}", must_exist=True)
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_a_deleted_experiment_is_refused_with_how_to_restore_it(mlflow_store):
+    client = MlflowClient(mlflow_store)
+    experiment_id = client.get_experiment_by_name("kept").experiment_id
+    client.delete_experiment(experiment_id)
+    with pytest.raises(ConfigError, match=rf"experiment 'kept' was deleted from sqlite:///.*; "
+                                          rf"restore it \(mlflow experiments restore "
+                                          rf"--experiment-id {experiment_id}\)"):
+        open_experiment(mlflow_store, "kept")
+
+
+def _open_in_a_process(uri: str) -> str:
+    return open_experiment(uri, "race")
+
+
+def test_processes_opening_a_new_store_at_once_all_get_the_experiment(tmp_path):
+    # MLflow creates the schema on first use; without the lock, two processes doing it at
+    # the same moment collide ("duplicate column name").
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        ids = pool.map(_open_in_a_process, [uri] * 4)
+    assert len(set(ids)) == 1
+
+
+class RacingClient:
+    """A client whose first log_inputs loses a race to another run inserting the same
+    data set row, as two runs starting at once on one store do."""
+
+    def __init__(self, error: str) -> None:
+        self.error, self.calls = error, []
+
+    def log_inputs(self, run_id, datasets):
+        self.calls.append((run_id, datasets))
+        if len(self.calls) == 1:
+            raise Exception(self.error)
+
+
+@pytest.mark.parametrize("error", [
+    "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+    "datasets.name, datasets.digest",
+    'duplicate key value violates unique constraint "dataset_pk"',
+    "database is locked",
+])
+def test_data_inputs_that_lose_a_race_for_the_same_row_are_logged_again(error, monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    client = RacingClient(error)
+    log_data_inputs(client, "run", ["train", "test"])
+    assert client.calls == [("run", ["train", "test"])] * 2
+
+
+def test_only_transient_errors_are_retried(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    client = RacingClient("UNIQUE constraint failed: runs.run_uuid")  # no race: a real fault
+    with pytest.raises(Exception, match="runs.run_uuid"):
+        log_data_inputs(client, "run", [])
+    assert len(client.calls) == 1
+    # Elsewhere (creating a run, an experiment) a duplicate row is no race to retry.
+    racing = RacingClient("UNIQUE constraint failed: datasets")
+    with pytest.raises(Exception, match="UNIQUE constraint failed: datasets"):
+        with_retries(lambda: racing.log_inputs("run", []), "create a run")
+    assert len(racing.calls) == 1

@@ -1,0 +1,145 @@
+"""The tracking topology of docker/compose.yaml without Docker: PostgreSQL, an MLflow
+server on it, and a parallel sweep logging to the server over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import SWEEP_JOB, cli, free_port, mlflow_server, stop_process_group
+from tests.test_run import start, wait_for
+from tests.tracking.test_sweep import tracked_sweep
+
+# PostgreSQL refuses to run as root: as root, the server runs as this user.
+UNPRIVILEGED_USER = "nobody"
+
+
+def postgres_bin() -> Path:
+    """The folder of initdb and postgres: on the PATH, or Debian's versioned folder."""
+    found = shutil.which("initdb")
+    candidates = [found] if found else sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not candidates:
+        message = "needs PostgreSQL (initdb, postgres): apt-get install postgresql"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs it: never skip there
+        pytest.skip(message)
+    return Path(candidates[-1]).parent
+
+
+def as_server_user(command: list[str]) -> list[str]:
+    return ["runuser", "-u", UNPRIVILEGED_USER, "--", *command] if os.geteuid() == 0 else command
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL on a free port of 127.0.0.1 with database `mlflow`; its URI."""
+    bin_dir = postgres_bin()
+    folder = Path(tempfile.mkdtemp(prefix="cifar_exp_pg_"))  # not under pytest's root-only tmp
+    if os.geteuid() == 0:
+        user = pwd.getpwnam(UNPRIVILEGED_USER)
+        os.chown(folder, user.pw_uid, user.pw_gid)
+    data, port = folder / "data", free_port()
+    server = None
+    try:
+        subprocess.run(as_server_user([str(bin_dir / "initdb"), "-D", str(data), "-U", "mlflow",
+                                       "--auth=trust", "--no-sync"]),
+                       check=True, capture_output=True, timeout=120)
+        server = subprocess.Popen(
+            as_server_user([str(bin_dir / "postgres"), "-D", str(data), "-p", str(port),
+                            "-h", "127.0.0.1", "-k", str(folder), "-F"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                connection = psycopg2.connect(host="127.0.0.1", port=port, user="mlflow",
+                                              dbname="postgres")
+                break
+            except psycopg2.OperationalError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE DATABASE mlflow")
+        connection.close()
+        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        if server is not None:
+            stop_process_group(server)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow  # PostgreSQL's and MLflow's start (schema migrations), then a sweep
+def test_parallel_sweep_logs_everything_to_a_server_on_postgresql(tmp_path, data_root):
+    with postgres_server() as database, mlflow_server(
+            database, tmp_path, "--artifacts-destination", str(tmp_path / "artifacts")) as url:
+        result = cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     "seed=0,1", *SWEEP_JOB, f"tracking.uri={url}", data_root=data_root)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+        # Every point of both jobs reached the server, once.
+        parent, children = tracked_sweep(url, {"tf_cnn-adam seed=0", "tf_cnn-adam seed=1"})
+        assert parent.data.metrics["jobs_finished"] == 2
+        client = MlflowClient(url)
+        for run in children:  # artifacts went through the server into its artifact store
+            assert any(a.path == "weights.pt" for a in client.list_artifacts(run.info.run_id))
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow  # two MLflow server starts around a 200-step job
+def test_a_server_that_goes_away_mid_run_holds_nothing_up_and_keeps_every_point(
+        tmp_path, data_root):
+    backend = f"sqlite:///{tmp_path / 'server.db'}"
+    folder = tmp_path / "run"
+    args = ("steps=200", "log_every=5", "eval_every=100", "eval_images=500",
+            "checkpoint.every=50", "tracking.log_model=false", "tracking.flush_seconds=0",
+            f"hydra.run.dir={folder}")
+    with mlflow_server(backend, tmp_path) as url:
+        # Credentials in the URI (the server ignores them) must never be recorded.
+        secret_url = url.replace("http://", "http://user:secret@")
+        process, output = start(tmp_path, *args, f"tracking.uri={secret_url}",
+                                data_root=data_root)
+        wait_for(lambda: "step 20, loss = " in output.read_text(), process)
+    # The server is gone: training goes on and ends with one line on what to do.
+    assert process.wait(timeout=600) == 3
+    log = output.read_text()
+    last = log.strip().splitlines()[-1]
+    assert last.startswith(f"error: the MLflow store {url.replace('http://', 'http://***@')} "
+                           f"failed (")
+    assert "metric points, " in last and "the run's end (run " in last
+    assert last.endswith(f"once the store answers, python -m cifar_exp.run "
+                         f"{' '.join(args[:-1])} tracking.uri="
+                         f"{url.replace('http://', 'http://***@')} hydra.run.dir={folder} "
+                         f"resume=true writes it and closes run {last.rsplit(' ', 1)[-1]}")
+    assert "step 200, loss = " in log and "final precision @ 1 = " in log
+    assert log.count("metric writes to") == 1  # one warning line, however long it failed
+
+    # The server is back (a new port): resuming writes what it missed, and closes the run.
+    with mlflow_server(backend, tmp_path) as url:
+        result = cli(tmp_path, *args, f"tracking.uri={url}", "resume=true", data_root=data_root)
+        assert result.returncode == 0, result.stderr[-3000:]
+        client = MlflowClient(url)
+        [run] = client.search_runs([client.get_experiment_by_name("cifar_exp").experiment_id])
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps == list(range(5, 201, 5))
+        assert run.data.params["tracking.uri"].startswith("http://***@127.0.0.1:")
+        recorded = [*run.data.params.values(), *run.data.tags.values()]
+    written = [path.read_text(errors="replace") for path in folder.rglob("*") if path.is_file()
+               and path.suffix in (".yaml", ".log", ".txt")]
+    checkpoint = str(torch.load(folder / "checkpoint.pt", weights_only=True)["config"])
+    for text in (*recorded, *written, checkpoint, log, result.stdout, result.stderr):
+        assert "secret" not in text

@@ -1,0 +1,255 @@
+"""The whole training step as CUDA graphs: the device learning rates and which graph a step
+replays (on the CPU, a replay standing in for the graph), and on a GPU the graphed steps,
+data path included, against the same steps run op by op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cifar_exp.augment import build_augmentation
+from cifar_exp.data import CifarData
+from cifar_exp.models import build_model
+from cifar_exp.optim import build_optimizer
+from cifar_exp.optim.groups import parameter_groups
+from cifar_exp.schedules import build_schedule
+from cifar_exp.training import step_graph
+from cifar_exp.training.batches import BatchMaker
+from cifar_exp.training.step import TrainingStep
+from cifar_exp.training.step_graph import MAX_GRAPHS, WARMUP_STEPS, DeviceLearningRates, StepGraphs
+
+CPU = torch.device("cpu")
+
+
+def sgd_with_schedule(model: torch.nn.Module, steps: int):
+    """Nesterov SGD with two groups (4x the lr for normalization layers) on a triangle
+    schedule: every step has new lrs, different per group."""
+    optimizer = build_optimizer("sgd", parameter_groups(model), lr=0.05, momentum=0.9,
+                                nesterov=True, weight_decay=5e-4, norm_lr_scale=4.0, fused=True)
+    return optimizer, build_schedule("triangle", optimizer, steps, 10.0)
+
+
+def test_device_lrs_carry_the_schedule_into_a_fused_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+    twin.load_state_dict(model.state_dict())
+    (optimizer, schedule), (twin_optimizer, twin_schedule) = (
+        sgd_with_schedule(net, steps=6) for net in (model, twin))
+    lrs = DeviceLearningRates(optimizer, CPU)
+    inputs = torch.randn(16, 8)
+    for _ in range(6):
+        for net, opt in ((model, optimizer), (twin, twin_optimizer)):
+            opt.zero_grad()
+            net(inputs).square().mean().backward()
+        lrs.refill()
+        with lrs.installed():
+            assert all(group["lr"] is tensor
+                       for group, tensor in zip(optimizer.param_groups, lrs.tensors, strict=True))
+            optimizer.step()
+        twin_optimizer.step()
+        schedule.step()
+        twin_schedule.step()
+        assert all(isinstance(group["lr"], float) for group in optimizer.param_groups)
+    lrs.refill()
+    scheduled = [group["lr"] for group in optimizer.param_groups]
+    assert scheduled[1] == pytest.approx(4 * scheduled[0])
+    assert [tensor.item() for tensor in lrs.tensors] == pytest.approx(scheduled)
+    for ours, theirs in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_installed_lrs_declare_adam_capturable_and_restore_it():
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    lrs = DeviceLearningRates(optimizer, CPU)
+    lrs.refill()
+    with lrs.installed():
+        group = optimizer.param_groups[0]
+        assert group["capturable"] and group["lr"] is lrs.tensors[0]
+        assert group["lr"].item() == pytest.approx(1e-3)
+    assert optimizer.param_groups[0]["capturable"] is False
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_name,compile_mode", [
+    ("tf_cnn", "none"), ("resnet9", "none"), ("tf_cnn", "default")])
+def test_graphed_steps_train_as_the_eager_steps(monkeypatch, model_name, compile_mode):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    cuda, steps = torch.device("cuda"), 10
+    runs = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = build_model(model_name, 10, 24).to(cuda)
+        optimizer, schedule = sgd_with_schedule(model, steps)
+        step = TrainingStep(model, optimizer, cuda, "fp32", compile_mode, cuda_graph=graphed)
+        generator = torch.Generator(cuda).manual_seed(1)
+        losses = []
+        for _ in range(steps):
+            inputs = torch.randn(32, 3, 24, 24, device=cuda, generator=generator)
+            labels = torch.randint(0, 10, (32,), device=cuda, generator=generator)
+            losses.append(step(inputs, labels).clone())
+            schedule.step()
+        runs[graphed] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()])
+        if graphed:
+            assert step.graphs is not None and step.graphs.captures == 1
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-5)
+    for graphed_param, eager_param in zip(runs[True][1], runs[False][1], strict=True):
+        torch.testing.assert_close(graphed_param, eager_param, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_a_new_frozen_set_captures_a_new_graph_that_leaves_it_alone():
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model("tf_cnn", 10, 24).to(cuda)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    step = TrainingStep(model, optimizer, cuda, "bf16", cuda_graph=True)
+    inputs = torch.randn(32, 3, 24, 24, device=cuda)
+    labels = torch.randint(0, 10, (32,), device=cuda)
+    for _ in range(WARMUP_STEPS + 2):
+        step(inputs, labels)
+    bias, weight = model.conv1.bias.detach().clone(), model.conv1.weight.detach().clone()
+    losses = [step(inputs, labels, frozen=[model.conv1.bias]).item() for _ in range(3)]
+    assert step.graphs is not None and step.graphs.captures == 2
+    assert torch.equal(model.conv1.bias, bias)
+    assert not torch.equal(model.conv1.weight, weight)
+    assert losses[-1] < losses[0]  # the same batch again and again: it is learned
+
+
+class ReplayedEagerly:
+    """Stands in for a CUDA graph on the CPU: each replay runs the captured work again on
+    the graph's buffers and writes its result where the graph's loss lives."""
+
+    def __init__(self, work, buffers, loss) -> None:
+        self.work, self.buffers, self.loss = work, buffers, loss
+
+    def replay(self) -> None:
+        self.loss.copy_(self.work(*self.buffers))
+
+
+@pytest.fixture
+def graphs_on_the_cpu(monkeypatch):
+    """StepGraphs with its side stream and capture replaced for the CPU; the generators each
+    capture registered are listed."""
+    registered = []
+
+    def capture(self, arguments, work, generator):
+        buffers = tuple(argument.clone() for argument in arguments)
+        registered.append(generator)
+        loss = torch.zeros((), dtype=torch.float64)  # batch_summary sums in float64
+        return step_graph._Captured(ReplayedEagerly(work, buffers, loss), buffers, loss)
+
+    monkeypatch.setattr(StepGraphs, "_capture", capture)
+    monkeypatch.setattr(StepGraphs, "_on_side_stream", lambda self, work: work())
+    return registered
+
+
+def batch_summary(inputs: torch.Tensor, labels: torch.Tensor, frozen=()) -> torch.Tensor:
+    """A stand-in step whose "loss" tells the batch it was given."""
+    return inputs.double().sum() + labels.double().sum() * 1e3
+
+
+def twin_batch_makers(data: CifarData, augmentation, seed: int) -> tuple[BatchMaker, BatchMaker]:
+    """Two data paths alike, their generators seeded alike: one for the graphs, one to
+    check against op by op."""
+    return tuple(BatchMaker(data, augmentation, torch.Generator().manual_seed(seed),
+                            torch.contiguous_format) for _ in range(2))
+
+
+def test_graphed_batches_replay_the_data_path_on_each_steps_indices(cifar10,
+                                                                      graphs_on_the_cpu):
+    data = CifarData(cifar10.train_images[:512], cifar10.train_labels[:512],
+                     cifar10.test_images[:8], cifar10.test_labels[:8], cifar10.classes)
+    augmentation = build_augmentation("crop_flip", data.train_images, alternating_flip=True)
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    made, twin = twin_batch_makers(data, augmentation, seed=1)
+    graphs = StepGraphs(batch_summary, optimizer, CPU)
+    order = torch.randperm(512, generator=torch.Generator().manual_seed(2))
+    epochs = [0] * 6 + [1] * 3 + [2] * 3  # warm-up steps, then three epochs
+    for step, epoch in enumerate(epochs):
+        indices = order[step * 16:(step + 1) * 16]
+        loss = graphs.on_batch(made, indices, epoch).clone()
+        assert loss == batch_summary(*twin(indices, epoch)), step  # the same draws, in turn
+    assert graphs.captures == 2  # one graph per flip parity, reused in epoch 2
+    assert graphs_on_the_cpu == [made.generator, made.generator]  # each draws from the trainer's
+
+
+def test_a_new_frozen_set_or_parity_captures_a_graph_and_the_oldest_goes(cifar10,
+                                                                         graphs_on_the_cpu):
+    augmentation = build_augmentation("crop_flip", cifar10.train_images[:64],
+                                      alternating_flip=True)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    made = BatchMaker(cifar10, augmentation, torch.Generator(), torch.contiguous_format)
+    graphs = StepGraphs(batch_summary, optimizer, CPU)
+    indices = torch.arange(8)
+    for _ in range(WARMUP_STEPS):
+        graphs.on_batch(made, indices, 0)
+    assert graphs.captures == 0
+    frozen_sets = [(), (model.bias,), (model.weight,)]
+    for frozen in frozen_sets:  # 3 frozen sets x 2 parities = 6 graphs
+        for epoch in (0, 1):
+            graphs.on_batch(made, indices, epoch, frozen)
+    assert graphs.captures == 6 and len(graphs._captured) == MAX_GRAPHS
+    graphs.on_batch(made, indices, 1, (model.weight,))  # among the kept ones: replayed
+    assert graphs.captures == 6
+    graphs.on_batch(made, indices, 0, ())  # the first, dropped: captured again
+    assert graphs.captures == 7 and len(graphs._captured) == MAX_GRAPHS
+
+
+@pytest.mark.gpu
+def test_graphed_batches_draw_and_train_as_the_eager_ones(monkeypatch, cifar10):
+    """The data path inside the step's graph: the same augmentation draws (the trainer's
+    generator ends in the same state), the same losses and weights as op by op, across an
+    epoch boundary of alternating flips."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    cuda, steps = torch.device("cuda"), 12
+    data = cifar10.to(cuda)
+    runs = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        augmentation = build_augmentation("crop_flip", data.train_images, alternating_flip=True,
+                                          cutout=8)
+        model = build_model("resnet9", 10, 32).to(cuda)
+        optimizer, schedule = sgd_with_schedule(model, steps)
+        step = TrainingStep(model, optimizer, cuda, "fp32", cuda_graph=graphed)
+        generator = torch.Generator(cuda).manual_seed(1)
+        made = BatchMaker(data, augmentation, generator, torch.channels_last)
+        losses = []
+        for index in range(steps):
+            indices = torch.randint(0, 50_000, (64,), device=cuda, generator=generator)
+            losses.append(step.on_batch(made, indices, epoch=index // 6).clone())
+            schedule.step()
+        runs[graphed] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()],
+                         generator.get_state())
+        if graphed:
+            assert step.graphs is not None and step.graphs.captures == 2
+    assert torch.equal(runs[True][2], runs[False][2])
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-5)
+    for graphed_param, eager_param in zip(runs[True][1], runs[False][1], strict=True):
+        torch.testing.assert_close(graphed_param, eager_param, rtol=1e-4, atol=1e-5)
+
+
+def test_a_data_path_that_cannot_be_captured_runs_op_by_op_before_the_graph(
+        cifar10, graphs_on_the_cpu, monkeypatch, caplog):
+    capture = StepGraphs._capture
+
+    def refuse_the_data_path(self, arguments, work, generator):
+        if generator is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return capture(self, arguments, work, generator)
+
+    monkeypatch.setattr(StepGraphs, "_capture", refuse_the_data_path)
+    augmentation = build_augmentation("tf_distort", cifar10.train_images[:64])
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    made, twin = twin_batch_makers(cifar10, augmentation, seed=4)
+    graphs = StepGraphs(batch_summary, optimizer, CPU)
+    for step in range(WARMUP_STEPS + 3):
+        indices = torch.arange(step * 8, step * 8 + 8)
+        assert graphs.on_batch(made, indices, 0) == batch_summary(*twin(indices, 0)), step
+    assert graphs.batches_outside == "operation not permitted when stream is capturing"
+    assert graphs.captures == 1  # the step alone, once
+    warnings = [r.message for r in caplog.records if "could not be captured" in r.message]
+    assert len(warnings) == 1 and "it runs op by op, the step still as a graph" in warnings[0]
