@@ -40,7 +40,6 @@ from cifar_exp.world import adopt_launcher_tasks, current_world, hydra_overrides
 
 if TYPE_CHECKING:
     from cifar_exp.job import job
-    from cifar_exp.training.loop import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +83,6 @@ def job_context(cfg: DictConfig, folder: Path | None = None) -> job.JobContext:
     hydra_cfg = HydraConfig.get()
     return job.JobContext(Path(hydra_cfg.runtime.output_dir), tuple(hydra_cfg.overrides.task),
                       run_name(cfg), sweep_job_number(), hydra_cfg)
-
-
-def run_experiment(cfg: DictConfig, folder: Path | None = None) -> TrainResult:
-    """Train the job `cfg` describes (see cifar_exp.job.job); `folder` stands for the output
-    folder when called outside a Hydra app."""
-    from cifar_exp.job import job
-
-    return job.run_job(cfg, job_context(cfg, folder))
 
 
 # An absolute path: the same config whether started as python -m cifar_exp.run or cifar-exp.

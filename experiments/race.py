@@ -240,7 +240,7 @@ def run_ours(name: str, seeds: int, data_root: str | None, device: str) -> Resul
     """Train `experiment=<name>` in-process: one warm-up run, then seeds 0..seeds-1."""
     from cifar_exp.config import compose_config, validate
     from cifar_exp.data import load_cifar
-    from cifar_exp.training.build import build_experiment
+    from cifar_exp.training.build import build_parts
     from cifar_exp.training.loop import train
 
     class NoSink:
@@ -258,9 +258,9 @@ def run_ours(name: str, seeds: int, data_root: str | None, device: str) -> Resul
         validate(cfg)
         if data is None:
             data = load_cifar(cfg.data.name, cfg.data.root).to(device)
-        experiment = build_experiment(cfg, data)
-        experiment.settings.progress = False
-        trained = train(experiment, data, NoSink())
+        parts = build_parts(cfg, data)
+        parts.settings.progress = False
+        trained = train(parts, data, NoSink())
         print(f"{name} seed {seed}: {trained.train_seconds:.2f} s, precision "
               f"{trained.precision:.4f}", flush=True)
         if seed != WARMUP_SEED:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import os
 import pickle
 import signal
@@ -19,8 +21,11 @@ import numpy as np
 import pytest
 import requests
 import torch
+from omegaconf import DictConfig
 
 from cifar_exp.data import CifarData, load_cifar
+from cifar_exp.training.loop import TrainResult
+from cifar_exp.training.parts import TrainSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,6 +58,29 @@ def cli(cwd: Path, *args: str, data_root: Path, timeout: float = 600, processes:
     return subprocess.run(run_command(*args, processes=processes), cwd=cwd,
                           env=data_env(data_root), capture_output=True, text=True,
                           timeout=timeout)
+
+
+@functools.cache
+def _default_settings() -> TrainSettings:
+    from cifar_exp.config import compose_config
+    from cifar_exp.training.build import build_settings
+
+    return build_settings(compose_config([]), torch.device("cpu"))
+
+
+def train_settings(**changes: object) -> TrainSettings:
+    """The trainer's settings as the default config gives them on the CPU, with `changes`
+    (the schema holds the defaults: tests do not repeat them)."""
+    return dataclasses.replace(_default_settings(), **changes)
+
+
+def run_experiment(cfg: DictConfig, folder: Path | None = None) -> TrainResult:
+    """Train the job `cfg` describes in this process, as `python -m cifar_exp.run` would;
+    `folder` stands for the output folder outside a Hydra app (default: the current one)."""
+    from cifar_exp import run as run_module
+    from cifar_exp.job import job
+
+    return job.run_job(cfg, run_module.job_context(cfg, folder))
 
 
 @pytest.fixture(scope="session")
@@ -203,7 +231,6 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> di
     the first 500 test images, as the run scored them)."""
     from mlflow.tracking import MlflowClient
 
-    from cifar_exp import run as run_module
     from cifar_exp.config import compose_config
 
     folder = tmp_path_factory.mktemp("trained")
@@ -212,7 +239,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> di
                           f"data.root={data_root}", f"tracking.uri={uri}",
                           "tracking.system_metrics_seconds=0",
                           f"checkpoint.path={folder / 'checkpoint.pt'}"])
-    result = run_module.run_experiment(cfg, folder=folder)
+    result = run_experiment(cfg, folder=folder)
     client = MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("cifar_exp").experiment_id])
     return {"uri": uri, "run_id": run.info.run_id, "name": run.info.run_name,

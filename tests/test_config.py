@@ -16,7 +16,7 @@ from omegaconf.errors import ValidationError
 from cifar_exp.config import CONF_DIR, compose_config, validate
 from cifar_exp.data import CifarData
 from cifar_exp.errors import ConfigError
-from cifar_exp.training.build import build_experiment, resolve_device, select_gpu
+from cifar_exp.training.build import build_parts, resolve_device, select_gpu
 
 GROUPS = ("model", "optimizer", "schedule", "augmentation", "data")
 
@@ -66,10 +66,10 @@ def test_every_option_composes_and_builds(group, option, small_data):
     if group == "data":
         assert cfg.data.name == option and cfg.data.root
         return
-    experiment = build_experiment(cfg, small_data)
-    x = experiment.augmentation.train(small_data.train_images[:4], torch.Generator())
-    assert experiment.model(x).shape == (4, 10)
-    assert experiment.optimizer.defaults["lr"] == cfg.optimizer.lr
+    parts = build_parts(cfg, small_data)
+    x = parts.augmentation.train(small_data.train_images[:4], torch.Generator())
+    assert parts.model(x).shape == (4, 10)
+    assert parts.optimizer.defaults["lr"] == cfg.optimizer.lr
 
 
 @pytest.mark.parametrize("option", options("experiment"))
@@ -77,8 +77,8 @@ def test_every_experiment_recipe_composes_and_builds(option, small_data):
     cfg = compose_config([f"+experiment={option}"])
     validate(cfg)
     assert cfg.tracking.experiment == option
-    experiment = build_experiment(cfg, small_data)
-    assert experiment.settings.steps == cfg.steps
+    parts = build_parts(cfg, small_data)
+    assert parts.settings.steps == cfg.steps
 
 
 @pytest.mark.parametrize("option", options("experiment"))
@@ -98,7 +98,7 @@ def test_debug_quick_shortens_any_command():
 def test_every_debug_option_composes_and_builds(option, small_data):
     cfg = compose_config([f"debug={option}"])
     validate(cfg)
-    assert build_experiment(cfg, small_data).settings.steps == cfg.steps
+    assert build_parts(cfg, small_data).settings.steps == cfg.steps
 
 
 def test_data_options_take_the_schemas_defaults():
@@ -119,8 +119,8 @@ def test_sgd_decay_selects_its_schedule_and_ema(small_data):
     assert cfg.optimizer.momentum == 0.0
     assert cfg.schedule.name == "staircase" and cfg.schedule.every_epochs == 350
     assert cfg.ema.decay == 0.9999
-    experiment = build_experiment(cfg, small_data)
-    assert experiment.ema is not None and experiment.ema.decay == 0.9999
+    parts = build_parts(cfg, small_data)
+    assert parts.ema is not None and parts.ema.decay == 0.9999
     # Its own keys can still be overridden from the command line.
     assert compose_config(["optimizer=sgd_decay", "ema.decay=0.99"]).ema.decay == 0.99
 
@@ -142,7 +142,7 @@ def test_batch_scaled_values_follow_batch_size(small_data):
     cfg = compose_config(["+experiment=fast94", "batch_size=512"])
     assert cfg.optimizer.lr == pytest.approx(0.75)
     assert cfg.optimizer.weight_decay == pytest.approx(0.0019957 / 2)
-    optimizer = build_experiment(cfg, small_data).optimizer
+    optimizer = build_parts(cfg, small_data).optimizer
     others, norms = optimizer.param_groups
     assert others["lr"] == pytest.approx(0.75 * 0.2)  # the triangle starts at 0.2 x lr
     assert norms["lr"] == pytest.approx(64 * 0.75 * 0.2)
@@ -197,12 +197,12 @@ def test_bad_values_are_refused(override, message):
 
 def test_batch_larger_than_training_set_is_refused(small_data):
     with pytest.raises(ConfigError, match="batch_size=3000 exceeds the 2000 training images"):
-        build_experiment(compose_config(["batch_size=3000"]), small_data)
+        build_parts(compose_config(["batch_size=3000"]), small_data)
 
 
 def test_unknown_builder_option_is_refused(small_data):
     with pytest.raises(ConfigError, match=r"model 'tf_cnn' has no option\(s\) \['width'\]"):
-        build_experiment(compose_config(["+model.width=3"]), small_data)
+        build_parts(compose_config(["+model.width=3"]), small_data)
 
 
 def test_device_resolution():

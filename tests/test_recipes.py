@@ -10,9 +10,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import run as run_module
 from cifar_exp.config import compose_config
 from cifar_exp.speed import resolve_cuda_graph
+from tests.conftest import run_experiment
 
 
 def run_recipe(tmp_path, data_root, recipe: str, *overrides: str):
@@ -21,7 +21,7 @@ def run_recipe(tmp_path, data_root, recipe: str, *overrides: str):
     cfg = compose_config([f"+experiment={recipe}", "eval_images=250", f"data.root={data_root}",
                           f"tracking.uri={store}", f"checkpoint.path={tmp_path / 'checkpoint.pt'}",
                           *overrides])
-    result = run_module.run_experiment(cfg)
+    result = run_experiment(cfg)
     client = MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name(recipe).experiment_id])
     assert run.data.metrics["precision"] == result.precision

@@ -25,7 +25,7 @@ from cifar_exp.errors import CheckpointError, ConfigError
 from cifar_exp.job import job
 from cifar_exp.tracking.naming import git_tags
 from cifar_exp.training.timeline import PHASES
-from tests.conftest import MkdirPayload, cli, data_env, run_command
+from tests.conftest import MkdirPayload, cli, data_env, run_command, run_experiment
 
 METRICS = ("loss", "lr", "examples_per_sec", "sec_per_batch", "precision", "test_loss")
 
@@ -162,7 +162,7 @@ def test_more_eval_images_than_the_test_set_is_refused_before_any_run(tmp_path, 
                           f"checkpoint.path={tmp_path / 'checkpoint.pt'}"])
     with pytest.raises(ConfigError, match="eval_images=20000 is more than the 10000 test images; "
                                           "use at most 10000, or null"):
-        run_module.run_experiment(cfg)
+        run_experiment(cfg)
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -74,6 +74,6 @@ def build(train_images: torch.Tensor, padding: int = 4, flip: bool = True,
         raise ConfigError("augmentation.alternating_flip=true needs augmentation.flip=true")
     mean, std = channel_stats(train_images, mean, std)
     first_flips = None
-    if alternating_flip:  # seeded by the run's seed (build_experiment seeds torch first)
+    if alternating_flip:  # seeded by the run's seed (build_parts seeds torch first)
         first_flips = (torch.rand(train_images.shape[0]) < 0.5).to(train_images.device)
     return CropFlip(padding, flip, mean, std, cutout, first_flips)

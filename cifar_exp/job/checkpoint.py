@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from cifar_exp.errors import CheckpointError, ConfigError, one_line
-from cifar_exp.training.loop import OPTIONAL_PARTS, LoopState, Stateful
+from cifar_exp.training.loop import LoopState
+from cifar_exp.training.parts import OPTIONAL_PARTS, Stateful
 
 log = logging.getLogger(__name__)
 

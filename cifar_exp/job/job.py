@@ -38,8 +38,9 @@ from cifar_exp.tracking.runs import (
 )
 from cifar_exp.tracking.store import check_tracking_uri, open_experiment, resumable_run, sqlite_path
 from cifar_exp.training import distributed
-from cifar_exp.training.build import build_experiment, device_name, resolve_device, select_gpu
-from cifar_exp.training.loop import Experiment, LoopState, TrainResult, train
+from cifar_exp.training.build import build_parts, device_name, resolve_device, select_gpu
+from cifar_exp.training.loop import LoopState, TrainResult, train
+from cifar_exp.training.parts import Parts
 from cifar_exp.training.timeline import Timeline
 from cifar_exp.world import SINGLE, World, check_batch_size, current_world
 
@@ -112,16 +113,16 @@ def train_job(cfg: DictConfig, device: torch.device, context: JobContext,
             if cfg.eval_images is not None:
                 data = limit_test_set(data, cfg.eval_images)
         with timeline.phase("build"):
-            experiment = build_experiment(cfg, data, world)
+            parts = build_parts(cfg, data, world)
         if context.pack is not None:  # the pack shows one progress bar for its members,
             # and its stacked step runs op by op (the run's tags say what ran)
-            experiment.settings.progress = False
-            experiment.settings.compile, experiment.settings.cuda_graph = "none", False
+            parts.settings.progress = False
+            parts.settings.compile, parts.settings.cuda_graph = "none", False
         loop_state = None
         if resumed is not None:
             with timeline.phase("build"):
                 loop_state = checkpoint.restore(resumed.state, resumed.path,
-                                                experiment.states())
+                                                parts.states())
             checkpoint.check_loop(loop_state, resumed.path, data.train_labels.numel())
         with timeline.phase("tracking"):
             if world.is_main and resumed is None:  # the store's schema and the experiment,
@@ -131,13 +132,13 @@ def train_job(cfg: DictConfig, device: torch.device, context: JobContext,
                                      keep=resumed.state["tracking"]["run_id"] if resumed else "")
                 run_folder.record_config(folder, cfg, context.hydra, context.overrides,
                                          replace=resumed is None)
-        return _tracked(cfg, device, world, context, folder, config, data, experiment,
+        return _tracked(cfg, device, world, context, folder, config, data, parts,
                         resumed, loop_state, path, timeline)
 
 
 def _tracked(cfg: DictConfig, device: torch.device, world: World,
              context: JobContext, folder: Path, config: dict[str, Any], data: CifarData,
-             experiment: Experiment, resumed: Resumed | None, loop_state: LoopState | None,
+             parts: Parts, resumed: Resumed | None, loop_state: LoopState | None,
              path: Path | None, timeline: Timeline) -> TrainResult:
     """Train `experiment` inside its MLflow run, then log the weights and the model; say
     where the job's time went."""
@@ -145,9 +146,9 @@ def _tracked(cfg: DictConfig, device: torch.device, world: World,
             "overrides": " ".join(context.overrides),
             "device": device_name(device),
             # What `auto` became on this device (the params hold the config as written).
-            "amp": experiment.settings.amp,
-            "compile": experiment.settings.compile,
-            "cuda_graph": str(experiment.settings.cuda_graph).lower(),
+            "amp": parts.settings.amp,
+            "compile": parts.settings.compile,
+            "cuda_graph": str(parts.settings.cuda_graph).lower(),
             "processes": str(world.size),  # 1, or the data-parallel ranks of the job
             "data": cfg.data.name,
             RUN_DIR_TAG: str(folder),
@@ -176,7 +177,7 @@ def _tracked(cfg: DictConfig, device: torch.device, world: World,
             if path is not None:
                 every = cfg.checkpoint.every or 0
                 checkpointer = checkpoint.Checkpointer(
-                    path, every, experiment.states(), config, tracker.checkpoint_state,
+                    path, every, parts.states(), config, tracker.checkpoint_state,
                     saved_step=resumed.state["step"] if resumed else None)
                 log.info("checkpoints to %s %s", path,
                          f"every {every} steps and at the end" if every else "at the end")
@@ -184,7 +185,7 @@ def _tracked(cfg: DictConfig, device: torch.device, world: World,
                 log.info("no checkpoints (checkpoint.enabled=false): a stopped run cannot be "
                          "resumed")
             loop_start = time.perf_counter()
-            result = train(experiment, data, tracker,
+            result = train(parts, data, tracker,
                            checkpoints=checkpointer if world.is_main else None,
                            resume=loop_state, stop=stop, world=world,
                            on_evaluation=trial_reporter(cfg) if not world.distributed
@@ -198,11 +199,11 @@ def _tracked(cfg: DictConfig, device: torch.device, world: World,
             timeline.add("training", time.perf_counter() - loop_start - result.eval_seconds
                          - checkpoint_seconds)
             with timeline.phase("model_logging"):
-                tracker.log_state_dict(experiment.model, "weights.pt")
-                if experiment.ema is not None:
-                    tracker.log_state_dict(experiment.ema.model, "ema_weights.pt")
+                tracker.log_state_dict(parts.model, "weights.pt")
+                if parts.ema is not None:
+                    tracker.log_state_dict(parts.ema.model, "ema_weights.pt")
                 if cfg.tracking.log_model and not (resumed and tracker.has_models()):
-                    tracker.log_models(experiment.evaluated, experiment.augmentation,
+                    tracker.log_models(parts.evaluated, parts.augmentation,
                                        data.test_images, data.classes, cfg.steps,
                                        cfg.tracking.registered_model_name)
             tracker.log_metrics(timeline.metrics(), cfg.steps)  # the run's closing aside

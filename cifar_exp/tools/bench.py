@@ -41,8 +41,9 @@ from cifar_exp.tools import sweep_bench
 from cifar_exp.tools.loader_baseline import ArrayDataset, endless_batches, per_image_transform
 from cifar_exp.tools.profiling import StepProfile, WindowProfiler
 from cifar_exp.tracking.runs import RunTracker
-from cifar_exp.training.build import build_experiment, build_settings, device_name, resolve_device
-from cifar_exp.training.loop import Experiment, StopCheck, TrainResult, train
+from cifar_exp.training.build import build_parts, build_settings, device_name, resolve_device
+from cifar_exp.training.loop import StopCheck, TrainResult, train
+from cifar_exp.training.parts import Parts
 from cifar_exp.training.step import TrainingStep, memory_format, synchronize
 
 
@@ -61,16 +62,16 @@ def _timed_windows(one_step: Callable[[], object], device: torch.device, batch_s
     return rates
 
 
-def _training_step(cfg: DictConfig, data: CifarData) -> tuple[TrainingStep, Experiment]:
+def _training_step(cfg: DictConfig, data: CifarData) -> tuple[TrainingStep, Parts]:
     """A fresh model and optimizer from `cfg`, behind the trainer's own step function."""
-    experiment = build_experiment(cfg, data)
-    settings = experiment.settings
-    experiment.model.to(memory_format=memory_format(settings.channels_last)).train()
-    step = TrainingStep(experiment.model, experiment.optimizer, data.train_images.device,
+    parts = build_parts(cfg, data)
+    settings = parts.settings
+    parts.model.to(memory_format=memory_format(settings.channels_last)).train()
+    step = TrainingStep(parts.model, parts.optimizer, data.train_images.device,
                         settings.amp, settings.compile,
                         label_smoothing=settings.label_smoothing,
                         cuda_graph=settings.cuda_graph)
-    return step, experiment
+    return step, parts
 
 
 def bare_step_rates(cfg: DictConfig, data: CifarData, windows: int,
@@ -83,9 +84,9 @@ def bare_step_rates(cfg: DictConfig, data: CifarData, windows: int,
 
 def _bare_step(cfg: DictConfig, data: CifarData) -> Callable[[], torch.Tensor]:
     """The trainer's step function on a fixed batch of random tensors on the device."""
-    step, experiment = _training_step(cfg, data)
+    step, parts = _training_step(cfg, data)
     device = data.train_images.device
-    size = experiment.augmentation.image_size
+    size = parts.augmentation.image_size
     inputs = torch.randn(cfg.batch_size, 3, size, size, device=device)
     inputs = inputs.contiguous(memory_format=memory_format(cfg.channels_last))
     labels = torch.randint(0, data.num_classes, (cfg.batch_size,), device=device)
@@ -98,10 +99,10 @@ def dataloader_step_rates(cfg: DictConfig, data: CifarData, cpu_data: CifarData,
     # The earlier measurements' CUDA graphs go before the workers fork: a forked child
     # that inherited one fails (with a warning) to release it.
     gc.collect()
-    step, experiment = _training_step(cfg, data)
+    step, parts = _training_step(cfg, data)
     device = data.train_images.device
     dataset = ArrayDataset(cpu_data.train_images, cpu_data.train_labels,
-                           per_image_transform(experiment.augmentation))
+                           per_image_transform(parts.augmentation))
     batches = endless_batches(dataset, cfg.batch_size, num_workers,
                               pin_memory=device.type == "cuda", seed=cfg.seed)
     layout = memory_format(cfg.channels_last)
@@ -155,14 +156,14 @@ def _run_framework(cfg: DictConfig, data: CifarData, steps: int, store: str | No
                    stop: StopCheck | None = None) -> tuple[_RateRecorder, TrainResult]:
     """The real training loop for `steps` steps, logging to the MLflow store `store` (None:
     tracking off); `stop` is its per-step stop check."""
-    experiment = build_experiment(cfg, data)
-    experiment.settings = replace(experiment.settings, steps=steps, eval_every=steps,
+    parts = build_parts(cfg, data)
+    parts.settings = replace(parts.settings, steps=steps, eval_every=steps,
                                   progress=False)
     # The closing evaluation is not timed; one batch of test images keeps it short.
     data = data.first_test_images(cfg.eval_batch_size)
     with RunTracker(store, "bench", "bench") if store else nullcontext() as tracker:
         recorder = _RateRecorder(tracker)
-        result = train(experiment, data, recorder, stop=stop)
+        result = train(parts, data, recorder, stop=stop)
         if tracker is not None:
             start = time.perf_counter()
             tracker.flush()

@@ -14,7 +14,7 @@ from cifar_exp.world import SINGLE, World
 
 
 class EpochSampler:
-    """Yields index tensors of `batch_size` (at most `num_items`: build_experiment refuses a
+    """Yields index tensors of `batch_size` (at most `num_items`: build_parts refuses a
     larger batch), walking a fresh random permutation of the training set each epoch; the
     last partial batch of an epoch is dropped so every step has the same shape."""
 

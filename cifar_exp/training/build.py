@@ -1,4 +1,4 @@
-"""Config -> the parts of a run as one `Experiment`: augmentation, model, optimizer,
+"""Config -> the parts of a run as one `Parts`: augmentation, model, optimizer,
 schedule, EMA, lookahead, and the trainer's settings."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from cifar_exp.schedules import build_schedule
 from cifar_exp.speed import resolve_amp, resolve_compile, resolve_cuda_graph
 from cifar_exp.training.ema import WeightAverage
 from cifar_exp.training.lookahead import Lookahead
-from cifar_exp.training.loop import Experiment, TrainSettings
+from cifar_exp.training.parts import Parts, TrainSettings
 from cifar_exp.world import SINGLE, World
 
 # Models that initialize from data (e.g. a whitening layer) see this many training images,
@@ -49,7 +49,7 @@ def select_gpu(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def build_experiment(cfg: DictConfig, data: CifarData, world: World = SINGLE) -> Experiment:
+def build_parts(cfg: DictConfig, data: CifarData, world: World = SINGLE) -> Parts:
     """Build every part named by `cfg` for `data` (already on the training device), to
     train in `world` (one process, or the ranks of a data-parallel job)."""
     num_train = data.train_labels.numel()
@@ -67,7 +67,7 @@ def build_experiment(cfg: DictConfig, data: CifarData, world: World = SINGLE) ->
                  if cfg.lookahead.every is not None else None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # shapes are static
-    return Experiment(augmentation, model, optimizer, scheduler, ema=ema, lookahead=lookahead,
+    return Parts(augmentation, model, optimizer, scheduler, ema=ema, lookahead=lookahead,
                       settings=build_settings(cfg, device, world))
 
 

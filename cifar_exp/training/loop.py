@@ -1,4 +1,4 @@
-"""The generic training loop over one parts object (an `Experiment`): steps, periodic
+"""The generic training loop over one parts object (an `Parts`): steps, periodic
 logging and evaluation, optional EMA and lookahead, checkpoints at step boundaries, and a
 stop on request (SIGINT/SIGTERM).
 
@@ -17,18 +17,15 @@ from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from cifar_exp.augment import Augmentation
 from cifar_exp.data import CifarData
 from cifar_exp.errors import NonFiniteLoss, Stopped
 from cifar_exp.models import frozen_parameters
 from cifar_exp.training.batches import BatchMaker, EpochSampler
 from cifar_exp.training.distributed import agree_on_stop, mean_over_ranks
-from cifar_exp.training.ema import WeightAverage
-from cifar_exp.training.lookahead import Lookahead
+from cifar_exp.training.parts import Parts
 from cifar_exp.training.scoring import score
 from cifar_exp.training.step import TrainingStep, memory_format, synchronize
 from cifar_exp.training.step_graph import BatchSource
@@ -41,18 +38,10 @@ class MetricSink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
 
-class Stateful(Protocol):
-    """A part whose state a checkpoint saves and restores."""
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
-
-
 @dataclass
 class LoopState:
     """What the loop itself holds at a step boundary, beyond the state of the parts it is
-    given (`Experiment.states()`): enough to continue exactly where it stopped."""
+    given (`Parts.states()`): enough to continue exactly where it stopped."""
 
     step: int  # the last step done
     generator: torch.Tensor  # the training generator: batch order and augmentation draws
@@ -96,56 +85,9 @@ class Step(Protocol):
                  frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor: ...
 
 
-# Makes the step from the experiment and the training device (e.g. a packed sweep's member
+# Makes the step from the parts and the training device (e.g. a packed sweep's member
 # step, cifar_exp.training.packing); by default the trainer makes its own TrainingStep.
-StepMaker = Callable[["Experiment", torch.device], Step]
-
-
-@dataclass
-class TrainSettings:
-    steps: int
-    batch_size: int = 128
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 1000
-    eval_batch_size: int = 500
-    channels_last: bool = True  # NHWC activations: faster convolutions and pooling
-    amp: str = "fp32"  # mixed precision: fp32 | bf16 | fp16 autocast; weights stay fp32
-    compile: str = "none"  # a torch.compile mode, or none
-    cuda_graph: bool = False  # replay the whole step as CUDA graphs
-    label_smoothing: float = 0.0  # of the training loss
-    tta: str = "none"  # test-time augmentation at evaluation (speed.TTA_MODES)
-    progress: bool = True
-
-
-# The optional parts: how a message names each, and the config option that turns it on.
-OPTIONAL_PARTS = {"ema": ("EMA", "ema.decay"), "lookahead": ("lookahead", "lookahead.every")}
-
-
-@dataclass
-class Experiment:
-    """The built parts of a run as one object: what the loop trains and what a checkpoint
-    saves. EMA and lookahead are None when the config turns them off."""
-
-    augmentation: Augmentation
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    settings: TrainSettings
-    ema: WeightAverage | None = None
-    lookahead: Lookahead | None = None
-
-    def states(self) -> dict[str, Stateful]:
-        """The parts that carry state, by name, absent ones left out: model, optimizer,
-        scheduler, and ema and lookahead where present."""
-        parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                 "ema": self.ema, "lookahead": self.lookahead}
-        return {name: part for name, part in parts.items() if part is not None}
-
-    @property
-    def evaluated(self) -> nn.Module:
-        """The model that is scored and logged: the EMA copy when there is one."""
-        return self.ema.model if self.ema is not None else self.model
+StepMaker = Callable[["Parts", torch.device], Step]
 
 
 @dataclass
@@ -157,7 +99,7 @@ class TrainResult:
     eval_seconds: float = 0.0  # of this session's evaluations
 
 
-def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
+def train(parts: Parts, data: CifarData, sink: MetricSink, *,
           checkpoints: CheckpointSaver | None = None, resume: LoopState | None = None,
           stop: StopCheck | None = None, world: World = SINGLE,
           on_evaluation: Callable[[int, float], None] | None = None,
@@ -178,20 +120,20 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
     `on_evaluation(step, precision)` is called after each evaluation; what it raises (an
     Optuna trial that is Pruned) ends training there. `make_step` replaces the trainer's
     own TrainingStep (a packed sweep's members step together)."""
-    settings, model, optimizer = experiment.settings, experiment.model, experiment.optimizer
-    augmentation, ema, lookahead = experiment.augmentation, experiment.ema, experiment.lookahead
+    settings, model, optimizer = parts.settings, parts.model, parts.optimizer
+    augmentation, ema, lookahead = parts.augmentation, parts.ema, parts.lookahead
     device = data.train_images.device
     generator = torch.Generator(device).manual_seed(settings.seed)
     sampler = EpochSampler(data.train_labels.numel(), settings.batch_size, generator, device)
     layout = memory_format(settings.channels_last)
     batches = BatchMaker(data, augmentation, generator, layout, world)
     model.to(memory_format=layout)
-    evaluated = experiment.evaluated
+    evaluated = parts.evaluated
     evaluated.to(memory_format=layout)
     model.train()
     training_step: Step
     if make_step is not None:
-        training_step = make_step(experiment, device)
+        training_step = make_step(parts, device)
     else:
         training_step = TrainingStep(model, optimizer, device, settings.amp, settings.compile,
                                      data_parallel=world.distributed,
@@ -232,7 +174,7 @@ def train(experiment: Experiment, data: CifarData, sink: MetricSink, *,
             loss = training_step.on_batch(batches, indices, sampler.epoch, frozen)
             if world.distributed:
                 loss = mean_over_ranks(loss)
-            experiment.scheduler.step()
+            parts.scheduler.step()
             if lookahead is not None:
                 lookahead.after_step(step, sampler.epoch, sampler.epoch_ended)
             if ema is not None:

@@ -20,7 +20,8 @@ from cifar_exp.training.stacked_step import Member, signature, stacked_step
 from cifar_exp.training.step_graph import BatchSource
 
 if TYPE_CHECKING:
-    from cifar_exp.training.loop import Experiment, StopCheck
+    from cifar_exp.training.loop import StopCheck
+    from cifar_exp.training.parts import Parts
 
 
 class Pack:
@@ -38,7 +39,7 @@ class Pack:
         self._error: BaseException | None = None
         self._round = 0
 
-    def step_maker(self, member_id: int) -> Callable[[Experiment, torch.device], PackedStep]:
+    def step_maker(self, member_id: int) -> Callable[[Parts, torch.device], PackedStep]:
         """For `train(make_step=...)`: member `member_id`'s step (0 .. size-1)."""
         return functools.partial(PackedStep, self, member_id)
 
@@ -89,21 +90,21 @@ class PackedStep:
     """Stands in for a member's TrainingStep: `step(inputs, labels, frozen) -> loss`, taken
     with the rest of the pack. `scaler` is the member's own (a checkpoint saves it)."""
 
-    def __init__(self, pack: Pack, member_id: int, experiment: Experiment,
+    def __init__(self, pack: Pack, member_id: int, parts: Parts,
                  device: torch.device) -> None:
         self.pack, self.member_id = pack, member_id
-        self.experiment, self.device = experiment, device
+        self.parts, self.device = parts, device
         # fp16 needs loss scaling to keep small gradients; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type,
-                                           enabled=experiment.settings.amp == "fp16")
+                                           enabled=parts.settings.amp == "fp16")
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
                  frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        experiment = self.experiment
-        member = Member(experiment.model, experiment.optimizer, self.scaler,
-                        experiment.settings.label_smoothing, inputs, labels, frozen)
+        parts = self.parts
+        member = Member(parts.model, parts.optimizer, self.scaler,
+                        parts.settings.label_smoothing, inputs, labels, frozen)
         return self.pack.take_step(self.member_id, member, self.device,
-                                   experiment.settings.amp)
+                                   parts.settings.amp)
 
     def on_batch(self, batches: BatchSource, indices: torch.Tensor, epoch: int,
                  frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:

@@ -35,7 +35,7 @@ Step = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], torch.Tens
 
 
 class BatchSource(Protocol):
-    """Makes a step's inputs and labels from drawn indices (cifar_exp.training.batches.BatchMaker)."""
+    """Makes a step's inputs and labels from drawn indices (training.batches.BatchMaker)."""
 
     generator: torch.Generator
 

@@ -10,10 +10,10 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import run as run_module
 from cifar_exp.config import compose_config
 from cifar_exp.errors import RecordFailure
 from cifar_exp.job import checkpoint
+from tests.conftest import run_experiment
 
 JOB = ("steps=20", "log_every=5", "eval_every=20", "eval_images=500", "checkpoint.every=10",
        "tracking.log_model=false", "tracking.flush_seconds=0")
@@ -41,7 +41,7 @@ def test_a_store_that_fails_mid_run_ends_in_one_line_and_resuming_finishes(
     monkeypatch.setattr(MlflowClient, "log_batch", store_gone_after_step_12)
     monkeypatch.setattr(MlflowClient, "set_terminated", cannot_close)
     with pytest.raises(RecordFailure) as failure:
-        run_module.run_experiment(job_config(tmp_path, data_root), folder=tmp_path)
+        run_experiment(job_config(tmp_path, data_root), folder=tmp_path)
     monkeypatch.undo()
     message = str(failure.value)
     assert "\n" not in message
@@ -60,7 +60,7 @@ def test_a_store_that_fails_mid_run_ends_in_one_line_and_resuming_finishes(
     assert {step for _, _, _, step in kept["tracking"]["pending"]} == {15, 20}
 
     # The store is back: the command in the message writes what it missed.
-    run_module.run_experiment(job_config(tmp_path, data_root,
+    run_experiment(job_config(tmp_path, data_root,
                                          f"resume={tmp_path / 'checkpoint.pt'}"),
                               folder=tmp_path)
     client = MlflowClient(store)
@@ -86,7 +86,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_training_goes_on(
     monkeypatch.setattr(checkpoint, "atomic_save", disk_full_after_the_first)
     with caplog.at_level("WARNING", logger="cifar_exp.job.checkpoint"), \
             pytest.raises(RecordFailure) as failure:
-        run_module.run_experiment(job_config(tmp_path, data_root), folder=tmp_path)
+        run_experiment(job_config(tmp_path, data_root), folder=tmp_path)
     assert saves == [10, 20]
     assert str(failure.value) == (
         f"checkpoint {tmp_path / 'checkpoint.pt'} could not be written at step 20 (No space "

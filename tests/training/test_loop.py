@@ -19,14 +19,14 @@ from cifar_exp.schedules import build_schedule
 from cifar_exp.training.ema import WeightAverage
 from cifar_exp.training.lookahead import Lookahead
 from cifar_exp.training.loop import (
-    Experiment,
     LoopState,
     TrainResult,
-    TrainSettings,
     _SpeedWindow,
     train,
 )
+from cifar_exp.training.parts import Parts, TrainSettings
 from cifar_exp.training.scoring import score
+from tests.conftest import train_settings
 
 
 class ListSink:
@@ -49,18 +49,18 @@ def slice_data(cifar10) -> CifarData:
                      cifar10.test_images[:300], cifar10.test_labels[:300], cifar10.classes)
 
 
-def saved_by(parts: Experiment, path: Path, every: int = 0) -> Checkpointer:
+def saved_by(parts: Parts, path: Path, every: int = 0) -> Checkpointer:
     return Checkpointer(path, every, parts.states(), {"steps": 1})
 
 
-def restored(parts: Experiment, path: Path) -> LoopState:
+def restored(parts: Parts, path: Path) -> LoopState:
     return restore(load_checkpoint(path), path, parts.states())
 
 
 def build_parts(data: CifarData, settings: TrainSettings, ema_decay: float | None = None,
                 schedule: str = "constant",
                 optimizer: tuple[str, dict] = ("adam", {"lr": 1e-3}),
-                lookahead_every: int | None = None) -> Experiment:
+                lookahead_every: int | None = None) -> Parts:
     torch.manual_seed(0)
     augmentation = build_augmentation("tf_distort", data.train_images)
     model = build_model("tf_cnn", 10, augmentation.image_size)
@@ -73,11 +73,11 @@ def build_parts(data: CifarData, settings: TrainSettings, ema_decay: float | Non
     lookahead = (Lookahead(model, lookahead_every, 0.95, settings.steps, start_epochs=1,
                            reset_each_epoch=True)
                  if lookahead_every is not None else None)
-    return Experiment(augmentation, model, built_optimizer, scheduler, ema=ema,
+    return Parts(augmentation, model, built_optimizer, scheduler, ema=ema,
                       lookahead=lookahead, settings=settings)
 
 
-def train_parts(parts: Experiment, data: CifarData, sink: ListSink | None = None,
+def train_parts(parts: Parts, data: CifarData, sink: ListSink | None = None,
                 **options) -> tuple[TrainResult, ListSink]:
     sink = sink if sink is not None else ListSink()
     return train(parts, data, sink, **options), sink
@@ -92,7 +92,7 @@ def run(data: CifarData, settings: TrainSettings, ema_decay: float | None = None
 
 
 def test_logs_every_metric_on_schedule(slice_data):
-    settings = TrainSettings(steps=25, batch_size=32, log_every=10, eval_every=20,
+    settings = train_settings(steps=25, batch_size=32, log_every=10, eval_every=20,
                              eval_batch_size=128, progress=False)
     result, sink, _, _ = run(slice_data, settings)
     for key in ("loss", "lr", "examples_per_sec", "sec_per_batch"):
@@ -105,7 +105,7 @@ def test_logs_every_metric_on_schedule(slice_data):
 
 
 def test_loss_falls_on_a_small_set(slice_data):
-    settings = TrainSettings(steps=80, batch_size=64, log_every=10, eval_every=1000,
+    settings = train_settings(steps=80, batch_size=64, log_every=10, eval_every=1000,
                              progress=False)
     _, sink, _, _ = run(slice_data, settings)
     losses = sink.values("loss")
@@ -113,7 +113,7 @@ def test_loss_falls_on_a_small_set(slice_data):
 
 
 def test_same_seed_same_weights(slice_data):
-    settings = TrainSettings(steps=6, batch_size=32, log_every=3, eval_every=6,
+    settings = train_settings(steps=6, batch_size=32, log_every=3, eval_every=6,
                              progress=False)
     _, _, first, _ = run(slice_data, settings)
     _, _, second, _ = run(slice_data, settings)
@@ -122,7 +122,7 @@ def test_same_seed_same_weights(slice_data):
 
 
 def test_ema_model_is_evaluated(slice_data):
-    settings = TrainSettings(steps=10, batch_size=32, log_every=5, eval_every=10,
+    settings = train_settings(steps=10, batch_size=32, log_every=5, eval_every=10,
                              progress=False)
     result, _, model, ema = run(slice_data, settings, ema_decay=0.9999)
     augmentation = build_augmentation("tf_distort", slice_data.train_images)
@@ -136,7 +136,7 @@ def test_lookahead_leaves_the_weights_at_its_average(slice_data):
     # 256 images in batches of 32: 8 steps an epoch. 12 steps, averaged every 5 from the
     # second epoch: the average starts at step 10; steps 11 and 12 train on, then the last
     # step puts the average back.
-    settings = TrainSettings(steps=12, batch_size=32, log_every=6, eval_every=12,
+    settings = train_settings(steps=12, batch_size=32, log_every=6, eval_every=12,
                              progress=False)
     parts = build_parts(slice_data, settings, lookahead_every=5)
     calls, average_at_10 = [], {}
@@ -159,7 +159,7 @@ def test_lookahead_leaves_the_weights_at_its_average(slice_data):
 
 
 def test_console_line_matches_the_tutorials(slice_data, caplog):
-    settings = TrainSettings(steps=10, batch_size=32, log_every=10, eval_every=10,
+    settings = train_settings(steps=10, batch_size=32, log_every=10, eval_every=10,
                              progress=False)
     with caplog.at_level("INFO", logger="cifar_exp.training.loop"):
         run(slice_data, settings)
@@ -169,7 +169,7 @@ def test_console_line_matches_the_tutorials(slice_data, caplog):
 
 def test_non_finite_loss_stops_with_the_step_and_lr(slice_data):
     sink = ListSink()
-    settings = TrainSettings(steps=50, batch_size=32, log_every=10, eval_every=50,
+    settings = train_settings(steps=50, batch_size=32, log_every=10, eval_every=50,
                              progress=False)
     with pytest.raises(NonFiniteLoss) as error:
         run(slice_data, settings, optimizer=("sgd", {"lr": 1e6, "momentum": 0.0}), sink=sink)
@@ -214,7 +214,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(slice_data, tmp_pa
     # A stop mid log window (log_every 4, stop at step 11), with EMA, lookahead (started at
     # step 10, reset at 12) and a schedule whose state changes every step:
     # everything the loop holds must come back.
-    settings = TrainSettings(steps=12, batch_size=32, log_every=4, eval_every=6,
+    settings = train_settings(steps=12, batch_size=32, log_every=4, eval_every=6,
                              eval_batch_size=150, progress=False)
     options = {"ema_decay": 0.99, "schedule": "onecycle", "lookahead_every": 5}
     whole = build_parts(slice_data, settings, **options)
@@ -251,7 +251,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(slice_data, tmp_pa
 
 @pytest.mark.parametrize("every,saved_at", [(4, [4, 8, 11]), (0, [11])])
 def test_checkpoints_on_schedule_and_at_the_end(slice_data, tmp_path, caplog, every, saved_at):
-    settings = TrainSettings(steps=11, batch_size=32, log_every=5, eval_every=100,
+    settings = train_settings(steps=11, batch_size=32, log_every=5, eval_every=100,
                              eval_batch_size=150, progress=False)
     parts = build_parts(slice_data, settings)
     with caplog.at_level("INFO", logger="cifar_exp.job.checkpoint"):
@@ -261,7 +261,7 @@ def test_checkpoints_on_schedule_and_at_the_end(slice_data, tmp_path, caplog, ev
 
 
 def test_diverged_run_keeps_the_last_good_checkpoint(slice_data, tmp_path):
-    settings = TrainSettings(steps=30, batch_size=32, log_every=10, eval_every=100,
+    settings = train_settings(steps=30, batch_size=32, log_every=10, eval_every=100,
                              eval_batch_size=150, progress=False)
     parts = build_parts(slice_data, settings, optimizer=("sgd", {"lr": 0.01, "momentum": 0.0}))
     # lr 0.01 for 10 steps, then 1e6: the loss turns inf/nan within a few steps.
@@ -298,9 +298,9 @@ def test_augmentation_sees_the_drawn_images_and_their_epoch(slice_data):
     model = build_model("tf_cnn", 10, 32)
     optimizer = build_optimizer("sgd", model.parameters(), lr=0.01)
     scheduler = build_schedule("constant", optimizer, 10, 4)
-    settings = TrainSettings(steps=10, batch_size=64, log_every=5, eval_every=10,
+    settings = train_settings(steps=10, batch_size=64, log_every=5, eval_every=10,
                              progress=False, label_smoothing=0.1, tta="flip")
-    train(Experiment(augmentation, model, optimizer, scheduler, settings), slice_data, ListSink())
+    train(Parts(augmentation, model, optimizer, scheduler, settings), slice_data, ListSink())
     assert [epoch for _, epoch in augmentation.calls] == [0] * 4 + [1] * 4 + [2] * 2
     for epoch in (0, 1):  # 256 images in batches of 64: each epoch draws every image once
         drawn = torch.cat([idx for idx, e in augmentation.calls if e == epoch])

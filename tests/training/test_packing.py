@@ -13,8 +13,10 @@ from cifar_exp.errors import NonFiniteLoss
 from cifar_exp.models import build_model
 from cifar_exp.optim import build_optimizer
 from cifar_exp.schedules import build_schedule
-from cifar_exp.training.loop import Experiment, TrainSettings, train
+from cifar_exp.training.loop import train
 from cifar_exp.training.packing import Pack
+from cifar_exp.training.parts import Parts
+from tests.conftest import train_settings
 
 # vmap runs the members' convolutions as one batched convolution, which sums in another
 # order than a lone member's: float32 rounding, compounded over a few Adam steps.
@@ -37,18 +39,18 @@ def slice_data(cifar10) -> CifarData:
 
 
 def member(data: CifarData, seed: int, lr: float = 1e-3, model: str = "tf_cnn",
-           steps: int = 6, optimizer: str = "adam") -> Experiment:
-    settings = TrainSettings(steps=steps, batch_size=64, seed=seed, log_every=2,
+           steps: int = 6, optimizer: str = "adam") -> Parts:
+    settings = train_settings(steps=steps, batch_size=64, seed=seed, log_every=2,
                              eval_every=steps, eval_batch_size=200, progress=False)
     torch.manual_seed(seed)
     augmentation = build_augmentation("tf_distort", data.train_images)
     network = build_model(model, 10, augmentation.image_size)
     built_optimizer = build_optimizer(optimizer, network.parameters(), lr=lr)
     scheduler = build_schedule("constant", built_optimizer, steps, 512 / 64)
-    return Experiment(augmentation, network, built_optimizer, scheduler, settings=settings)
+    return Parts(augmentation, network, built_optimizer, scheduler, settings=settings)
 
 
-def train_packed(experiments: list[Experiment], data: CifarData) -> list[object]:
+def train_packed(experiments: list[Parts], data: CifarData) -> list[object]:
     """Each member in its own thread, as the packed launcher runs them; returns each one's
     (sink, result or the exception it raised)."""
     pack = Pack(len(experiments))
@@ -76,16 +78,16 @@ def test_three_seeds_packed_learn_what_each_learns_alone(slice_data):
     seeds = (0, 1, 2)
     alone = []
     for seed in seeds:
-        experiment, sink = member(slice_data, seed), ListSink()
-        result = train(experiment, slice_data, sink)
-        alone.append((experiment, sink, result))
+        parts, sink = member(slice_data, seed), ListSink()
+        result = train(parts, slice_data, sink)
+        alone.append((parts, sink, result))
     packed = [member(slice_data, seed) for seed in seeds]
     outcomes = train_packed(packed, slice_data)
-    for (experiment, sink, result), together, (packed_sink, packed_result) in zip(
+    for (parts, sink, result), together, (packed_sink, packed_result) in zip(
             alone, packed, outcomes, strict=True):
         assert len(sink.losses) == len(packed_sink.losses) == 3
         assert packed_sink.losses == pytest.approx(sink.losses, rel=TOLERANCE)
-        for name, weight in experiment.model.state_dict().items():
+        for name, weight in parts.model.state_dict().items():
             torch.testing.assert_close(together.model.state_dict()[name], weight,
                                        rtol=TOLERANCE, atol=TOLERANCE, msg=name)
         assert packed_result.precision == pytest.approx(result.precision, abs=0.01)
