@@ -215,3 +215,20 @@ def test_normalize_makes_its_channel_constants_once_per_device():
     first = _channel_tensors(images.device, tuple(mean), tuple(std))
     normalize(images, mean, std)
     assert _channel_tensors(images.device, tuple(mean), tuple(std))[0] is first[0]
+
+
+def test_exporting_twice_keeps_no_traced_constant_in_the_cache():
+    # The channel constants made while torch.export traces are the trace's own: a cached
+    # one would be a fake tensor that the next export (or an eager call) finds.
+    from cifar_exp.augment import ops
+
+    class Normalized(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return ops.normalize(images, [0.25, 0.5, 0.75], [0.5, 0.5, 0.5])
+
+    ops._channel_tensors.cache_clear()
+    images = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    for _ in range(2):
+        program = torch.export.export(Normalized(), (images,))
+        torch.testing.assert_close(program.module()(images), Normalized()(images))
+    assert Normalized()(images)[0, :, 0, 0].tolist() == [1.5, 1.0, 0.5]

@@ -86,7 +86,10 @@ def channel_stats(images: torch.Tensor, mean: list[float] | None = None,
 
 def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 -> float on [0, 1], then (x - mean) / std per channel."""
-    mean_t, std_t = _channel_tensors(images.device, tuple(mean), tuple(std))
+    # Under torch.export or torch.compile the constants are the trace's own: one kept in
+    # the cache would be a fake tensor that the next export finds.
+    make = _channel_tensors.__wrapped__ if torch.compiler.is_compiling() else _channel_tensors
+    mean_t, std_t = make(images.device, tuple(mean), tuple(std))
     return (images.float() / 255 - mean_t) / std_t
 
 
