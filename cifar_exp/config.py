@@ -1,5 +1,8 @@
 """The typed schema of a run's configuration, and the value checks done before any work.
 
+The schema is where every key's default is written (conf/config.yaml repeats none of them);
+its comments say what each key is, and docs/configuration.md lists them (a test compares).
+
 It imports nothing that trains: the allowed values of the speed options come from
 cifar_exp.speed, so validating a config builds no model and starts no process group."""
 
@@ -27,6 +30,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # The data folder when none is configured: $CIFAR_EXP_DATA, else ./data.
 DATA_ROOT_ENV = "CIFAR_EXP_DATA"
 DEFAULT_DATA_ROOT = "./data"
+# The MLflow store when none is configured: an SQLite file in the working directory.
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Groups whose entry in the defaults list is `null`: `+group=option` (the form a group
 # missing from the defaults needs) is taken as `group=option`, which Hydra requires here.
 NULL_DEFAULT_GROUPS = ("experiment", "hparams_search", "debug")
@@ -37,8 +42,10 @@ RENAMED_KEYS = {"precision": "amp"}
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10"
-    root: str = f"${{oc.env:{DATA_ROOT_ENV},{DEFAULT_DATA_ROOT}}}"  # holds cifar-10-batches-*/
+    name: str = "cifar10"  # the data set: cifar10 | cifar100 (chosen with data=)
+    # The folder that holds cifar-10-batches-bin/ or -py/ (cifar-100-binary/ or -python/):
+    # $CIFAR_EXP_DATA, else ./data under the working directory.
+    root: str = f"${{oc.env:{DATA_ROOT_ENV},{DEFAULT_DATA_ROOT}}}"
     download: bool = False  # true: fetch the official archive if it is absent
     verify: bool = False  # check the files' MD5s (the official ones, or `manifest`'s)
     manifest: str | None = None  # a file of `md5  path` lines; given, it implies verify
@@ -46,32 +53,35 @@ class DataConfig:
 
 @dataclass
 class EmaConfig:
-    decay: float | None = None  # None: evaluate the trained weights themselves
+    # Evaluate (and log) a moving average of the weights with this decay per step, in
+    # [0, 1), e.g. 0.9999 (optimizer=sgd_decay); null: the trained weights themselves.
+    decay: float | None = None
 
 
 @dataclass
 class LookaheadConfig:
-    every: int | None = None  # steps between averages (airbench94: 5); None: off
-    decay: float = 0.95  # per step: an update keeps decay**every x (step/steps)**3 of the average
+    every: int | None = None  # steps between averages (airbench94: 5); null: off
+    decay: float = 0.95  # in [0, 1]: an update keeps decay**every x (step/steps)**3 of it
     start_epochs: int = 0  # the averaging starts in this epoch (counted from 0)
     reset_each_epoch: bool = False  # also reset the weights to the average at each epoch end
 
 
 @dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "cifar_exp"
-    log_model: bool = True
-    registered_model_name: str | None = None  # also register the served model under it
-    flush_seconds: float = 10.0  # metric points are written at most this often
-    system_metrics_seconds: float = 10.0  # CPU, memory, GPU sampled this often; 0: none
+    uri: str = DEFAULT_TRACKING_URI  # the MLflow store: sqlite:///<file>, a database or server
+    experiment: str = "cifar_exp"  # the MLflow experiment (each recipe names its own)
+    log_model: bool = True  # log the trained model (servable) to the run
+    registered_model_name: str | None = None  # a name: also register the model under it
+    flush_seconds: float = 10.0  # seconds: metric points are written at most this often
+    # Seconds between samples of CPU, memory, disk, network (and GPU where present); 0: none.
+    system_metrics_seconds: float = 10.0
 
 
 @dataclass
 class CheckpointConfig:
-    enabled: bool = True  # false: none is written, e.g. for quick checks (debug=quick)
-    every: int | None = 1000  # steps between checkpoints; 0 or null: only at the end
-    path: str | None = None  # null: checkpoint.pt in the run's Hydra output folder
+    enabled: bool = True  # false: none is written (a stopped run cannot be resumed)
+    every: int | None = 1000  # steps between checkpoints (and one at the end); 0 or null: end only
+    path: str | None = None  # null: checkpoint.pt in the run's output folder (hydra.run.dir)
 
 
 @dataclass
@@ -80,8 +90,8 @@ class TrialConfig:
     its evaluations and stops when the study's pruner says so."""
 
     storage: str | None = None  # the study's Optuna storage URL
-    study: str | None = None
-    number: int | None = None
+    study: str | None = None  # the study's name
+    number: int | None = None  # the trial's number in the study
     pruner: str = "none"  # the study's pruner (search.PRUNERS), which Optuna does not store
 
 
@@ -99,23 +109,66 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     trial: TrialConfig = field(default_factory=TrialConfig)
-    # false: a new run; true: continue from the checkpoint in the run folder; or a file.
+    # false: a new run; true: continue the run whose checkpoint is in this run's output folder
+    # (hydra.run.dir=<its folder>); auto: continue if there is one, else start (for jobs a
+    # cluster may resubmit); or the path of a checkpoint file to continue from.
     resume: Any = False
-    steps: int = 3000
-    batch_size: int = 128
-    eval_batch_size: int = 500
-    eval_images: int | None = None  # null: the whole test set; N: its first N images
-    channels_last: bool = True
-    amp: str = "auto"  # mixed precision: auto | fp32 | bf16 | fp16 (autocast)
-    compile: str = "auto"  # auto | none | a torch.compile mode
-    cuda_graph: Any = "auto"  # auto | true | false: the whole step replayed as CUDA graphs
-    cudnn_benchmark: bool = True
-    label_smoothing: float = 0.0  # of the training loss; test_loss stays plain cross-entropy
-    tta: str = "none"  # test-time augmentation at evaluation: none | flip | flip_translate
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 10
-    eval_every: int = 1000
+    steps: int = 3000  # training steps, one batch each
+    batch_size: int = 128  # training examples per step
+    eval_batch_size: int = 500  # test images per forward pass
+    eval_images: int | None = None  # null: the whole test set; N: its first N (quick checks)
+    channels_last: bool = True  # NHWC activations (faster on CPU and GPU)
+    amp: str = "auto"  # mixed precision: auto | fp32 | bf16 | fp16 (autocast; weights stay fp32)
+    # auto | none | default | reduce-overhead (CUDA graphs) | max-autotune |
+    # max-autotune-no-cudagraphs: torch.compile's mode for the step
+    compile: str = "auto"
+    # auto | true | false: replay the whole step as CUDA graphs (auto: on a GPU, not compiled)
+    cuda_graph: Any = "auto"
+    cudnn_benchmark: bool = True  # let cuDNN time and pick its fastest kernels (static shapes)
+    label_smoothing: float = 0.0  # in [0, 1); of the training loss only, not of test_loss
+    tta: str = "none"  # test-time augmentation: none | flip | flip_translate (averaged logits)
+    seed: int = 0  # seeds the weights, batches and augmentations
+    device: str = "auto"  # auto (a GPU if there is one) | cpu | cuda
+    log_every: int = 10  # steps between log lines and metric points
+    eval_every: int = 1000  # steps between evaluations on the test set (and one at the end)
+
+
+def schema_defaults() -> dict[str, Any]:
+    """Each key of the schema, dotted where nested (`tracking.uri`), -> its default as the
+    schema gives it (interpolations unresolved), in the schema's order. The builder groups
+    are left out: their keys are the chosen builder's options (conf/<group>/*.yaml)."""
+    schema = OmegaConf.to_container(OmegaConf.structured(Config), resolve=False)
+    assert isinstance(schema, dict)
+    return _flat({key: value for key, value in schema.items() if key not in BUILDER_GROUPS})
+
+
+def _flat(section: dict[Any, Any], prefix: str = "") -> dict[str, Any]:
+    """The leaves of nested `section`, by dotted key."""
+    flat: dict[str, Any] = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def key_table() -> list[str]:
+    """The key and default cells, `| `key` | default |`, of docs/configuration.md's table of
+    keys, a row per key of the schema: a test compares the page with them, so that a new key
+    fails until it is documented there."""
+    return [f"| `{key}` | {_markdown_value(value)} |" for key, value in schema_defaults().items()]
+
+
+def _markdown_value(value: object) -> str:
+    """`value` as YAML writes it; a string code-formatted, its `|` escaped for a table."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return "`" + value.replace("|", "\\|") + "`"
+    return str(value)
 
 
 # What a composed config may name for Hydra or logging to call: the project's own code,

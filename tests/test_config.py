@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 
@@ -13,7 +14,14 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from cifar_exp.config import CONF_DIR, compose_config, validate
+from cifar_exp.config import (
+    CONF_DIR,
+    DEFAULT_TRACKING_URI,
+    compose_config,
+    key_table,
+    schema_defaults,
+    validate,
+)
 from cifar_exp.data import CifarData
 from cifar_exp.errors import ConfigError
 from cifar_exp.training.build import build_parts, resolve_device, select_gpu
@@ -41,6 +49,27 @@ def test_defaults_are_the_tf_tutorial_run():
     assert cfg.tracking.uri == "sqlite:///mlflow.db"
     assert cfg.checkpoint.every == 1000 and cfg.checkpoint.path is None
     assert cfg.resume is False and cfg.data.verify is False and cfg.data.manifest is None
+
+
+def test_the_default_run_takes_every_key_from_the_schema():
+    # conf/config.yaml and the default groups change no schema key, so the defaults the
+    # schema gives (and docs/configuration.md lists) are the default run's.
+    composed = OmegaConf.to_container(compose_config(), resolve=False)
+    defaults = schema_defaults()
+    assert {key: functools.reduce(dict.__getitem__, key.split("."), composed)
+            for key in defaults} == defaults
+    assert defaults["tracking.uri"] == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+
+
+def test_the_key_table_has_a_row_per_schema_key():
+    rows = key_table()
+    assert len(rows) == len(schema_defaults())
+    assert "| `tracking.uri` | `sqlite:///mlflow.db` |" in rows
+    assert "| `checkpoint.every` | 1000 |" in rows and "| `eval_images` | null |" in rows
+    assert "| `data.root` | `${oc.env:CIFAR_EXP_DATA,./data}` |" in rows
+    assert "| `lookahead.reset_each_epoch` | false |" in rows
+    # The builder groups' keys are their options', listed with the groups.
+    assert not any(row.startswith(("| `model", "| `optimizer", "| `schedule")) for row in rows)
 
 
 @pytest.mark.parametrize("override,value", [

@@ -21,13 +21,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
 from cifar_exp import evaluate, predict
-from cifar_exp.config import command_overrides, compose_config, validate
+from cifar_exp.config import command_overrides, compose_config, key_table, validate
 from cifar_exp.data import argument_parser as data_arguments
 from cifar_exp.serving.trained import apply_overrides
 from cifar_exp.tools.bench import argument_parser as bench_arguments
 from cifar_exp.tracking.report import argument_parser as report_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGURATION = ROOT / "docs" / "configuration.md"
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
              ROOT / "experiments" / "README.md"]
 SKIPPED_FOLDERS = {".venv", "outputs", "multirun", "reports", "data", "node_modules"}
@@ -283,3 +284,45 @@ def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
     assert anchors(page) == {"a-page", "two-words-here"}
     assert broken_links([page]) == ["page.md:5: #three-words (no heading #three-words)",
                                     "page.md:5: missing.md (no such file)"]
+
+
+def cells(row: str) -> tuple[str, ...]:
+    """The cells of a markdown table row, stripped; an escaped `\\|` stays in its cell."""
+    return tuple(cell.strip() for cell in re.split(r"(?<!\\)\|", row.strip())[1:-1])
+
+
+def table_of_keys(path: Path) -> list[tuple[str, ...]]:
+    """The (key, default) cells of each row of `path`'s table of keys, the table whose
+    header is `| key | default | meaning |`."""
+    rows: list[tuple[str, ...]] = []
+    inside = False
+    for _, line in prose_lines(path):
+        if cells(line)[:2] == ("key", "default"):
+            inside = True
+        elif inside and line.startswith("|"):
+            if not set(line) <= set("|- :"):  # not the separator row
+                rows.append(cells(line)[:2])
+        elif inside:
+            break
+    return rows
+
+
+def test_the_table_of_keys_is_the_schemas():
+    # Every key of the schema with its default, and nothing else: a new key fails here
+    # until the page documents it (rows to paste: cifar_exp.config.key_table()).
+    documented = table_of_keys(CONFIGURATION)
+    schema = [cells(row) for row in key_table()]
+    assert len(set(documented)) == len(documented), "a row is there twice"
+    lacks = [" | ".join(row) for row in schema if row not in documented]
+    extra = [" | ".join(row) for row in documented if row not in schema]
+    assert not lacks and not extra, (
+        f"{CONFIGURATION.name}'s table of keys differs from the schema (cifar_exp/config.py)"
+        f"\n  rows it lacks: {lacks}\n  rows the schema does not give: {extra}")
+
+
+def test_the_table_check_reads_keys_and_defaults(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("| key | default | meaning |\n| --- | --- | --- |\n"
+                    "| `amp` | `auto` | `auto` \\| `fp32` |\n| `steps` | 3000 | steps |\n\n"
+                    "| key | other |\n| --- | --- |\n| `x` | 1 |\n")
+    assert table_of_keys(page) == [("`amp`", "`auto`"), ("`steps`", "3000")]
