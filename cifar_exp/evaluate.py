@@ -1,4 +1,4 @@
-"""Score a trained model without training: the test set's precision@1 and loss.
+"""Score a trained model without training: the test set's precision (@1, @5) and loss.
 
     cifar-exp-evaluate run_id=<MLflow run> [key=value ...]    (or python -m cifar_exp.evaluate)
     cifar-exp-evaluate checkpoint=<file> [key=value ...]
@@ -55,11 +55,18 @@ def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 @dataclass
 class Evaluation:
-    precision: float
-    test_loss: float
+    scores: dict[str, float]  # by name, as training logs them (training.scoring.METRICS)
     images: int  # how many test images were scored
     source: str  # "run <id>" or a checkpoint's path
     run_id: str  # the MLflow run this evaluation was logged as ("" with log=false)
+
+    @property
+    def precision(self) -> float:
+        return self.scores["precision"]
+
+    @property
+    def test_loss(self) -> float:
+        return self.scores["test_loss"]
 
 
 def evaluate(argv: list[str]) -> Evaluation:
@@ -80,22 +87,23 @@ def evaluate(argv: list[str]) -> Evaluation:
     cfg, data = model.cfg, model.data
     if cfg.eval_images is not None:
         data = limit_test_set(data, cfg.eval_images)
-    precision, test_loss = score(model.model, model.augmentation, data.test_images,
-                                 data.test_labels, cfg.eval_batch_size,
-                                 memory_format(cfg.channels_last), model.amp, cfg.tta)
+    scores = score(model.model, model.augmentation, data.test_images, data.test_labels,
+                   cfg.eval_batch_size, memory_format=memory_format(cfg.channels_last),
+                   amp=model.amp, tta=cfg.tta)
     count = data.test_labels.numel()
-    line = (f"precision @ 1 = {precision:.4f}, test loss = {test_loss:.4f} on {count} test "
-            f"images (tta {cfg.tta}) of {model.source}, step {model.step}")
+    line = (f"precision @ 1 = {scores['precision']:.4f}, precision @ 5 = "
+            f"{scores['precision_top5']:.4f}, test loss = {scores['test_loss']:.4f} on {count} "
+            f"test images (tta {cfg.tta}) of {model.source}, step {model.step}")
     print(line)
     run_id = ""
     if own.get("log", "true") == "true":
-        run_id = log_evaluation(model, data, precision, test_loss, overrides)
+        run_id = log_evaluation(model, data, scores, overrides)
         print(f"logged as MLflow run {run_id} (evaluation_of={model.run_id or '-'}) in "
               f"{redact(cfg.tracking.uri)}")
-    return Evaluation(precision, test_loss, count, model.source, run_id)
+    return Evaluation(scores, count, model.source, run_id)
 
 
-def log_evaluation(model: Trained, data: CifarData, precision: float, test_loss: float,
+def log_evaluation(model: Trained, data: CifarData, scores: dict[str, float],
                    overrides: list[str]) -> str:
     """A new MLflow run holding this evaluation, linked to the run that trained the model."""
     from mlflow.tracking import MlflowClient
@@ -123,8 +131,8 @@ def log_evaluation(model: Trained, data: CifarData, precision: float, test_loss:
               "overrides": redact(" ".join(overrides)) or "-"}
     for key, value in params.items():
         client.log_param(run.info.run_id, key, str(value))
-    client.log_metric(run.info.run_id, "precision", precision, step=model.step)
-    client.log_metric(run.info.run_id, "test_loss", test_loss, step=model.step)
+    for name, value in scores.items():  # each score under the name training logs it by
+        client.log_metric(run.info.run_id, name, value, step=model.step)
     log_data_inputs(client, run.info.run_id,
                     data_inputs(cfg.data.name, cfg.data.root, splits=("test",)))
     client.set_terminated(run.info.run_id)

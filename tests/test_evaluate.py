@@ -16,13 +16,17 @@ def args(trained_run, data_root, *extra: str, source: str = "run") -> list[str]:
 
 
 @pytest.mark.parametrize("source", ["run", "checkpoint"])
-def test_it_scores_what_the_run_scored(trained_run, data_root, source):
+def test_it_scores_what_the_run_scored(trained_run, data_root, source, capsys):
     # The run's last evaluation, with EMA weights, on its first 500 test images.
     result = evaluate(args(trained_run, data_root, "eval_images=500", "log=false",
                            source=source))
     assert (result.precision, result.test_loss) == (trained_run["precision"],
                                                     trained_run["test_loss"])
     assert result.images == 500 and result.run_id == ""
+    top5 = result.scores["precision_top5"]
+    assert result.precision <= top5 <= 1
+    assert capsys.readouterr().out.startswith(
+        f"precision @ 1 = {result.precision:.4f}, precision @ 5 = {top5:.4f}, test loss = ")
 
 
 def test_how_it_scores_can_change_and_is_logged_as_a_linked_run(trained_run, data_root):
@@ -34,6 +38,7 @@ def test_how_it_scores_can_change_and_is_logged_as_a_linked_run(trained_run, dat
     assert run.data.tags["evaluation_of"] == trained_run["run_id"]
     assert run.data.params["tta"] == "flip" and run.data.params["eval_images"] == "200"
     assert run.data.metrics["precision"] == result.precision
+    assert run.data.metrics == result.scores  # every score, by its name
     assert run.info.experiment_id == client.get_run(trained_run["run_id"]).info.experiment_id
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["cifar10-test"]
     # The trained run's own record is left as training wrote it.

@@ -25,6 +25,7 @@ def run_recipe(tmp_path, data_root, recipe: str, *overrides: str):
     client = MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name(recipe).experiment_id])
     assert run.data.metrics["precision"] == result.precision
+    assert result.precision <= run.data.metrics["precision_top5"] <= 1.0
     return client, run
 
 

@@ -3,11 +3,11 @@ back without running any code from the file.
 
 A checkpoint holds the state of each named part it is given (`states`: the model,
 optimizer and scheduler, and EMA and lookahead where a run has them), the loop's state
-(step, training generator, batch sampler, log window, training time, loss scaler), the
-global torch RNG states (CPU, and CUDA when it was used), the flattened config it was
-trained with, and whatever the tracker needs to continue its run (`tracking`: run id,
-points the store did not take yet). It knows nothing of MLflow or Hydra: the caller
-supplies both."""
+(step, training generator, batch sampler, log window, training time, loss scaler, the last
+evaluation's scores), the global torch RNG states (CPU, and CUDA when it was used), the
+flattened config it was trained with, and whatever the tracker needs to continue its run
+(`tracking`: run id, points the store did not take yet). It knows nothing of MLflow or
+Hydra: the caller supplies both."""
 
 from __future__ import annotations
 
@@ -33,9 +33,11 @@ from cifar_exp.training.parts import OPTIONAL_PARTS, Stateful
 log = logging.getLogger(__name__)
 
 RESUME_AUTO = "auto"  # resume=auto: continue if this job has a checkpoint, else start
-# Bumped when the layout of the saved dict changes. 2: the parts' states by name under
-# `states`; 1 (read and upgraded) kept them as top-level keys, None for an absent part.
-FORMAT = 2
+# Bumped when the layout of the saved dict changes; older formats are read and upgraded.
+# 3: the loop's last scores by name (`loop.scores`), where 2 had `precision` and `test_loss`
+# fields. 2: the parts' states by name under `states`, where 1 kept them as top-level keys
+# (None for an absent part).
+FORMAT = 3
 FORMAT_1_PARTS = ("model", "optimizer", "scheduler", "ema", "lookahead")
 # Config keys that say where things live, not what is trained: they may differ between a
 # run and its resumption. Every other key must match, or the result would not be the run's.
@@ -89,7 +91,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                               f"({one_line(error)}); resume from another file") from error
     found = state.get("format") if isinstance(state, dict) else type(state).__name__
     if found == 1:
-        state = _upgraded_from_format_1(state)
+        state, found = _upgraded_from_format_1(state), 2
+    if found == 2:
+        state = _upgraded_from_format_2(state)
     elif found != FORMAT:
         raise CheckpointError(f"{path}: not a cifar_exp checkpoint of format {FORMAT} "
                               f"(found {found!r})")
@@ -114,15 +118,25 @@ def _check_whole(state: dict[str, Any], path: Path) -> None:
 
 
 def _upgraded_from_format_1(state: dict[str, Any]) -> dict[str, Any]:
-    """A format-1 checkpoint in the current layout: its top-level parts, absent ones (None,
-    or no key in files written before lookahead existed) left out, under `states`; its log
-    window, which kept every loss of the window in one buffer, with no partial sums."""
+    """A format-1 checkpoint in the layout of format 2: its top-level parts, absent ones
+    (None, or no key in files written before lookahead existed) left out, under `states`;
+    its log window, which kept every loss of the window in one buffer, with no partial
+    sums."""
     parts = {name: state.pop(name, None) for name in FORMAT_1_PARTS}
     window = state.get("loop", {}).get("window")
     if isinstance(window, dict):
         window.update(sums=[], summed=0)
-    return {**state, "format": FORMAT,
+    return {**state, "format": 2,
             "states": {name: part for name, part in parts.items() if part is not None}}
+
+
+def _upgraded_from_format_2(state: dict[str, Any]) -> dict[str, Any]:
+    """A format-2 checkpoint in the current layout: its loop's `precision` and `test_loss`
+    become its `scores` (a loop without both is left for _check_whole to refuse)."""
+    loop = state.get("loop")
+    if isinstance(loop, dict) and {"precision", "test_loss"} <= loop.keys():
+        loop["scores"] = {name: loop.pop(name) for name in ("precision", "test_loss")}
+    return {**state, "format": FORMAT}
 
 
 def find_checkpoint(resume: bool | str, default: Path) -> Path | None:
@@ -203,6 +217,9 @@ def check_loop(loop: LoopState, path: Path, num_items: int) -> None:
         and isinstance(window.get("lrs"), list)
         and window["losses"].shape == (len(window["lrs"]),)
         and isinstance(window.get("sums"), list) and isinstance(window.get("summed"), int),
+        "scores": isinstance(loop.scores, dict)
+        and all(isinstance(name, str) and isinstance(value, float)
+                for name, value in loop.scores.items()),
     }
     wrong = [name for name, fine in checks.items() if not fine]
     if wrong:

@@ -41,6 +41,7 @@ from cifar_exp.tools import sweep_bench
 from cifar_exp.tools.loader_baseline import ArrayDataset, endless_batches, per_image_transform
 from cifar_exp.tools.profiling import StepProfile, WindowProfiler
 from cifar_exp.tracking.runs import RunTracker
+from cifar_exp.training.batches import BatchMaker
 from cifar_exp.training.build import build_parts, build_settings, device_name, resolve_device
 from cifar_exp.training.loop import StopCheck, TrainResult, train
 from cifar_exp.training.parts import Parts
@@ -62,16 +63,28 @@ def _timed_windows(one_step: Callable[[], object], device: torch.device, batch_s
     return rates
 
 
-def _training_step(cfg: DictConfig, data: CifarData) -> tuple[TrainingStep, Parts]:
-    """A fresh model and optimizer from `cfg`, behind the trainer's own step function."""
+ModelStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs, labels) -> loss
+
+
+def _model_step(cfg: DictConfig, data: CifarData) -> tuple[ModelStep, Parts]:
+    """A fresh model and optimizer from `cfg`, behind the trainer's own model step (forward,
+    loss, backward, optimizer) with the run's speed options, on batches made outside it: op
+    by op, or replayed as a CUDA graph under `cuda_graph`, each batch copied in."""
     parts = build_parts(cfg, data)
     settings = parts.settings
-    parts.model.to(memory_format=memory_format(settings.channels_last)).train()
-    step = TrainingStep(parts.model, parts.optimizer, data.train_images.device,
-                        settings.amp, settings.compile,
-                        label_smoothing=settings.label_smoothing,
+    device = data.train_images.device
+    layout = memory_format(settings.channels_last)
+    parts.model.to(memory_format=layout).train()
+    # The trainer's step is built with its data path; what is timed here is its model step.
+    batches = BatchMaker(data, parts.augmentation,
+                         torch.Generator(device).manual_seed(settings.seed), layout)
+    step = TrainingStep(parts.model, parts.optimizer, batches, device, amp=settings.amp,
+                        compile_mode=settings.compile, label_smoothing=settings.label_smoothing,
                         cuda_graph=settings.cuda_graph)
-    return step, parts
+    eager, graphs = step.eager, step.graphs
+    if graphs is None:
+        return eager, parts
+    return (lambda inputs, labels: graphs("made batch", eager, (inputs, labels))), parts
 
 
 def bare_step_rates(cfg: DictConfig, data: CifarData, windows: int,
@@ -83,8 +96,8 @@ def bare_step_rates(cfg: DictConfig, data: CifarData, windows: int,
 
 
 def _bare_step(cfg: DictConfig, data: CifarData) -> Callable[[], torch.Tensor]:
-    """The trainer's step function on a fixed batch of random tensors on the device."""
-    step, parts = _training_step(cfg, data)
+    """The trainer's model step on a fixed batch of random tensors on the device."""
+    step, parts = _model_step(cfg, data)
     device = data.train_images.device
     size = parts.augmentation.image_size
     inputs = torch.randn(cfg.batch_size, 3, size, size, device=device)
@@ -99,7 +112,7 @@ def dataloader_step_rates(cfg: DictConfig, data: CifarData, cpu_data: CifarData,
     # The earlier measurements' CUDA graphs go before the workers fork: a forked child
     # that inherited one fails (with a warning) to release it.
     gc.collect()
-    step, parts = _training_step(cfg, data)
+    step, parts = _model_step(cfg, data)
     device = data.train_images.device
     dataset = ArrayDataset(cpu_data.train_images, cpu_data.train_labels,
                            per_image_transform(parts.augmentation))

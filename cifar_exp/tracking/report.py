@@ -40,7 +40,7 @@ SEED_KEY = "seed"
 MAX_LEGEND = 8  # beyond this many runs a legend is no help: the table names them
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunSummary:
     run_id: str
     name: str
@@ -52,6 +52,7 @@ class RunSummary:
     histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)  # the run's whole config, flat
     eval_images: int | None = None  # scored on the first N test images; None: all
+    precision_top5: float = math.nan  # nan: not logged (runs from before it was)
 
     def value(self, key: str) -> str | None:
         """The run's value of `key` (an override key): as overridden, else from its
@@ -121,6 +122,7 @@ def summarize(client: MlflowClient, run: Run) -> RunSummary:
         histories=histories,
         params=dict(run.data.params),
         eval_images=int(eval_images) if eval_images.isdigit() else None,
+        precision_top5=run.data.metrics.get("precision_top5", math.nan),
     )
 
 
@@ -142,15 +144,24 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _with_top5(runs: list[RunSummary]) -> bool:
+    """Whether a column of top-5 precision is due: some run logged it."""
+    return any(not math.isnan(run.precision_top5) for run in runs)
+
+
 def runs_table(runs: list[RunSummary], keys: list[str]) -> str:
     """One row per run, best precision first; a precision measured on part of the test set
-    is marked, and ranked after every one measured on all of it."""
-    header = ["run", *keys, "status", "precision", "examples/sec", "wall time (s)"]
+    is marked, and ranked after every one measured on all of it. Top-5 precision follows
+    precision where some run logged it."""
+    top5 = _with_top5(runs)
+    header = ["run", *keys, "status", "precision", *(["precision_top5"] if top5 else []),
+              "examples/sec", "wall time (s)"]
     lines = [_row(header), _row(["---"] * len(header))]
     for run in sorted(runs, key=_rank):
         partial = f" ({run.eval_images} images)" if run.eval_images is not None else ""
         lines.append(_row([run.name, *(_format(run.value(k)) for k in keys),
                            run.status, _format(run.precision) + partial,
+                           *([_format(run.precision_top5)] if top5 else []),
                            f"{run.examples_per_sec:,.0f}"
                            if not math.isnan(run.examples_per_sec) else "-",
                            f"{run.wall_seconds:.1f}"]))
@@ -171,18 +182,25 @@ def seed_table(runs: list[RunSummary], keys: list[str]) -> str | None:
     groups: dict[tuple, list[RunSummary]] = defaultdict(list)
     for run in runs:
         groups[tuple(run.value(key) for key in config_keys)].append(run)
-    header = [*config_keys, "seeds", "precision (mean ± std)", "examples/sec (mean)"]
+    top5 = _with_top5(runs)
+    header = [*config_keys, "seeds", "precision (mean ± std)",
+              *(["precision_top5 (mean ± std)"] if top5 else []), "examples/sec (mean)"]
     lines = [_row(header), _row(["---"] * len(header))]
     for values, members in groups.items():
-        precisions = [run.precision for run in members if not math.isnan(run.precision)]
         speeds = [run.examples_per_sec for run in members if not math.isnan(run.examples_per_sec)]
-        if len(precisions) > 1:
-            cell = f"{statistics.mean(precisions):.4f} ± {statistics.stdev(precisions):.4f}"
-        else:
-            cell = _format(precisions[0] if precisions else math.nan)
         speed = f"{statistics.mean(speeds):,.0f}" if speeds else "-"
-        lines.append(_row([*(_format(v) for v in values), str(len(members)), cell, speed]))
+        cells = [_mean_std([run.precision for run in members]),
+                 *([_mean_std([run.precision_top5 for run in members])] if top5 else [])]
+        lines.append(_row([*(_format(v) for v in values), str(len(members)), *cells, speed]))
     return "\n".join(lines)
+
+
+def _mean_std(values: list[float]) -> str:
+    """Mean ± sample std of the values that are not nan (one alone: itself; none: -)."""
+    known = [value for value in values if not math.isnan(value)]
+    if len(known) > 1:
+        return f"{statistics.mean(known):.4f} ± {statistics.stdev(known):.4f}"
+    return _format(known[0] if known else math.nan)
 
 
 def _label(run: RunSummary, keys: list[str]) -> str:

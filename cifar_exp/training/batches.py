@@ -57,10 +57,11 @@ class EpochSampler:
 
 
 class BatchMaker:
-    """The data path of a step: `make(indices, epoch) -> (inputs, labels)`, the drawn
+    """The data path of a step: `batches(indices, epoch) -> (inputs, labels)`, the drawn
     training images gathered and augmented (under torchrun, this rank's slice of the global
-    batch), in the activation layout, with their labels. Every op runs on the device, so with
-    CUDA graphs the whole path is captured with the step (cifar_exp.training.step_graph)."""
+    batch), in the activation layout, with their labels. The step is built with it
+    (cifar_exp.training.step). Every op runs on the device, so with CUDA graphs the whole
+    path is captured with the step."""
 
     def __init__(self, data: CifarData, augmentation: Augmentation,
                  generator: torch.Generator, layout: torch.memory_format,

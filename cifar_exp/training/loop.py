@@ -28,7 +28,6 @@ from cifar_exp.training.distributed import agree_on_stop, mean_over_ranks
 from cifar_exp.training.parts import Parts
 from cifar_exp.training.scoring import score
 from cifar_exp.training.step import TrainingStep, memory_format, synchronize
-from cifar_exp.training.step_graph import BatchSource
 from cifar_exp.world import SINGLE, World
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,7 @@ class MetricSink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoopState:
     """What the loop itself holds at a step boundary, beyond the state of the parts it is
     given (`Parts.states()`): enough to continue exactly where it stopped."""
@@ -49,8 +48,9 @@ class LoopState:
     window: dict[str, Any]  # losses and time of the log window in progress
     train_seconds: float
     scaler: dict[str, Any]  # fp16 loss scaling (empty otherwise)
-    precision: float  # the last evaluation's: a run resumed at its last step reports it
-    test_loss: float
+    # The last evaluation's scores by name (empty before the first): a run resumed at its
+    # last step reports them.
+    scores: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
@@ -71,32 +71,37 @@ class CheckpointSaver(Protocol):
 StopCheck = Callable[[], int | None]  # the number of a signal that asked to stop, or None
 
 
-class Step(Protocol):
-    """A training step: `step(inputs, labels, frozen) -> loss` (detached, on the device), or
-    `step.on_batch(batches, indices, epoch, frozen)` on the batch `batches` makes of drawn
-    indices (what the trainer calls); with the fp16 loss `scaler` a checkpoint saves."""
+class LoopStep(Protocol):
+    """The training step as the loop calls it: `step(indices, epoch, frozen) -> loss`
+    (detached, on the device) trains on the batch made of the drawn `indices`; with the
+    fp16 loss `scaler` a checkpoint saves."""
 
     scaler: torch.amp.GradScaler
 
-    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
-                 frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor: ...
-
-    def on_batch(self, batches: BatchSource, indices: torch.Tensor, epoch: int,
+    def __call__(self, indices: torch.Tensor, epoch: int,
                  frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor: ...
 
 
-# Makes the step from the parts and the training device (e.g. a packed sweep's member
-# step, cifar_exp.training.packing); by default the trainer makes its own TrainingStep.
-StepMaker = Callable[["Parts", torch.device], Step]
+# Makes the step from the parts, the batch maker it makes its batches with and the training
+# device (e.g. a packed sweep's member step, cifar_exp.training.packing); by default the
+# trainer makes its own TrainingStep.
+StepMaker = Callable[[Parts, BatchMaker, torch.device], LoopStep]
 
 
 @dataclass
 class TrainResult:
-    precision: float
-    test_loss: float
+    scores: dict[str, float]  # the last evaluation's, by name (training.scoring.METRICS)
     examples_per_sec: float  # over all training steps, evaluation time excluded
     train_seconds: float  # of all the steps, those of earlier sessions of a resumed run too
     eval_seconds: float = 0.0  # of this session's evaluations
+
+    @property
+    def precision(self) -> float:
+        return self.scores.get("precision", math.nan)
+
+    @property
+    def test_loss(self) -> float:
+        return self.scores.get("test_loss", math.nan)
 
 
 def train(parts: Parts, data: CifarData, sink: MetricSink, *,
@@ -104,7 +109,7 @@ def train(parts: Parts, data: CifarData, sink: MetricSink, *,
           stop: StopCheck | None = None, world: World = SINGLE,
           on_evaluation: Callable[[int, float], None] | None = None,
           make_step: StepMaker | None = None) -> TrainResult:
-    """Train `experiment` for its `settings.steps` steps on `data` (already on the model's
+    """Train `parts` for its `settings.steps` steps on `data` (already on the model's
     device).
 
     With `resume` (and the parts already loaded from the same checkpoint) the loop goes on
@@ -120,110 +125,153 @@ def train(parts: Parts, data: CifarData, sink: MetricSink, *,
     `on_evaluation(step, precision)` is called after each evaluation; what it raises (an
     Optuna trial that is Pruned) ends training there. `make_step` replaces the trainer's
     own TrainingStep (a packed sweep's members step together)."""
-    settings, model, optimizer = parts.settings, parts.model, parts.optimizer
-    augmentation, ema, lookahead = parts.augmentation, parts.ema, parts.lookahead
-    device = data.train_images.device
-    generator = torch.Generator(device).manual_seed(settings.seed)
-    sampler = EpochSampler(data.train_labels.numel(), settings.batch_size, generator, device)
-    layout = memory_format(settings.channels_last)
-    batches = BatchMaker(data, augmentation, generator, layout, world)
-    model.to(memory_format=layout)
-    evaluated = parts.evaluated
-    evaluated.to(memory_format=layout)
-    model.train()
-    training_step: Step
-    if make_step is not None:
-        training_step = make_step(parts, device)
-    else:
-        training_step = TrainingStep(model, optimizer, device, settings.amp, settings.compile,
-                                     data_parallel=world.distributed,
-                                     label_smoothing=settings.label_smoothing,
-                                     cuda_graph=settings.cuda_graph)
-
-    window = _SpeedWindow(settings.batch_size, settings.log_every, device)
-    train_seconds = 0.0
-    precision = test_loss = float("nan")
-    eval_seconds = 0.0
-    first_step = 1
+    trainer = _Trainer(parts, data, sink, world, make_step)
     if resume is not None:
-        generator.set_state(resume.generator)
-        sampler.load_state_dict(resume.sampler)
-        window.load_state_dict(resume.window)
-        if resume.scaler:
-            training_step.scaler.load_state_dict(resume.scaler)
-        train_seconds = resume.train_seconds
-        precision, test_loss = resume.precision, resume.test_loss
-        first_step = resume.step + 1
+        trainer.resume(resume)
+    trainer.run(checkpoints, stop, on_evaluation)
+    return trainer.result()
 
-    def save_checkpoint(step: int) -> None:
-        assert checkpoints is not None
+
+class _Trainer:
+    """One call of `train`: what it builds, and its phases as methods."""
+
+    def __init__(self, parts: Parts, data: CifarData, sink: MetricSink, world: World,
+                 make_step: StepMaker | None) -> None:
+        self.parts, self.data, self.sink, self.world = parts, data, sink, world
+        settings = self.settings = parts.settings
+        self.device = device = data.train_images.device
+        self.generator = torch.Generator(device).manual_seed(settings.seed)
+        self.sampler = EpochSampler(data.train_labels.numel(), settings.batch_size,
+                                    self.generator, device)
+        self.layout = memory_format(settings.channels_last)
+        batches = BatchMaker(data, parts.augmentation, self.generator, self.layout, world)
+        parts.model.to(memory_format=self.layout)
+        parts.evaluated.to(memory_format=self.layout)
+        parts.model.train()
+        self.training_step: LoopStep
+        if make_step is not None:
+            self.training_step = make_step(parts, batches, device)
+        else:
+            self.training_step = TrainingStep(
+                parts.model, parts.optimizer, batches, device, amp=settings.amp,
+                compile_mode=settings.compile, data_parallel=world.distributed,
+                label_smoothing=settings.label_smoothing, cuda_graph=settings.cuda_graph)
+        self.window = _SpeedWindow(settings.batch_size, settings.log_every, device)
+        self.train_seconds = 0.0
+        self.scores: dict[str, float] = {}
+        self.eval_seconds = 0.0
+        self.first_step = 1
+
+    def resume(self, state: LoopState) -> None:
+        """Go on from the step after `state.step`, as if the loop had never stopped."""
+        self.generator.set_state(state.generator)
+        self.sampler.load_state_dict(state.sampler)
+        self.window.load_state_dict(state.window)
+        if state.scaler:
+            self.training_step.scaler.load_state_dict(state.scaler)
+        self.train_seconds = state.train_seconds
+        self.scores = dict(state.scores)
+        self.first_step = state.step + 1
+
+    def run(self, checkpoints: CheckpointSaver | None, stop: StopCheck | None,
+            on_evaluation: Callable[[int, float], None] | None) -> None:
+        """Every step from the first due: train, log, evaluate, checkpoint, stop."""
+        settings = self.settings
+        bar = tqdm(total=settings.steps, initial=self.first_step - 1, unit="step",
+                   disable=not settings.progress or None, dynamic_ncols=True)
+        with logging_redirect_tqdm(), bar:
+            for step in range(self.first_step, settings.steps + 1):
+                lr = self.one_step(step)
+                bar.update()
+                last = step == settings.steps
+                if step % settings.log_every == 0 or last:
+                    self.log_window(step, lr, bar)
+                if step % settings.eval_every == 0 or last:  # every rank scores its part
+                    self.evaluate(step, on_evaluation if not last else None)
+                self.check_in(step, last, checkpoints, stop)
+
+    def one_step(self, step: int) -> float:
+        """One training step and what follows it; returns the lr it took."""
+        parts, sampler = self.parts, self.sampler
+        indices = sampler.next()
+        lr = parts.optimizer.param_groups[0]["lr"]
+        frozen = frozen_parameters(parts.model, sampler.epoch)
+        loss = self.training_step(indices, sampler.epoch, frozen)
+        if self.world.distributed:
+            loss = mean_over_ranks(loss)
+        parts.scheduler.step()
+        if parts.lookahead is not None:
+            parts.lookahead.after_step(step, sampler.epoch, sampler.epoch_ended)
+        if parts.ema is not None:
+            parts.ema.update(parts.model)
+        self.window.add(loss, lr)
+        return lr
+
+    def log_window(self, step: int, lr: float, bar: tqdm) -> None:
+        """Close the log window: its metrics to the sink and the console."""
+        window = self.window
+        mean_loss, examples_per_sec, sec_per_batch = window.close()
+        self.train_seconds += window.seconds
+        self.sink.log_metrics({"loss": mean_loss, "lr": lr,
+                               "examples_per_sec": examples_per_sec,
+                               "sec_per_batch": sec_per_batch}, step)
+        if window.diverged is not None:
+            raise window.diverged
+        log.info("step %d, loss = %.2f (%.1f examples/sec; %.3f sec/batch)",
+                 step, mean_loss, examples_per_sec, sec_per_batch)
+        bar.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
+
+    def evaluate(self, step: int,
+                 on_evaluation: Callable[[int, float], None] | None) -> None:
+        """Score the evaluated model, off the training clock; `on_evaluation` after (none
+        at the last step: it ends the run anyway)."""
+        parts, data, settings = self.parts, self.data, self.settings
+        self.window.pause()
+        eval_start = time.perf_counter()
+        self.scores = score(parts.evaluated, parts.augmentation, data.test_images,
+                            data.test_labels, settings.eval_batch_size,
+                            memory_format=self.layout, amp=settings.amp, tta=settings.tta,
+                            world=self.world)
+        self.sink.log_metrics(self.scores, step)
+        log.info("step %d, precision @ 1 = %.4f, test loss = %.4f",
+                 step, self.scores["precision"], self.scores["test_loss"])
+        if on_evaluation is not None:
+            on_evaluation(step, self.scores["precision"])
+        self.eval_seconds += time.perf_counter() - eval_start
+        self.window.resume()
+
+    def check_in(self, step: int, last: bool, checkpoints: CheckpointSaver | None,
+                 stop: StopCheck | None) -> None:
+        """After a step: a stop request, and a checkpoint where one is due; Stopped when
+        asked to stop."""
+        signum = stop() if stop is not None else None
+        if self.world.distributed:  # every rank stops at the same step
+            signum = agree_on_stop(signum, self.device)
+        if signum is not None:
+            log.warning("step %d, %s received: stopping here", step,
+                        signal.Signals(signum).name)
+        if checkpoints is not None and (
+                last or signum is not None
+                or (checkpoints.every > 0 and step % checkpoints.every == 0)):
+            self.save_checkpoint(step, checkpoints)
+        if signum is not None:
+            raise Stopped(signum, step)
+
+    def save_checkpoint(self, step: int, checkpoints: CheckpointSaver) -> None:
+        window = self.window
         window.pause()
         window.check_finite()  # never replace the last good checkpoint by a diverged state
-        checkpoints.save(LoopState(step, generator.get_state(), sampler.state_dict(),
-                                   window.state_dict(), train_seconds,
-                                   training_step.scaler.state_dict(), precision, test_loss))
+        checkpoints.save(LoopState(
+            step=step, generator=self.generator.get_state(), sampler=self.sampler.state_dict(),
+            window=window.state_dict(), train_seconds=self.train_seconds,
+            scaler=self.training_step.scaler.state_dict(), scores=dict(self.scores)))
         window.resume()
 
-    bar = tqdm(total=settings.steps, initial=first_step - 1, unit="step",
-               disable=not settings.progress or None, dynamic_ncols=True)
-    with logging_redirect_tqdm(), bar:
-        for step in range(first_step, settings.steps + 1):
-            indices = sampler.next()
-            lr = optimizer.param_groups[0]["lr"]
-            frozen = frozen_parameters(model, sampler.epoch)
-            loss = training_step.on_batch(batches, indices, sampler.epoch, frozen)
-            if world.distributed:
-                loss = mean_over_ranks(loss)
-            parts.scheduler.step()
-            if lookahead is not None:
-                lookahead.after_step(step, sampler.epoch, sampler.epoch_ended)
-            if ema is not None:
-                ema.update(model)
-            window.add(loss, lr)
-            bar.update()
-
-            last = step == settings.steps
-            if step % settings.log_every == 0 or last:
-                mean_loss, examples_per_sec, sec_per_batch = window.close()
-                train_seconds += window.seconds
-                sink.log_metrics({"loss": mean_loss, "lr": lr,
-                                  "examples_per_sec": examples_per_sec,
-                                  "sec_per_batch": sec_per_batch}, step)
-                if window.diverged is not None:
-                    raise window.diverged
-                log.info("step %d, loss = %.2f (%.1f examples/sec; %.3f sec/batch)",
-                         step, mean_loss, examples_per_sec, sec_per_batch)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
-            if step % settings.eval_every == 0 or last:  # every rank scores its part
-                window.pause()
-                eval_start = time.perf_counter()
-                precision, test_loss = score(evaluated, augmentation, data.test_images,
-                                                data.test_labels, settings.eval_batch_size,
-                                                layout, settings.amp, settings.tta,
-                                                world)
-                sink.log_metrics({"precision": precision, "test_loss": test_loss}, step)
-                log.info("step %d, precision @ 1 = %.4f, test loss = %.4f",
-                         step, precision, test_loss)
-                if on_evaluation is not None and not last:  # a last one ends the run anyway
-                    on_evaluation(step, precision)
-                eval_seconds += time.perf_counter() - eval_start
-                window.resume()
-            signum = stop() if stop is not None else None
-            if world.distributed:  # every rank stops at the same step
-                signum = agree_on_stop(signum, device)
-            if signum is not None:
-                log.warning("step %d, %s received: stopping here", step,
-                            signal.Signals(signum).name)
-            due = checkpoints is not None and (
-                last or signum is not None
-                or (checkpoints.every > 0 and step % checkpoints.every == 0))
-            if due:
-                save_checkpoint(step)
-            if signum is not None:
-                raise Stopped(signum, step)
-    examples = settings.steps * settings.batch_size
-    return TrainResult(precision, test_loss, examples / max(train_seconds, 1e-9), train_seconds,
-                       eval_seconds)
+    def result(self) -> TrainResult:
+        settings = self.settings
+        examples = settings.steps * settings.batch_size
+        return TrainResult(dict(self.scores), examples / max(self.train_seconds, 1e-9),
+                           self.train_seconds, self.eval_seconds)
 
 
 class _SpeedWindow:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
 from cifar_exp.training.stacked_step import Member, signature, stacked_step
-from cifar_exp.training.step_graph import BatchSource
 
 if TYPE_CHECKING:
-    from cifar_exp.training.loop import StopCheck
+    from cifar_exp.training.batches import BatchMaker
+    from cifar_exp.training.loop import StepMaker, StopCheck
     from cifar_exp.training.parts import Parts
 
 
@@ -39,8 +39,9 @@ class Pack:
         self._error: BaseException | None = None
         self._round = 0
 
-    def step_maker(self, member_id: int) -> Callable[[Parts, torch.device], PackedStep]:
-        """For `train(make_step=...)`: member `member_id`'s step (0 .. size-1)."""
+    def step_maker(self, member_id: int) -> StepMaker:
+        """For `train(make_step=...)`: member `member_id`'s step (0 .. size-1), made with
+        the member's parts, batch maker and device."""
         return functools.partial(PackedStep, self, member_id)
 
     def leave(self) -> None:
@@ -87,26 +88,23 @@ class Pack:
 
 
 class PackedStep:
-    """Stands in for a member's TrainingStep: `step(inputs, labels, frozen) -> loss`, taken
-    with the rest of the pack. `scaler` is the member's own (a checkpoint saves it)."""
+    """Stands in for a member's TrainingStep: `step(indices, epoch, frozen) -> loss`, the
+    member's own batch (made by its `batches`, in its thread) taken with the rest of the
+    pack. `scaler` is the member's own (a checkpoint saves it)."""
 
-    def __init__(self, pack: Pack, member_id: int, parts: Parts,
+    def __init__(self, pack: Pack, member_id: int, parts: Parts, batches: BatchMaker,
                  device: torch.device) -> None:
         self.pack, self.member_id = pack, member_id
-        self.parts, self.device = parts, device
+        self.parts, self.batches, self.device = parts, batches, device
         # fp16 needs loss scaling to keep small gradients; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type,
                                            enabled=parts.settings.amp == "fp16")
 
-    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
+    def __call__(self, indices: torch.Tensor, epoch: int,
                  frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         parts = self.parts
+        inputs, labels = self.batches(indices, epoch)
         member = Member(parts.model, parts.optimizer, self.scaler,
-                        parts.settings.label_smoothing, inputs, labels, frozen)
+                        parts.settings.label_smoothing, inputs, labels, frozen=frozen)
         return self.pack.take_step(self.member_id, member, self.device,
                                    parts.settings.amp)
-
-    def on_batch(self, batches: BatchSource, indices: torch.Tensor, epoch: int,
-                 frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """The step on the batch `batches` makes of `indices` (made by this member)."""
-        return self(*batches(indices, epoch), frozen)

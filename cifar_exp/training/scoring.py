@@ -1,7 +1,10 @@
-"""Precision@1 and loss over a whole test set, in large batches, with one host sync;
-optionally with test-time augmentation (logits averaged over flipped and shifted views)."""
+"""Scores over a whole test set by name (precision@1, loss, precision@5), in large batches,
+with one host sync; optionally with test-time augmentation (logits averaged over flipped
+and shifted views)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,13 +56,28 @@ def tta_logits(model: nn.Module, inputs: torch.Tensor, tta: str = "none",
     return logits
 
 
+def _in_top(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """How many labels are among their image's `k` highest logits (all, with fewer classes)."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == labels[:, None]).any(1).sum()
+
+
+# What score() reports, by name: each metric's sum over a batch of (fp32 logits, labels),
+# which score() divides by the number of images. A new metric is one line here.
+METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "precision": lambda logits, labels: (logits.argmax(1) == labels).sum(),
+    "test_loss": lambda logits, labels: F.cross_entropy(logits, labels, reduction="sum"),
+    "precision_top5": lambda logits, labels: _in_top(logits, labels, 5),
+}
+
+
 @torch.no_grad()
 def score(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
-             labels: torch.Tensor, batch_size: int = 500,
-             memory_format: torch.memory_format = torch.contiguous_format,
-             amp: str = "fp32", tta: str = "none",
-             world: World = SINGLE) -> tuple[float, float]:
-    """Return (precision@1, mean cross-entropy) over every image exactly once.
+          labels: torch.Tensor, batch_size: int = 500, *,
+          memory_format: torch.memory_format = torch.contiguous_format,
+          amp: str = "fp32", tta: str = "none", world: World = SINGLE) -> dict[str, float]:
+    """Each of METRICS over every image exactly once, by name: `precision` (@1, a
+    fraction), `test_loss` (mean cross-entropy), `precision_top5` (a fraction).
 
     In a distributed `world` every rank must call it: each scores its part of the images
     with rank 0's BatchNorm statistics, and all get the totals over the ranks."""
@@ -68,18 +86,16 @@ def score(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
         images, labels = shard(world, images), shard(world, labels)
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.float64, device=labels.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
+    # One tensor for the sums and the count, so a distributed run adds them at once.
+    totals = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=labels.device)
     for image_batch, label_batch in zip(images.split(batch_size), labels.split(batch_size),
                                         strict=True):
         logits = tta_logits(model, augmentation.eval(image_batch), tta, memory_format, amp)
-        correct += (logits.argmax(1) == label_batch).sum()
-        loss_sum += F.cross_entropy(logits, label_batch, reduction="sum").double()
+        totals[:-1] += torch.stack([batch_sum(logits, label_batch).double()
+                                    for batch_sum in METRICS.values()])
     model.train(was_training)
-    # One tensor for the sums, so a distributed run adds them over the ranks at once.
-    totals = torch.stack([correct, loss_sum,
-                          torch.tensor(labels.numel(), dtype=torch.float64, device=labels.device)])
+    totals[-1] = labels.numel()
     if world.distributed:
         totals = sum_over_ranks(totals)
-    correct_total, loss_total, count = totals.tolist()
-    return correct_total / count, loss_total / count
+    *sums, count = totals.tolist()
+    return {name: total / count for name, total in zip(METRICS, sums, strict=True)}

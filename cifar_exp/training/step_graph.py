@@ -2,26 +2,22 @@
 graphs: one launch a step instead of one per kernel, for small networks whose steps on a
 GPU are bound by kernel launches, not by the GPU's arithmetic.
 
-A graph replays fixed memory: each step copies its batch into the graph's input buffers and
-its learning rates into device tensors that the fused optimizer reads, so schedules go on
-working. The trainer's steps (`on_batch`) capture the data path too: the graph takes the
-drawn indices and does the gathering and the augmentation's random draws itself (the
-training generator is registered with the graph, so each replay draws new numbers, the
-ones the same steps run op by op would draw). A change of the frozen parameters (e.g.
-airbench's whitening bias after its first epochs), or of what the augmentation does with
-the epoch, captures a new graph."""
+A graph replays fixed memory: each call copies its tensor arguments into the graph's input
+buffers and the learning rates into device tensors that the fused optimizer reads, so
+schedules go on working. What is graphed is any function of tensors that ends in an
+optimizer step (cifar_exp.training.step composes the trainer's: the data path and the model
+step, from drawn indices). A generator the function draws from is registered with its graph,
+so each replay draws new numbers, the ones the same calls run op by op would draw. The
+caller says which graph a call replays (a key): e.g. a change of the frozen parameters
+captures a new one."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
-
-log = logging.getLogger(__name__)
 
 # Eager steps, on a side stream, before the first capture: they initialize what is made
 # lazily (optimizer state, cuDNN's algorithm choice, autograd's buffers). They train.
@@ -31,18 +27,8 @@ WARMUP_STEPS = 3
 # the oldest. Built-in recipes need at most 4 (frozen or not, even or odd epoch).
 MAX_GRAPHS = 4
 
-Step = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
-
-
-class BatchSource(Protocol):
-    """Makes a step's inputs and labels from drawn indices (training.batches.BatchMaker)."""
-
-    generator: torch.Generator
-
-    def __call__(self, indices: torch.Tensor,
-                 epoch: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def epoch_key(self, epoch: int) -> int: ...
+# What a graph records: a function of tensors that returns the loss.
+GraphedWork = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -52,54 +38,28 @@ class _Captured:
     loss: torch.Tensor
 
 
-class StepGraphs:
-    """Callable like the step it wraps: `graphs(inputs, labels, frozen) -> loss`. The loss
-    returned lives in the graph's memory: the next step overwrites it, so copy it (as the
-    trainer does) before the next call."""
+class CaptureFailed(RuntimeError):
+    """The capture of a graph failed (the cause says why); nothing was replayed."""
 
-    def __init__(self, step: Step, optimizer: torch.optim.Optimizer,
-                 device: torch.device) -> None:
-        self.step, self.device = step, device
+
+class StepGraphs:
+    """`graphs(key, work, arguments, generator) -> work(*arguments)`: run op by op for the
+    first WARMUP_STEPS calls, then replayed from the graph kept for `key`, captured the
+    first time the key comes. The loss returned lives in the graph's memory: the next call
+    overwrites it, so copy it (as the trainer does) before then."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        self.device = device
         self.lrs = DeviceLearningRates(optimizer, device)
         self.eager_steps = 0
         self._captured: dict[Hashable, _Captured] = {}
-        self.captures = 0  # graphs captured so far (one per set of frozen parameters, ...)
-        # Why the data path runs outside the graph (its capture failed); None: it is inside.
-        self.batches_outside: str | None = None
+        self.captures = 0  # graphs captured so far (one per key kept)
 
-    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
-                 frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """A step on this batch (copied into the graph's buffers)."""
-        key = ("batch", *(id(parameter) for parameter in frozen))
-        return self._run(key, (inputs, labels),
-                         lambda batch_inputs, batch_labels: self.step(batch_inputs,
-                                                                      batch_labels, frozen))
-
-    def on_batch(self, batches: BatchSource, indices: torch.Tensor, epoch: int,
-                 frozen: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """A step on the batch `batches` makes of `indices` in `epoch`, the making replayed
-        in the same graph: only the indices are copied in. Should the data path not be
-        capturable (an augmentation that reads the host, say), it runs op by op from then
-        on, before the step's own graph, with a warning."""
-        if self.batches_outside is None:
-            key = ("indices", batches.epoch_key(epoch),
-                   *(id(parameter) for parameter in frozen))
-            try:
-                return self._run(key, (indices,),
-                                 lambda drawn: self.step(*batches(drawn, epoch), frozen),
-                                 batches.generator)
-            except _DataPathNotCaptured as failed:
-                self.batches_outside = str(failed.__cause__)
-                log.warning("the data path could not be captured in the step's CUDA graph "
-                            "(%s); it runs op by op, the step still as a graph",
-                            self.batches_outside)
-        return self(*batches(indices, epoch), frozen)
-
-    def _run(self, key: Hashable, arguments: tuple[torch.Tensor, ...],
-             work: Callable[..., torch.Tensor],
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """`work(*arguments)`: eagerly for the first steps, then by replaying its graph
-        for `key`, captured the first time the key comes."""
+    def __call__(self, key: Hashable, work: GraphedWork, arguments: tuple[torch.Tensor, ...],
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """`work(*arguments)`. `work` must do the same for every call with this `key` (it
+        is recorded once); `generator`, if it draws from one, is registered with its graph.
+        A capture that fails raises CaptureFailed."""
         if self.eager_steps < WARMUP_STEPS:
             self.eager_steps += 1
             return self._on_side_stream(lambda: work(*arguments))
@@ -110,9 +70,7 @@ class StepGraphs:
             try:
                 captured = self._capture(arguments, work, generator)
             except RuntimeError as error:
-                if generator is None:  # the step alone: nothing to fall back to
-                    raise
-                raise _DataPathNotCaptured from error
+                raise CaptureFailed(str(error)) from error
             self._captured[key] = captured
             self.captures += 1
         self.lrs.refill()
@@ -129,7 +87,7 @@ class StepGraphs:
         torch.cuda.current_stream(self.device).wait_stream(side)
         return result
 
-    def _capture(self, arguments: tuple[torch.Tensor, ...], work: Callable[..., torch.Tensor],
+    def _capture(self, arguments: tuple[torch.Tensor, ...], work: GraphedWork,
                  generator: torch.Generator | None) -> _Captured:
         """Record `work` on copies of `arguments`. Capturing runs nothing: the caller's
         replay then does this step's work. A `generator` the work draws from is registered:
@@ -142,10 +100,6 @@ class StepGraphs:
         with self.lrs.installed(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
             loss = work(*buffers)
         return _Captured(graph, buffers, loss)
-
-
-class _DataPathNotCaptured(Exception):
-    """The capture of a step with its data path failed (the cause says why)."""
 
 
 class DeviceLearningRates:

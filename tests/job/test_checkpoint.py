@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -46,7 +48,23 @@ def loop_state(step: int = 5) -> LoopState:
                      sampler={"order": torch.arange(10), "position": 4, "epoch": 2},
                      window={"losses": torch.tensor([2.5]), "lrs": [1e-3], "first_step": 5,
                              "sums": [], "summed": 0, "seconds": 0.25},
-                     train_seconds=1.5, scaler={}, precision=0.25, test_loss=2.0)
+                     train_seconds=1.5, scaler={},
+                     scores={"precision": 0.25, "test_loss": 2.0, "precision_top5": 0.75})
+
+
+def written_as_format(version: int, state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's dict as format `version` (1 or 2) held it: the loop's `precision` and
+    `test_loss` as its fields (no other scores); in format 1, the parts at the top level,
+    None for an absent EMA."""
+    loop = {name: value for name, value in state["loop"].items() if name != "scores"}
+    scores = state["loop"]["scores"]
+    loop.update(precision=scores.get("precision", math.nan),
+                test_loss=scores.get("test_loss", math.nan))
+    old = {**state, "format": 2, "loop": loop}
+    if version == 1:
+        old = {key: value for key, value in old.items() if key != "states"}
+        old.update(format=1, **{"ema": None, **state["states"]})
+    return old
 
 
 def take_steps(parts: dict, steps: int = 2) -> None:
@@ -295,9 +313,7 @@ def test_a_format_1_checkpoint_is_read_in_the_current_layout(tmp_path, lookahead
     take_steps(parts)
     path = tmp_path / "old.pt"
     Checkpointer(path, 10, parts, {"steps": 100}).save(loop_state())
-    state = torch.load(path, weights_only=True)
-    old = {key: value for key, value in state.items() if key != "states"}
-    old.update(format=1, ema=None, **state["states"])
+    old = written_as_format(1, torch.load(path, weights_only=True))
     if lookahead_key:
         old["lookahead"] = None
     atomic_save(old, path)
@@ -310,11 +326,26 @@ def test_a_format_1_checkpoint_is_read_in_the_current_layout(tmp_path, lookahead
         assert torch.equal(fresh["model"].state_dict()[name], tensor), name
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_checkpoint_keeps_its_scores_by_name(tmp_path, version):
+    # Formats 1 and 2 kept the last evaluation's precision and test loss as loop fields.
+    parts = make_parts(ema=False)
+    path = tmp_path / "old.pt"
+    Checkpointer(path, 10, parts, {"steps": 100}).save(loop_state())
+    atomic_save(written_as_format(version, torch.load(path, weights_only=True)), path)
+    upgraded = load_checkpoint(path)
+    assert upgraded["format"] == FORMAT
+    loop = restore(upgraded, path, make_parts(ema=False))
+    assert loop.scores == {"precision": 0.25, "test_loss": 2.0}
+    check_loop(loop, path, 10)  # it goes on like a current one (tests/training/test_loop.py)
+
+
 @pytest.mark.parametrize("edit,damaged", [
     (lambda loop: loop.sampler.update(order=torch.zeros(10, dtype=torch.long)), "sampler.order"),
     (lambda loop: loop.sampler.update(position=11), "sampler.position"),
     (lambda loop: loop.sampler.update(epoch=-1), "sampler.epoch"),
     (lambda loop: loop.window.update(lrs=[]), "window"),
+    (lambda loop: loop.scores.update(precision="0.25"), "scores"),
 ])
 def test_a_loop_state_edited_by_hand_is_refused_before_any_run_reopens(tmp_path, edit, damaged):
     loop = loop_state()

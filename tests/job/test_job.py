@@ -48,8 +48,9 @@ def test_a_store_that_fails_mid_run_ends_in_one_line_and_resuming_finishes(
     assert message.startswith(f"the MLflow store {store} failed (store gone); not written: ")
     [run] = MlflowClient(store).search_runs(
         [MlflowClient(store).get_experiment_by_name("cifar_exp").experiment_id])
-    # 10 training points of steps 15 and 20, and the 10 `seconds/` points of the job's time
-    assert f"not written: 20 metric points, the run's end (run {run.info.run_id} is left " \
+    # 11 training points of steps 15 and 20 (precision_top5 at 20 among them), and the 10
+    # `seconds/` points of the job's time
+    assert f"not written: 21 metric points, the run's end (run {run.info.run_id} is left " \
            f"RUNNING)" in message
     assert message.endswith(f"once the store answers, python -m cifar_exp.run "
                             f"resume={tmp_path / 'checkpoint.pt'} writes it and closes run "

@@ -152,6 +152,35 @@ def test_a_key_a_run_did_not_override_shows_its_value_from_the_config():
     assert "| b | 0.001 |" in table and "| a | 0.01 |" in table and " - |" not in table
 
 
+def test_top5_precision_follows_precision_where_runs_logged_it():
+    runs = [summary("a", 0.5, seed="0"), summary("b", 0.7, seed="1"),
+            summary("old", 0.6, seed="2")]  # from before top-5 was logged
+    runs[0].precision_top5, runs[1].precision_top5 = 0.9, 0.95
+    lines = runs_table(runs, []).splitlines()
+    assert lines[0] == ("| run | status | precision | precision_top5 | examples/sec "
+                        "| wall time (s) |")
+    assert lines[2:] == ["| b | FINISHED | 0.7000 | 0.9500 | 1,000 | 12.0 |",
+                         "| old | FINISHED | 0.6000 | - | 1,000 | 12.0 |",
+                         "| a | FINISHED | 0.5000 | 0.9000 | 1,000 | 12.0 |"]
+    over_seeds = seed_table(runs, ["seed"]).splitlines()
+    assert over_seeds[0] == ("| seeds | precision (mean ± std) | precision_top5 (mean ± std) "
+                             "| examples/sec (mean) |")
+    top5 = statistics.mean([0.9, 0.95]), statistics.stdev([0.9, 0.95])
+    assert over_seeds[2] == f"| 3 | 0.6000 ± 0.1000 | {top5[0]:.4f} ± {top5[1]:.4f} | 1,000 |"
+
+
+def test_the_report_reads_top5_precision_from_the_store(store, tmp_path):
+    uri, parent = store
+    client = MlflowClient(uri)
+    best = next(run for run in client.search_runs([client.get_run(parent).info.experiment_id])
+                if run.info.run_name == "tf_cnn-adam-10 #1")
+    client.log_metric(best.info.run_id, "precision_top5", 0.97, step=10)
+    report = write_report(uri, tmp_path / "out", parent=parent, progress=False)
+    assert report.best.precision_top5 == 0.97
+    assert "| tf_cnn-adam-10 #1 | adam | 1 | FINISHED | 0.6300 | 0.9700 |" in report.markdown
+    assert "| tf_cnn-sgd-10 #3 | sgd | 1 | FINISHED | 0.5600 | - |" in report.markdown
+
+
 def test_runs_on_part_of_the_test_set_are_marked_and_ranked_after_whole_ones():
     whole, partial = summary("whole", 0.5), summary("partial", 0.9)
     partial.eval_images = 500

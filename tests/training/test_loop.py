@@ -12,7 +12,7 @@ import torch
 from cifar_exp.augment import build_augmentation
 from cifar_exp.data import CifarData
 from cifar_exp.errors import NonFiniteLoss, Stopped
-from cifar_exp.job.checkpoint import Checkpointer, load_checkpoint, restore
+from cifar_exp.job.checkpoint import Checkpointer, atomic_save, load_checkpoint, restore
 from cifar_exp.models import build_model
 from cifar_exp.optim import build_optimizer
 from cifar_exp.schedules import build_schedule
@@ -27,6 +27,7 @@ from cifar_exp.training.loop import (
 from cifar_exp.training.parts import Parts, TrainSettings
 from cifar_exp.training.scoring import score
 from tests.conftest import train_settings
+from tests.job.test_checkpoint import written_as_format
 
 
 class ListSink:
@@ -98,7 +99,11 @@ def test_logs_every_metric_on_schedule(slice_data):
     for key in ("loss", "lr", "examples_per_sec", "sec_per_batch"):
         assert sink.steps(key) == [10, 20, 25], key
     assert sink.steps("precision") == sink.steps("test_loss") == [20, 25]
+    assert sink.steps("precision_top5") == [20, 25]  # every score, by its name
     assert sink.values("precision")[-1] == result.precision
+    assert result.scores == {key: sink.values(key)[-1]
+                             for key in ("precision", "test_loss", "precision_top5")}
+    assert result.precision <= result.scores["precision_top5"] <= 1.0
     assert 0.0 <= result.precision <= 1.0 and result.test_loss > 0
     assert result.examples_per_sec > 0 and result.train_seconds > 0
     assert set(sink.values("lr")) == {1e-3}
@@ -127,9 +132,12 @@ def test_ema_model_is_evaluated(slice_data):
     result, _, model, ema = run(slice_data, settings, ema_decay=0.9999)
     augmentation = build_augmentation("tf_distort", slice_data.train_images)
     args = (augmentation, slice_data.test_images, slice_data.test_labels,
-            settings.eval_batch_size, torch.channels_last)
-    assert score(ema.model, *args) == (result.precision, result.test_loss)
-    assert score(model, *args)[1] != result.test_loss
+            settings.eval_batch_size)
+    ema_scores = score(ema.model, *args, memory_format=torch.channels_last)
+    assert (ema_scores["precision"], ema_scores["test_loss"]) == (result.precision,
+                                                                  result.test_loss)
+    assert score(model, *args, memory_format=torch.channels_last)["test_loss"] != \
+        result.test_loss
 
 
 def test_lookahead_leaves_the_weights_at_its_average(slice_data):
@@ -155,7 +163,8 @@ def test_lookahead_leaves_the_weights_at_its_average(slice_data):
             assert torch.equal(value, average_at_10[key]), key
     augmentation = build_augmentation("tf_distort", slice_data.train_images)
     assert score(parts.model, augmentation, slice_data.test_images, slice_data.test_labels,
-                    settings.eval_batch_size, torch.channels_last)[0] == result.precision
+                 settings.eval_batch_size,
+                 memory_format=torch.channels_last)["precision"] == result.precision
 
 
 def test_console_line_matches_the_tutorials(slice_data, caplog):
@@ -247,6 +256,32 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(slice_data, tmp_pa
         assert points == list(zip(whole_sink.steps(key), whole_sink.values(key),
                                   strict=True)), key
     assert load_checkpoint(path)["step"] == 12  # the final checkpoint
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_checkpoint_of_an_older_format_resumes_as_the_run_would_go_on(slice_data, tmp_path,
+                                                                        version):
+    # Stopped at step 7, after the evaluation at step 4; saved as format 1 or 2 wrote it.
+    settings = train_settings(steps=8, batch_size=32, log_every=4, eval_every=4,
+                              eval_batch_size=150, progress=False)
+    whole = build_parts(slice_data, settings)
+    whole_result, whole_sink = train_parts(whole, slice_data)
+    path = tmp_path / "checkpoint.pt"
+    first = build_parts(slice_data, settings)
+    with pytest.raises(Stopped):
+        train_parts(first, slice_data, checkpoints=saved_by(first, path), stop=stop_after(7))
+    atomic_save(written_as_format(version, torch.load(path, weights_only=True)), path)
+
+    second = build_parts(slice_data, settings)
+    loop = restored(second, path)
+    assert loop.step == 7
+    assert loop.scores == {key: whole_sink.values(key)[0] for key in ("precision", "test_loss")}
+    result, second_sink = train_parts(second, slice_data, resume=loop)
+    for name, part in second.states().items():
+        assert_identical(part.state_dict(), whole.states()[name].state_dict())
+    assert result.scores == whole_result.scores
+    assert second_sink.steps("loss") == [8] and second_sink.values("loss") == \
+        whole_sink.values("loss")[1:]
 
 
 @pytest.mark.parametrize("every,saved_at", [(4, [4, 8, 11]), (0, [11])])

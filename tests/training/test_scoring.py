@@ -1,5 +1,5 @@
-"""Scoring sees every test image exactly once, also when sharded over processes;
-test-time augmentation averages logits."""
+"""Scoring sees every test image exactly once, also when sharded over processes, and
+reports each score by name; test-time augmentation averages logits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cifar_exp.augment import build_augmentation
-from cifar_exp.training.scoring import score, tta_logits, tta_views
+from cifar_exp.training.scoring import METRICS, score, tta_logits, tta_views
 
 
 class ConstantClassifier(torch.nn.Module):
@@ -25,12 +25,48 @@ class ConstantClassifier(torch.nn.Module):
 @pytest.mark.parametrize("batch_size", [500, 3000, 10_000])
 def test_whole_test_set_exactly_once(cifar10, batch_size):
     augmentation = build_augmentation("tf_distort", cifar10.train_images)
-    precision, loss = score(ConstantClassifier(), augmentation, cifar10.test_images,
-                               cifar10.test_labels, batch_size)
+    scores = score(ConstantClassifier(), augmentation, cifar10.test_images,
+                   cifar10.test_labels, batch_size)
+    precision, loss = scores["precision"], scores["test_loss"]
     assert precision == 0.1  # 1,000 of the 10,000 test images are cats
     # These logits' cross-entropy is log(9 + e) - 1 for the cats, log(9 + e) for the rest.
     expected = math.log(9 + math.e) - 0.1
     assert loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_scores_are_named_as_metrics_are_logged():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10))
+    images, labels = torch.randint(0, 256, (20, 3, 4, 4), dtype=torch.uint8), torch.arange(20) % 10
+    scores = score(model, build_augmentation("none", images), images, labels, batch_size=8)
+    assert list(scores) == list(METRICS) == ["precision", "test_loss", "precision_top5"]
+    assert all(isinstance(value, float) for value in scores.values())
+
+
+class RankedLogits(torch.nn.Module):
+    """Logits that rank the classes of the batch's image i as i, i+1, i+2, ... (mod the
+    classes), whatever its pixels: its label is among the top k when it is one of those k."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = torch.arange(x.shape[0])[:, None]
+        rank = (torch.arange(self.classes)[None, :] - first) % self.classes
+        return -rank.float()
+
+
+@pytest.mark.parametrize("classes,top5", [(10, 0.5), (3, 1.0)])
+def test_top5_precision_counts_the_label_among_the_five_highest_logits(classes, top5):
+    # 10 images, each labelled with the class it ranks 0th, 1st, ... 9th (mod the classes).
+    # With 10 classes the labels ranked 0-4 count: 5 of 10. With 3, top-5 is every class.
+    count = 10
+    images = torch.randint(0, 256, (count, 3, 4, 4), dtype=torch.uint8)
+    labels = (torch.arange(count) * 2) % classes  # image i's label ranks (i mod classes)th
+    scores = score(RankedLogits(classes), build_augmentation("none", images), images, labels,
+                   batch_size=count)  # one batch: RankedLogits numbers the images in it
+    assert scores["precision_top5"] == top5
+    assert scores["precision"] == (labels == torch.arange(count) % classes).sum().item() / count
 
 
 def test_evaluation_restores_training_mode(cifar10):
@@ -75,11 +111,12 @@ def test_evaluate_with_tta_scores_the_averaged_logits(cifar10):
     images, labels = cifar10.test_images[:200], cifar10.test_labels[:200]
     with torch.no_grad():
         logits = tta_logits(model, augmentation.eval(images), "flip_translate")
-    precision, loss = score(model, augmentation, images, labels, batch_size=64,
-                               tta="flip_translate")
+    scores = score(model, augmentation, images, labels, batch_size=64, tta="flip_translate")
+    precision, loss = scores["precision"], scores["test_loss"]
     assert precision == (logits.argmax(1) == labels).sum().item() / 200
     assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
-    assert score(model, augmentation, images, labels, tta="none") != (precision, loss)
+    untransformed = score(model, augmentation, images, labels, tta="none")
+    assert (untransformed["precision"], untransformed["test_loss"]) != (precision, loss)
 
 
 def _evaluate_as_rank(rank: int, world_size: int, folder: str, images: torch.Tensor,
@@ -95,7 +132,7 @@ def _evaluate_as_rank(rank: int, world_size: int, folder: str, images: torch.Ten
     if rank:  # this rank's running statistics drifted from its own slices of the batches
         model[1].running_mean += 0.5
     result = score(model, augmentation, images, labels, batch_size=64, tta="flip",
-                      world=World(rank, world_size))
+                   world=World(rank, world_size))
     torch.save(result, f"{folder}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -116,11 +153,13 @@ def test_sharded_evaluation_over_two_processes_matches_one(cifar10, tmp_path):
     torch.multiprocessing.spawn(_evaluate_as_rank, args=(2, str(tmp_path), images, labels,
                                                          augmentation), nprocs=2)
     alone = score(batchnorm_convnet(), augmentation, images, labels, batch_size=64,
-                     tta="flip")
+                  tta="flip")
     for rank in (0, 1):  # every rank gets the totals, with rank 0's BatchNorm statistics
-        precision, loss = torch.load(tmp_path / f"rank{rank}.pt")
-        assert precision == pytest.approx(alone[0], abs=1e-12)
-        assert loss == pytest.approx(alone[1], rel=1e-6)
+        scores = torch.load(tmp_path / f"rank{rank}.pt")
+        precision, loss = scores["precision"], scores["test_loss"]
+        assert precision == pytest.approx(alone["precision"], abs=1e-12)
+        assert loss == pytest.approx(alone["test_loss"], rel=1e-6)
+        assert scores["precision_top5"] == pytest.approx(alone["precision_top5"], abs=1e-12)
 
 
 @pytest.mark.gpu
@@ -131,6 +170,7 @@ def test_gpu_evaluation_matches_the_cpu(cifar10):
     on_cpu = score(model, augmentation, images, labels, tta="flip_translate")
     cuda = torch.device("cuda")
     on_gpu = score(model.to(cuda), augmentation, images.to(cuda), labels.to(cuda),
-                      tta="flip_translate")
-    assert on_gpu[0] == pytest.approx(on_cpu[0], abs=0.002)  # a few images may tie-break
-    assert on_gpu[1] == pytest.approx(on_cpu[1], rel=1e-3)
+                   tta="flip_translate")
+    # A few images may tie-break.
+    assert on_gpu["precision"] == pytest.approx(on_cpu["precision"], abs=0.002)
+    assert on_gpu["test_loss"] == pytest.approx(on_cpu["test_loss"], rel=1e-3)

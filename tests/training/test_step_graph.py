@@ -1,6 +1,6 @@
-"""The whole training step as CUDA graphs: the device learning rates and which graph a step
-replays (on the CPU, a replay standing in for the graph), and on a GPU the graphed steps,
-data path included, against the same steps run op by op."""
+"""The whole training step as CUDA graphs: the device learning rates, which graph a call
+replays and the data path's fallback (on the CPU, a replay standing in for the graph), and
+on a GPU the graphed steps, data path included, against the same steps run op by op."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from cifar_exp.schedules import build_schedule
 from cifar_exp.training import step_graph
 from cifar_exp.training.batches import BatchMaker
 from cifar_exp.training.step import TrainingStep
-from cifar_exp.training.step_graph import MAX_GRAPHS, WARMUP_STEPS, DeviceLearningRates, StepGraphs
+from cifar_exp.training.step_graph import (
+    MAX_GRAPHS,
+    WARMUP_STEPS,
+    CaptureFailed,
+    DeviceLearningRates,
+    StepGraphs,
+)
 
 CPU = torch.device("cpu")
 
@@ -78,18 +84,20 @@ def test_installed_lrs_declare_adam_capturable_and_restore_it():
 def test_graphed_steps_train_as_the_eager_steps(monkeypatch, model_name, compile_mode):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     cuda, steps = torch.device("cuda"), 10
+    generator = torch.Generator(cuda).manual_seed(1)
+    inputs = torch.randn(steps * 32, 3, 24, 24, device=cuda, generator=generator)
+    labels = torch.randint(0, 10, (steps * 32,), device=cuda, generator=generator)
     runs = {}
     for graphed in (False, True):
         torch.manual_seed(0)
         model = build_model(model_name, 10, 24).to(cuda)
         optimizer, schedule = sgd_with_schedule(model, steps)
-        step = TrainingStep(model, optimizer, cuda, "fp32", compile_mode, cuda_graph=graphed)
-        generator = torch.Generator(cuda).manual_seed(1)
+        step = TrainingStep(model, optimizer, made_of(inputs, labels), cuda, amp="fp32",
+                            compile_mode=compile_mode, cuda_graph=graphed)
         losses = []
-        for _ in range(steps):
-            inputs = torch.randn(32, 3, 24, 24, device=cuda, generator=generator)
-            labels = torch.randint(0, 10, (32,), device=cuda, generator=generator)
-            losses.append(step(inputs, labels).clone())
+        for index in range(steps):  # a new batch each step
+            losses.append(step(torch.arange(index * 32, (index + 1) * 32, device=cuda),
+                               0).clone())
             schedule.step()
         runs[graphed] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()])
         if graphed:
@@ -105,13 +113,15 @@ def test_a_new_frozen_set_captures_a_new_graph_that_leaves_it_alone():
     torch.manual_seed(0)
     model = build_model("tf_cnn", 10, 24).to(cuda)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    step = TrainingStep(model, optimizer, cuda, "bf16", cuda_graph=True)
     inputs = torch.randn(32, 3, 24, 24, device=cuda)
     labels = torch.randint(0, 10, (32,), device=cuda)
+    step = TrainingStep(model, optimizer, made_of(inputs, labels), cuda, amp="bf16",
+                        cuda_graph=True)
+    indices = torch.arange(32, device=cuda)  # the same batch each step
     for _ in range(WARMUP_STEPS + 2):
-        step(inputs, labels)
+        step(indices, 0)
     bias, weight = model.conv1.bias.detach().clone(), model.conv1.weight.detach().clone()
-    losses = [step(inputs, labels, frozen=[model.conv1.bias]).item() for _ in range(3)]
+    losses = [step(indices, 0, frozen=[model.conv1.bias]).item() for _ in range(3)]
     assert step.graphs is not None and step.graphs.captures == 2
     assert torch.equal(model.conv1.bias, bias)
     assert not torch.equal(model.conv1.weight, weight)
@@ -147,8 +157,64 @@ def graphs_on_the_cpu(monkeypatch):
 
 
 def batch_summary(inputs: torch.Tensor, labels: torch.Tensor, frozen=()) -> torch.Tensor:
-    """A stand-in step whose "loss" tells the batch it was given."""
+    """A stand-in model step whose "loss" tells the batch it was given."""
     return inputs.double().sum() + labels.double().sum() * 1e3
+
+
+def summarizing_step(batches: BatchMaker, optimizer) -> TrainingStep:
+    """A graphed TrainingStep with `batches` as its data path and batch_summary standing in
+    for its model step."""
+    step = TrainingStep(torch.nn.Linear(2, 2), optimizer, batches, CPU, cuda_graph=True)
+    step.eager = batch_summary
+    return step
+
+
+class AsGiven:
+    """Stands in for an augmentation: the drawn images as they are (already float)."""
+
+    image_size = 24
+
+    def train(self, images, generator, indices=None, epoch=0):
+        return images
+
+    def eval(self, images):
+        return images
+
+
+def made_of(inputs: torch.Tensor, labels: torch.Tensor) -> BatchMaker:
+    """A batch maker whose training set is these images, as they are."""
+    data = CifarData(inputs, labels, inputs[:0], labels[:0], [str(c) for c in range(10)])
+    return BatchMaker(data, AsGiven(), torch.Generator(inputs.device), torch.contiguous_format)
+
+
+def test_graphs_wrap_any_function_of_tensors_one_graph_per_key(graphs_on_the_cpu):
+    """No batches here: the work is a function of its tensor arguments, run op by op for
+    the warm-up, then replayed from the graph of its key on each call's arguments."""
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    graphs = StepGraphs(optimizer, CPU)
+    generator = torch.Generator()
+
+    def doubled_sum(values: torch.Tensor) -> torch.Tensor:
+        return values.double().sum() * 2
+
+    for call in range(WARMUP_STEPS + 4):
+        values = torch.arange(call, call + 3)
+        key = call % 2 if call >= WARMUP_STEPS else "warm-up"
+        assert graphs(key, doubled_sum, (values,), generator) == doubled_sum(values), call
+    assert graphs.eager_steps == WARMUP_STEPS and graphs.captures == 2
+    assert graphs_on_the_cpu == [generator, generator]
+
+
+def test_a_capture_that_fails_says_why(graphs_on_the_cpu, monkeypatch):
+    def refuse(self, arguments, work, generator):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StepGraphs, "_capture", refuse)
+    graphs = StepGraphs(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), CPU)
+    graphs.eager_steps = WARMUP_STEPS
+    with pytest.raises(CaptureFailed, match="operation not permitted") as failed:
+        graphs("key", torch.sum, (torch.ones(2),))
+    assert isinstance(failed.value.__cause__, RuntimeError) and graphs.captures == 0
 
 
 def twin_batch_makers(data: CifarData, augmentation, seed: int) -> tuple[BatchMaker, BatchMaker]:
@@ -165,14 +231,14 @@ def test_graphed_batches_replay_the_data_path_on_each_steps_indices(cifar10,
     augmentation = build_augmentation("crop_flip", data.train_images, alternating_flip=True)
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     made, twin = twin_batch_makers(data, augmentation, seed=1)
-    graphs = StepGraphs(batch_summary, optimizer, CPU)
+    graphed = summarizing_step(made, optimizer)
     order = torch.randperm(512, generator=torch.Generator().manual_seed(2))
     epochs = [0] * 6 + [1] * 3 + [2] * 3  # warm-up steps, then three epochs
     for step, epoch in enumerate(epochs):
         indices = order[step * 16:(step + 1) * 16]
-        loss = graphs.on_batch(made, indices, epoch).clone()
+        loss = graphed(indices, epoch).clone()
         assert loss == batch_summary(*twin(indices, epoch)), step  # the same draws, in turn
-    assert graphs.captures == 2  # one graph per flip parity, reused in epoch 2
+    assert graphed.graphs.captures == 2  # one graph per flip parity, reused in epoch 2
     assert graphs_on_the_cpu == [made.generator, made.generator]  # each draws from the trainer's
 
 
@@ -183,19 +249,20 @@ def test_a_new_frozen_set_or_parity_captures_a_graph_and_the_oldest_goes(cifar10
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     made = BatchMaker(cifar10, augmentation, torch.Generator(), torch.contiguous_format)
-    graphs = StepGraphs(batch_summary, optimizer, CPU)
+    graphed = summarizing_step(made, optimizer)
+    graphs = graphed.graphs
     indices = torch.arange(8)
     for _ in range(WARMUP_STEPS):
-        graphs.on_batch(made, indices, 0)
+        graphed(indices, 0)
     assert graphs.captures == 0
     frozen_sets = [(), (model.bias,), (model.weight,)]
     for frozen in frozen_sets:  # 3 frozen sets x 2 parities = 6 graphs
         for epoch in (0, 1):
-            graphs.on_batch(made, indices, epoch, frozen)
+            graphed(indices, epoch, frozen)
     assert graphs.captures == 6 and len(graphs._captured) == MAX_GRAPHS
-    graphs.on_batch(made, indices, 1, (model.weight,))  # among the kept ones: replayed
+    graphed(indices, 1, (model.weight,))  # among the kept ones: replayed
     assert graphs.captures == 6
-    graphs.on_batch(made, indices, 0, ())  # the first, dropped: captured again
+    graphed(indices, 0, ())  # the first, dropped: captured again
     assert graphs.captures == 7 and len(graphs._captured) == MAX_GRAPHS
 
 
@@ -214,13 +281,13 @@ def test_graphed_batches_draw_and_train_as_the_eager_ones(monkeypatch, cifar10):
                                           cutout=8)
         model = build_model("resnet9", 10, 32).to(cuda)
         optimizer, schedule = sgd_with_schedule(model, steps)
-        step = TrainingStep(model, optimizer, cuda, "fp32", cuda_graph=graphed)
         generator = torch.Generator(cuda).manual_seed(1)
         made = BatchMaker(data, augmentation, generator, torch.channels_last)
+        step = TrainingStep(model, optimizer, made, cuda, amp="fp32", cuda_graph=graphed)
         losses = []
         for index in range(steps):
             indices = torch.randint(0, 50_000, (64,), device=cuda, generator=generator)
-            losses.append(step.on_batch(made, indices, epoch=index // 6).clone())
+            losses.append(step(indices, epoch=index // 6).clone())
             schedule.step()
         runs[graphed] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()],
                          generator.get_state())
@@ -245,11 +312,11 @@ def test_a_data_path_that_cannot_be_captured_runs_op_by_op_before_the_graph(
     augmentation = build_augmentation("tf_distort", cifar10.train_images[:64])
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     made, twin = twin_batch_makers(cifar10, augmentation, seed=4)
-    graphs = StepGraphs(batch_summary, optimizer, CPU)
+    graphed = summarizing_step(made, optimizer)
     for step in range(WARMUP_STEPS + 3):
         indices = torch.arange(step * 8, step * 8 + 8)
-        assert graphs.on_batch(made, indices, 0) == batch_summary(*twin(indices, 0)), step
-    assert graphs.batches_outside == "operation not permitted when stream is capturing"
-    assert graphs.captures == 1  # the step alone, once
+        assert graphed(indices, 0) == batch_summary(*twin(indices, 0)), step
+    assert graphed.batches_outside == "operation not permitted when stream is capturing"
+    assert graphed.graphs.captures == 1  # the step alone, once
     warnings = [r.message for r in caplog.records if "could not be captured" in r.message]
     assert len(warnings) == 1 and "it runs op by op, the step still as a graph" in warnings[0]
