@@ -33,6 +33,7 @@ from cifar_exp.errors import (
     RecordFailure,
     Stopped,
     UserError,
+    refuse,
 )
 from cifar_exp.tracking.naming import SWEPT_KEYS_ENV, git_tags, short_keys, short_number
 from cifar_exp.tracking.redact import install_redaction
@@ -106,10 +107,9 @@ def run_and_report(cfg: DictConfig, context: job.JobContext,
     try:
         return job.run_job(cfg, context).precision
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
         if new_folder is not None:  # refused: leave no empty outputs/<date>/<time>/
             remove_new_folder(new_folder)
-        sys.exit(2)
+        refuse(error)
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
         if in_sweep:
@@ -169,8 +169,7 @@ def refuse_untrusted_configs() -> None:
         try:
             check_callables(cfg)
         except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+            refuse(error)
         return cfg
 
     ConfigLoaderImpl.load_configuration = checked
@@ -180,14 +179,12 @@ def cli() -> None:
     """`python -m cifar_exp.run` and the `cifar-exp` command."""
     world = current_world()
     if world.distributed and {"-m", "--multirun"} & set(sys.argv):
-        print("error: a sweep (-m) under torchrun would run once per process; run its jobs "
-              "one by one under torchrun", file=sys.stderr)
-        sys.exit(2)
+        refuse("a sweep (-m) under torchrun would run once per process; run its jobs one by "
+               "one under torchrun")
     try:
         sys.argv[1:] = command_overrides(sys.argv[1:])
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        refuse(error)
     # Under torchrun, ranks other than 0 run without an output folder of their own (Hydra
     # would otherwise create one per process).
     sys.argv += hydra_overrides(world)

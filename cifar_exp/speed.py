@@ -59,21 +59,25 @@ def resolve_amp(name: str, device: torch.device) -> str:
     return "fp32"
 
 
-def resolve_compile(mode: str, device: torch.device) -> str:
+def resolve_compile(mode: str, device: torch.device, *, own_step: bool = True) -> str:
     """`auto` -> none on every device. On the CPU the compiled step measured slower than
     eager and costs about 30 s to compile; on a GPU the whole-step CUDA graphs of
     `cuda_graph=auto` already remove the launch overhead that compiling would, without its
-    ~40 s of compilation per process."""
+    ~40 s of compilation per process. Without `own_step` (a launcher's step maker takes
+    the steps, e.g. a packed sweep's stacked step) nothing of the job's is compiled."""
     check_compile(mode)
-    return "none" if mode == "auto" else mode
+    return "none" if mode == "auto" or not own_step else mode
 
 
-def resolve_cuda_graph(setting: object, device: torch.device, amp: str, compile_mode: str,
-                       fused_optimizer: bool, data_parallel: bool) -> bool:
+def resolve_cuda_graph(setting: object, device: torch.device, amp: str, compile_mode: str, *,
+                       fused_optimizer: bool, data_parallel: bool, own_step: bool = True) -> bool:
     """Whether to replay the whole step as CUDA graphs. `auto` -> wherever the step can be
     captured and is not compiled; `true` where it cannot be captured is refused with the
-    reason."""
+    reason. Without `own_step` the launcher's step runs as it chooses (op by op for a
+    packed sweep's stacked step; the run's tags say what ran)."""
     check_cuda_graph(setting)
+    if not own_step:
+        return False
     obstacles = [reason for present, reason in (
         (device.type != "cuda", "it needs a CUDA GPU"),
         (not fused_optimizer, "it needs a fused optimizer (optimizer.fused=true), whose lr "
@@ -90,3 +94,9 @@ def resolve_cuda_graph(setting: object, device: torch.device, amp: str, compile_
         raise ConfigError(f"cuda_graph=true cannot work here: {obstacles[0]}; use "
                           f"cuda_graph=auto or false")
     return bool(setting)
+
+
+def resolve_progress(main_process: bool, shares_console: bool) -> bool:
+    """A progress bar for the job's main process, unless other jobs share its console (a
+    packed sweep shows one bar for all of its jobs)."""
+    return main_process and not shares_console

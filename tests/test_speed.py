@@ -12,6 +12,7 @@ from cifar_exp.speed import (
     resolve_amp,
     resolve_compile,
     resolve_cuda_graph,
+    resolve_progress,
 )
 from cifar_exp.training.step import AMP_DTYPES
 
@@ -60,7 +61,8 @@ def test_cuda_graph_true_where_it_cannot_work_says_why(device, obstacle, message
 
 def test_unknown_cuda_graph_setting_is_refused():
     with pytest.raises(ConfigError, match="cuda_graph=always is unknown; use auto, true or false"):
-        resolve_cuda_graph("always", CPU, "fp32", "none", True, False)
+        resolve_cuda_graph("always", CPU, "fp32", "none", fused_optimizer=True,
+                           data_parallel=False)
 
 
 def test_every_amp_format_has_an_autocast_dtype():
@@ -72,3 +74,20 @@ def test_unknown_tta_is_refused():
     with pytest.raises(ConfigError, match="tta=mirror is unknown; use one of none, flip, "
                                           "flip_translate"):
         check_tta("mirror")
+
+
+def test_a_launchers_step_gets_neither_compile_nor_graphs_whatever_was_asked():
+    cuda = torch.device("cuda")  # a device name only: nothing runs on it
+    capturable = {"amp": "bf16", "compile_mode": "none", "fused_optimizer": True,
+                  "data_parallel": False}
+    assert resolve_compile("default", cuda, own_step=False) == "none"
+    assert resolve_compile("default", cuda) == "default"
+    for asked in ("auto", True):
+        assert not resolve_cuda_graph(asked, cuda, **capturable, own_step=False)
+        assert resolve_cuda_graph(asked, cuda, **capturable)
+
+
+def test_only_a_main_process_that_owns_its_console_shows_a_progress_bar():
+    assert resolve_progress(main_process=True, shares_console=False)
+    assert not resolve_progress(main_process=True, shares_console=True)
+    assert not resolve_progress(main_process=False, shares_console=False)

@@ -62,7 +62,7 @@ class CropFlip:
 
 
 @AUGMENTATIONS.register("crop_flip")
-def build(train_images: torch.Tensor, padding: int = 4, flip: bool = True,
+def build(train_images: torch.Tensor, *, padding: int = 4, flip: bool = True,
           alternating_flip: bool = False, cutout: int = 0, mean: list[float] | None = None,
           std: list[float] | None = None) -> CropFlip:
     side = train_images.shape[-1]

@@ -105,7 +105,7 @@ class ResidualConvBlock(nn.Module):
 
 
 class Airbench(nn.Module):
-    def __init__(self, num_classes: int, widths: list[int], convs_per_block: int,
+    def __init__(self, num_classes: int, widths: list[int], convs_per_block: int, *,
                  bn_momentum: float, logit_scale: float, whiten_kernel: int,
                  whiten_eps: float, whiten_bias_epochs: int | None = None,
                  residual: bool = False) -> None:
@@ -135,7 +135,7 @@ class Airbench(nn.Module):
 
 
 @MODELS.register("airbench")
-def build(num_classes: int, image_size: int, widths: list[int] = (64, 256, 256),
+def build(num_classes: int, image_size: int, *, widths: list[int] = (64, 256, 256),
           convs_per_block: int = 2, bn_momentum: float = 0.4, logit_scale: float = 1 / 9,
           whiten_kernel: int = 2, whiten_eps: float = 5e-4,
           whiten_bias_epochs: int | None = 3, residual: bool = False) -> Airbench:
@@ -155,5 +155,6 @@ def build(num_classes: int, image_size: int, widths: list[int] = (64, 256, 256),
     if whiten_bias_epochs is not None and whiten_bias_epochs < 0:
         raise ConfigError(f"model.whiten_bias_epochs={whiten_bias_epochs} must be >= 0, or "
                           f"null to train the whitening bias throughout")
-    return Airbench(num_classes, widths, convs_per_block, bn_momentum, logit_scale,
-                    whiten_kernel, whiten_eps, whiten_bias_epochs, residual)
+    return Airbench(num_classes, widths, convs_per_block, bn_momentum=bn_momentum,
+                    logit_scale=logit_scale, whiten_kernel=whiten_kernel, whiten_eps=whiten_eps,
+                    whiten_bias_epochs=whiten_bias_epochs, residual=residual)

@@ -12,7 +12,7 @@ from cifar_exp.optim.groups import scaled_groups
 
 
 @OPTIMIZERS.register("adam")
-def adam(params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+def adam(params, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
          eps: float = 1e-8, weight_decay: float = 0.0, fused: bool | None = None,
          foreach: bool | None = None) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -20,7 +20,7 @@ def adam(params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+def adamw(params, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
           eps: float = 1e-8, weight_decay: float = 0.01, fused: bool | None = None,
           foreach: bool | None = None) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps,
@@ -28,7 +28,7 @@ def adamw(params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(params, lr: float = 0.1, momentum: float = 0.9, nesterov: bool = False,
+def sgd(params, *, lr: float = 0.1, momentum: float = 0.9, nesterov: bool = False,
         weight_decay: float = 0.0, norm_lr_scale: float = 1.0,
         decoupled_weight_decay: bool = False, fused: bool | None = None,
         foreach: bool | None = None) -> torch.optim.SGD:

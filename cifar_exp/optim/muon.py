@@ -128,7 +128,7 @@ def split_parameters(params: Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
 @OPTIMIZERS.register("muon")
-def muon(params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+def muon(params, *, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
          weight_decay: float = 0.0, ns_steps: int = 5,
          ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315),
          eps: float = 1e-7, adjust_lr_fn: str | None = None, normalize_filters: bool = False,

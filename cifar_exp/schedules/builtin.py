@@ -59,7 +59,7 @@ def warmup_linear(optimizer, total_steps: int, steps_per_epoch: float,
 
 
 @SCHEDULES.register("onecycle")
-def onecycle(optimizer, total_steps: int, steps_per_epoch: float, max_lr: float | None = None,
+def onecycle(optimizer, total_steps: int, steps_per_epoch: float, *, max_lr: float | None = None,
              pct_start: float = 0.25, anneal_strategy: str = "linear", div_factor: float = 25.0,
              final_div_factor: float = 1e4, cycle_momentum: bool = False) -> OneCycleLR:
     """Warm up to `max_lr` (default: the optimizer's lr), then anneal."""

@@ -104,7 +104,7 @@ class RunTracker:
     What could not be written (metric points, artifacts, the run's end) is in `failures`,
     and the first error in `failure_cause`, for the caller to report once training is over."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str,
+    def __init__(self, uri: str, experiment: str, run_name: str, *,
                  tags: Mapping[str, str] | None = None, flush_seconds: float = 10.0,
                  parent_run_id: str | None = None, run_id: str | None = None,
                  pending: Sequence[PointTuple] = (), system_metrics_seconds: float = 0) -> None:

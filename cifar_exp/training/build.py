@@ -14,7 +14,7 @@ from cifar_exp.models import build_model, initialize_from_data, wants_data
 from cifar_exp.optim import build_optimizer
 from cifar_exp.optim.groups import parameter_groups
 from cifar_exp.schedules import build_schedule
-from cifar_exp.speed import resolve_amp, resolve_compile, resolve_cuda_graph
+from cifar_exp.speed import resolve_amp, resolve_compile, resolve_cuda_graph, resolve_progress
 from cifar_exp.training.ema import WeightAverage
 from cifar_exp.training.lookahead import Lookahead
 from cifar_exp.training.parts import Parts, TrainSettings
@@ -49,9 +49,12 @@ def select_gpu(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def build_parts(cfg: DictConfig, data: CifarData, world: World = SINGLE) -> Parts:
+def build_parts(cfg: DictConfig, data: CifarData, world: World = SINGLE, *,
+                own_step: bool = True, shares_console: bool = False) -> Parts:
     """Build every part named by `cfg` for `data` (already on the training device), to
-    train in `world` (one process, or the ranks of a data-parallel job)."""
+    train in `world` (one process, or the ranks of a data-parallel job). `own_step`: the
+    trainer makes its own step (not a launcher's step maker); `shares_console`: other jobs
+    of this process show their progress with this one's."""
     num_train = data.train_labels.numel()
     if cfg.batch_size > num_train:
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {num_train} training images")
@@ -67,8 +70,10 @@ def build_parts(cfg: DictConfig, data: CifarData, world: World = SINGLE) -> Part
                  if cfg.lookahead.every is not None else None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # shapes are static
+    settings = build_settings(cfg, device, world, own_step=own_step,
+                              shares_console=shares_console)
     return Parts(augmentation, model, optimizer, scheduler, ema=ema, lookahead=lookahead,
-                      settings=build_settings(cfg, device, world))
+                 settings=settings)
 
 
 def build_network(cfg: DictConfig, data: CifarData) -> tuple[Augmentation, torch.nn.Module]:
@@ -85,18 +90,19 @@ def build_network(cfg: DictConfig, data: CifarData) -> tuple[Augmentation, torch
     return augmentation, model
 
 
-def build_settings(cfg: DictConfig, device: torch.device,
-                   world: World = SINGLE) -> TrainSettings:
-    """The trainer's settings from `cfg`, with `auto` speed options resolved for `device`
-    and `world`; only the main process shows a progress bar."""
+def build_settings(cfg: DictConfig, device: torch.device, world: World = SINGLE, *,
+                   own_step: bool = True, shares_console: bool = False) -> TrainSettings:
+    """The trainer's settings from `cfg`, with the speed options resolved once, by the
+    policy in cifar_exp.speed, for `device`, `world` and the launcher's facts (see
+    build_parts); they are not changed after."""
     amp = resolve_amp(cfg.amp, device)
-    compile_mode = resolve_compile(cfg.compile, device)
+    compile_mode = resolve_compile(cfg.compile, device, own_step=own_step)
     cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device, amp, compile_mode,
                                     fused_optimizer=bool(cfg.optimizer.get("fused")),
-                                    data_parallel=world.distributed)
+                                    data_parallel=world.distributed, own_step=own_step)
     return TrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
                          log_every=cfg.log_every, eval_every=cfg.eval_every,
                          eval_batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
                          amp=amp, compile=compile_mode, cuda_graph=cuda_graph,
                          label_smoothing=cfg.label_smoothing, tta=cfg.tta,
-                         progress=world.is_main)
+                         progress=resolve_progress(world.is_main, shares_console))

@@ -58,7 +58,7 @@ def distribution(override: Override) -> optuna.distributions.BaseDistribution:
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, direction: str = "maximize", study_name: str = "search",
+    def __init__(self, *, direction: str = "maximize", study_name: str = "search",
                  storage: str | None = None, n_trials: int = 20, n_jobs: int = 1,
                  sampler: str = "tpe", seed: int | None = 0, pruner: str = "median",
                  params: dict[str, str] | None = None) -> None:

@@ -35,6 +35,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from cifar_exp.errors import refuse
+
 log = logging.getLogger(__name__)
 MODES = ("auto", "stacked", "processes", "sequential")
 
@@ -42,13 +44,10 @@ MODES = ("auto", "stacked", "processes", "sequential")
 class PackedLauncher(Launcher):
     def __init__(self, mode: str = "auto", jobs_per_device: int = 8) -> None:
         if mode not in MODES:
-            print(f"error: hydra.launcher.mode={mode} is not one of {', '.join(MODES)}",
-                  file=sys.stderr)
-            sys.exit(2)
+            refuse(f"hydra.launcher.mode={mode} is not one of {', '.join(MODES)}")
         if not isinstance(jobs_per_device, int) or jobs_per_device < 1:
-            print(f"error: hydra.launcher.jobs_per_device={jobs_per_device} must be a positive "
-                  f"integer", file=sys.stderr)
-            sys.exit(2)
+            refuse(f"hydra.launcher.jobs_per_device={jobs_per_device} must be a positive "
+                   f"integer")
         self.mode, self.jobs_per_device = mode, jobs_per_device
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -117,8 +116,7 @@ class PackedLauncher(Launcher):
             for member in members:
                 validate(member.cfg)
         except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+            refuse(error)
         logs = _MemberLogs(self.config, members)
         install_redaction()
         exits: list[int] = []
@@ -188,8 +186,13 @@ class _Member:
         import dataclasses
 
         from cifar_exp import run
+        from cifar_exp.job.job import LauncherHooks
 
-        context = dataclasses.replace(self.context, pack=pack, member=index)
+        # The pack takes the member's steps with the others', holds the one stop request
+        # (signals reach the main thread), places the pack on its GPU, and shows one bar.
+        hooks = LauncherHooks(step_maker=pack.step_maker(index), stop=pack.stop,
+                              device_slot=pack.index, shares_device=True)
+        context = dataclasses.replace(self.context, hooks=hooks)
         try:
             self.job_return.return_value = run.run_and_report(self.cfg, context)
             self.job_return.status = JobStatus.COMPLETED

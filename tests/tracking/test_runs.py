@@ -28,7 +28,7 @@ def test_flatten_nests_with_dots():
 
 
 def test_finished_run_keeps_every_point(store):
-    with RunTracker(store, "unit", "ok-run", {"command": "test"}, flush_seconds=3600) as run:
+    with RunTracker(store, "unit", "ok-run", tags={"command": "test"}, flush_seconds=3600) as run:
         run.log_params({"optimizer.lr": 0.001, "model.name": "tf_cnn"})
         for step in range(1, 1201):  # more than one log_batch worth of metrics
             run.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step)
@@ -141,7 +141,7 @@ def test_resumed_run_records_each_point_once(store):
         raise KeyboardInterrupt  # killed after step 4; say its checkpoint is from step 2
     assert MlflowClient(store).get_run(first.run_id).info.status == "KILLED"
     pending = [("lr", 0.5, 1000, 2)]  # a point the store had not taken at the checkpoint
-    with RunTracker(store, "unit", "ignored", {"resumed_from_step": "2"}, run_id=first.run_id,
+    with RunTracker(store, "unit", "ignored", tags={"resumed_from_step": "2"}, run_id=first.run_id,
                     pending=pending) as second:
         for step in range(3, 7):  # steps 3 and 4 again, as the resumed job redoes them
             second.log_metrics({"loss": float(step), "lr": 0.5}, step)
