@@ -9,7 +9,6 @@ import logging
 import os
 import pickle
 import shutil
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from cifar_exp import checksums
 from cifar_exp.config import DATA_ROOT_ENV, DEFAULT_DATA_ROOT
-from cifar_exp.errors import ConfigError, DataError
+from cifar_exp.errors import ConfigError, DataError, refuse
 
 log = logging.getLogger(__name__)
 IMAGE_SHAPE = (3, 32, 32)
@@ -382,8 +381,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         data = load_cifar(args.name, root, args.download, args.verify, args.manifest)
     except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        refuse(error)
     seconds = time.perf_counter() - start
     checked = ", files verified" if args.verify or args.manifest else ""
     print(f"{SPECS[args.name].title} in {root}: {len(data.train_labels):,} training and "

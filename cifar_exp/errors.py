@@ -1,6 +1,22 @@
 """Errors that reach the user as one line: what is wrong and how to fix it."""
 
 import signal
+import sys
+from typing import NoReturn
+
+BAD_INPUT_EXIT = 2  # the exit code of a refused command: nothing was started or written
+
+
+def refused(error: BaseException | str) -> int:
+    """Say `error: <what is wrong and how to fix it>` on stderr; the exit code of bad input,
+    for a command's main() to return."""
+    print(f"error: {error}", file=sys.stderr)
+    return BAD_INPUT_EXIT
+
+
+def refuse(error: BaseException | str) -> NoReturn:
+    """Say the error in one line on stderr and exit with the code of bad input."""
+    sys.exit(refused(error))
 
 
 class UserError(Exception):

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cifar_exp.errors import UserError
+from cifar_exp.errors import UserError, refused
+from cifar_exp.serving.source import add_source_arguments
 
 if TYPE_CHECKING:
     import numpy as np
@@ -65,12 +66,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar-exp-predict",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--run", metavar="RUN_ID", help="an MLflow run that trained a model")
-    where.add_argument("--checkpoint", type=Path, help="a checkpoint file")
+    add_source_arguments(parser)
     parser.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
-                        help="the store of --run (default sqlite:///mlflow.db)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return parser
 
@@ -90,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                 strict=True):
             print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in ranked))
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refused(error)
     return 0
 
 

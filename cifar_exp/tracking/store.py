@@ -25,7 +25,7 @@ from mlflow.entities import DatasetInput, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cifar_exp.config import check_experiment_name
+from cifar_exp.config import DEFAULT_TRACKING_URI, check_experiment_name
 from cifar_exp.errors import CheckpointError, ConfigError, one_line
 from cifar_exp.job.locks import exclusive
 from cifar_exp.tracking.redact import redact
@@ -79,7 +79,7 @@ def check_tracking_uri(uri: str, must_exist: bool = False) -> None:
         _check_database(uri, shown)
     elif scheme != "databricks":
         raise ConfigError(f"tracking.uri={shown} is not a store this project writes to; use "
-                          f"sqlite:///<file> (the default is sqlite:///mlflow.db), "
+                          f"sqlite:///<file> (the default is {DEFAULT_TRACKING_URI}), "
                           f"http(s)://<server> or a database URI such as postgresql://...")
 
 
@@ -89,14 +89,14 @@ def _check_server(uri: str, shown: str) -> None:
     except requests.RequestException as error:
         raise ConfigError(f"MLflow tracking server {shown} does not answer "
                           f"({redact(one_line(error))}); start it or fix tracking.uri "
-                          f"(default sqlite:///mlflow.db)") from error
+                          f"(default {DEFAULT_TRACKING_URI})") from error
 
 
 def _check_sqlite(uri: str, shown: str, must_exist: bool) -> None:
     database = sqlite_path(uri)
     if database is None or uri.startswith("sqlite:///:memory:"):
         raise ConfigError(f"tracking.uri={shown} keeps nothing once the command ends; give a "
-                          f"file: sqlite:///<path> (the default is sqlite:///mlflow.db)")
+                          f"file: sqlite:///<path> (the default is {DEFAULT_TRACKING_URI})")
     if must_exist and not database.is_file():
         raise ConfigError(f"no tracking store at {database}; pass the tracking URI of the "
                           f"store the runs were logged to")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp.errors import UserError
+from cifar_exp.errors import UserError, refuse
 from cifar_exp.tracking.naming import PARENT_RUN_ENV, SWEPT_KEYS_ENV, command_line, git_tags
 from cifar_exp.tracking.redact import install_redaction, redact
 from cifar_exp.tracking.report import write_report
@@ -48,8 +47,7 @@ class SweepTracking(Callback):
             check_tracking_uri(self.uri)
             experiment_id = open_experiment(self.uri, config.tracking.experiment)
         except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+            refuse(error)
         overrides = redact(" ".join(config.hydra.overrides.task))
         tags = {"sweep": "parent", "command": redact(command_line()), "overrides": overrides,
                 "sweep_dir": str(config.hydra.sweep.dir),
