@@ -1,5 +1,6 @@
 """Errors that reach the user as one line: what is wrong and how to fix it."""
 
+import argparse
 import signal
 import sys
 from typing import NoReturn
@@ -17,6 +18,14 @@ def refused(error: BaseException | str) -> int:
 def refuse(error: BaseException | str) -> NoReturn:
     """Say the error in one line on stderr and exit with the code of bad input."""
     sys.exit(refused(error))
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for the commands: a bad command line is a UserError like any bad input,
+    said in one line by the command (argparse's own way prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 class UserError(Exception):

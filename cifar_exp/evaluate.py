@@ -1,13 +1,13 @@
 """Score a trained model without training: the test set's precision (@1, @5) and loss.
 
-    cifar-exp-evaluate run_id=<MLflow run> [key=value ...]    (or python -m cifar_exp.evaluate)
-    cifar-exp-evaluate checkpoint=<file> [key=value ...]
+    cifar-exp-evaluate --run <MLflow run id> [key=value ...]   (or python -m cifar_exp.evaluate)
+    cifar-exp-evaluate --checkpoint <file> [key=value ...]
 
 The model is rebuilt from its run's config with the weights the run evaluates (the EMA
 copy when it trained with one). Keys that change how it is scored, not what was trained,
 may be given like `python -m cifar_exp.run` takes them: eval_images, eval_batch_size,
-tta, device, amp, channels_last, data.*, tracking.uri, tracking.experiment. `log=false`
-only prints.
+tta, device, amp, channels_last, data.*, tracking.uri, tracking.experiment. `--no-log`
+only prints. (The spellings run_id=, checkpoint= and log=false still work, with a hint.)
 
 The result is logged as a new MLflow run, named `evaluate <run name>` and tagged
 `evaluation_of=<run id>`, in the trained run's experiment: the trained run's own record
@@ -17,12 +17,14 @@ others in the UI."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cifar_exp.errors import UserError
+from cifar_exp.config import DEFAULT_TRACKING_URI
+from cifar_exp.errors import CommandParser, RecordFailure, UserError, refused
+from cifar_exp.serving.source import add_source_arguments
 from cifar_exp.tracking.naming import command_line, git_tags
 from cifar_exp.tracking.redact import redact
 
@@ -30,27 +32,55 @@ if TYPE_CHECKING:
     from cifar_exp.data import CifarData
     from cifar_exp.serving.trained import Trained
 
-DEFAULT_URI = "sqlite:///mlflow.db"
-OWN_KEYS = ("run_id", "checkpoint", "log")
+# The spellings of "which model" before the commands shared one: accepted for a while.
+OLD_SPELLINGS = {"run_id": "--run", "checkpoint": "--checkpoint"}
 
 
-def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """(this command's own keys, the evaluation overrides) from key=value arguments."""
-    own, overrides = {}, []
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line of cifar-exp-evaluate (python -m cifar_exp.evaluate)."""
+    parser = CommandParser(prog="cifar-exp-evaluate", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_arguments(parser)
+    parser.add_argument("--no-log", action="store_true",
+                        help="only print: log no MLflow run")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="how to score: eval_images=, tta=, device=, data.root=, ...")
+    return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line: --run or --checkpoint, --tracking-uri, --no-log and the
+    evaluation's key=value overrides (a --tracking-uri joins them as tracking.uri=)."""
+    args = argument_parser().parse_intermixed_args(_new_spelling(argv))
+    for override in args.overrides:
+        if "=" not in override:
+            raise UserError(f"{override}: give key=value arguments, e.g. eval_images=1000")
+    given = [o.partition("=")[2] for o in args.overrides if o.startswith("tracking.uri=")]
+    if given:
+        args.tracking_uri = given[-1]
+    elif args.tracking_uri != DEFAULT_TRACKING_URI:
+        args.overrides.append(f"tracking.uri={args.tracking_uri}")
+    return args
+
+
+def _new_spelling(argv: list[str]) -> list[str]:
+    """`argv` with run_id=, checkpoint= and log= said the new way, and a hint for each."""
+    spelled: list[str] = []
     for argument in argv:
         key, equals, value = argument.partition("=")
-        if not equals:
-            raise UserError(f"{argument}: give key=value arguments, e.g. run_id=<id> or "
-                            f"checkpoint=<file>")
-        if key in OWN_KEYS:
-            own[key] = value
+        if equals and key in OLD_SPELLINGS:
+            spelled += [OLD_SPELLINGS[key], value]
+        elif equals and key == "log":
+            if value not in ("true", "false"):
+                raise UserError(f"log={value} must be true or false")
+            spelled += ["--no-log"] if value == "false" else []
         else:
-            overrides.append(argument)
-    if ("run_id" in own) == ("checkpoint" in own):
-        raise UserError("say what to score: run_id=<MLflow run> or checkpoint=<file> (one)")
-    if own.get("log", "true") not in ("true", "false"):
-        raise UserError(f"log={own['log']} must be true or false")
-    return own, overrides
+            spelled.append(argument)
+            continue
+        new = {"run_id": "--run <id>", "checkpoint": "--checkpoint <file>"}.get(key, "--no-log")
+        print(f"note: {key}= is now spelled {new}; the old spelling works for a while",
+              file=sys.stderr)
+    return spelled
 
 
 @dataclass
@@ -70,20 +100,19 @@ class Evaluation:
 
 
 def evaluate(argv: list[str]) -> Evaluation:
-    """Score what `argv` names; print and (unless log=false) log the result."""
+    """Score what `argv` names; print and (unless --no-log) log the result."""
     # Here, not above: torch and MLflow are not for --help.
     from cifar_exp.data import limit_test_set
     from cifar_exp.serving import trained as trained_models
     from cifar_exp.training.scoring import score
     from cifar_exp.training.step import memory_format
 
-    own, overrides = parse(argv)
-    uri = next((o.partition("=")[2] for o in overrides if o.startswith("tracking.uri=")),
-               DEFAULT_URI)
-    if "run_id" in own:
-        model = trained_models.from_run(own["run_id"], uri, overrides)
+    args = parse(argv)
+    overrides = args.overrides
+    if args.run:
+        model = trained_models.from_run(args.run, args.tracking_uri, overrides)
     else:
-        model = trained_models.from_checkpoint(Path(own["checkpoint"]), overrides)
+        model = trained_models.from_checkpoint(args.checkpoint, overrides)
     cfg, data = model.cfg, model.data
     if cfg.eval_images is not None:
         data = limit_test_set(data, cfg.eval_images)
@@ -96,7 +125,7 @@ def evaluate(argv: list[str]) -> Evaluation:
             f"test images (tta {cfg.tta}) of {model.source}, step {model.step}")
     print(line)
     run_id = ""
-    if own.get("log", "true") == "true":
+    if not args.no_log:
         run_id = log_evaluation(model, data, scores, overrides)
         print(f"logged as MLflow run {run_id} (evaluation_of={model.run_id or '-'}) in "
               f"{redact(cfg.tracking.uri)}")
@@ -105,50 +134,49 @@ def evaluate(argv: list[str]) -> Evaluation:
 
 def log_evaluation(model: Trained, data: CifarData, scores: dict[str, float],
                    overrides: list[str]) -> str:
-    """A new MLflow run holding this evaluation, linked to the run that trained the model."""
+    """A new MLflow run holding this evaluation, linked to the run that trained the model,
+    written as training writes its runs (RunTracker)."""
     from mlflow.tracking import MlflowClient
 
-    from cifar_exp.tracking.runs import data_inputs
-    from cifar_exp.tracking.store import log_data_inputs, open_experiment, store_opening
+    from cifar_exp.tracking.runs import RunTracker, data_inputs
+    from cifar_exp.tracking.store import store_opening
 
     cfg = model.cfg
-    client = MlflowClient(cfg.tracking.uri)
-    source_name = model.source
-    experiment_id = None
+    source_name, experiment = model.source, cfg.tracking.experiment
     if model.run_id:
         try:
+            client = MlflowClient(cfg.tracking.uri)
             with store_opening(cfg.tracking.uri):
                 source = client.get_run(model.run_id)
-            source_name, experiment_id = source.info.run_name, source.info.experiment_id
+                experiment = client.get_experiment(source.info.experiment_id).name
+            source_name = source.info.run_name
         except Exception:  # a checkpoint whose run is in another store: name the file
             pass
-    experiment_id = experiment_id or open_experiment(cfg.tracking.uri, cfg.tracking.experiment)
-    tags = {"evaluation_of": model.run_id, "command": redact(command_line("evaluate")),
+    tags = {"evaluation_of": model.run_id, "command": command_line("evaluate"),
             "source": model.source, "data": cfg.data.name, **git_tags()}
-    run = client.create_run(experiment_id, run_name=f"evaluate {source_name}", tags=tags)
     params = {"eval_images": cfg.eval_images or data.test_labels.numel(), "tta": cfg.tta,
               "amp": cfg.amp, "device": cfg.device, "step": model.step,
-              "overrides": redact(" ".join(overrides)) or "-"}
-    for key, value in params.items():
-        client.log_param(run.info.run_id, key, str(value))
-    for name, value in scores.items():  # each score under the name training logs it by
-        client.log_metric(run.info.run_id, name, value, step=model.step)
-    log_data_inputs(client, run.info.run_id,
-                    data_inputs(cfg.data.name, cfg.data.root, splits=("test",)))
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+              "overrides": " ".join(overrides) or "-"}
+    with RunTracker(cfg.tracking.uri, experiment, f"evaluate {source_name}", tags=tags,
+                    flush_seconds=0) as tracker:
+        tracker.log_params(params)
+        tracker.log_metrics(scores, model.step)  # each score under the name training uses
+        tracker.log_inputs(data_inputs(cfg.data.name, cfg.data.root, splits=("test",)))
+    if tracker.failures:
+        raise RecordFailure(f"the MLflow store {redact(cfg.tracking.uri)} failed "
+                            f"({tracker.failure_cause or 'see the log'}); not written: "
+                            f"{', '.join(tracker.failures)}")
+    return tracker.run_id
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(__doc__)
-        return 0
     try:
-        evaluate(argv)
+        evaluate(sys.argv[1:] if argv is None else argv)
     except UserError as error:
+        return refused(error)
+    except RecordFailure as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return RecordFailure.EXIT_CODE
     return 0
 
 

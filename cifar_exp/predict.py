@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cifar_exp.errors import UserError, refused
+from cifar_exp.errors import CommandParser, UserError, refused
 from cifar_exp.serving.source import add_source_arguments
 
 if TYPE_CHECKING:
@@ -63,8 +63,7 @@ def predict(images: list[Path], source: Trained, top_k: int) -> list[list[tuple[
 
 def argument_parser() -> argparse.ArgumentParser:
     """The command line of cifar-exp-predict (python -m cifar_exp.predict)."""
-    parser = argparse.ArgumentParser(prog="cifar-exp-predict",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="cifar-exp-predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
     add_source_arguments(parser)
     parser.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
@@ -73,14 +72,15 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argument_parser()
-    args = parser.parse_args(argv)
-    if args.top_k < 1:
-        parser.error("--top-k must be at least 1")
-    from cifar_exp.serving import trained as trained_models  # torch and MLflow: not for --help
-
-    overrides = [f"device={args.device}"]
     try:
+        parser = argument_parser()
+        args = parser.parse_args(argv)
+        if args.top_k < 1:
+            parser.error("--top-k must be at least 1")
+        # Here, not above: torch and MLflow are not for --help.
+        from cifar_exp.serving import trained as trained_models
+
+        overrides = [f"device={args.device}"]
         source = (trained_models.from_run(args.run, args.tracking_uri, overrides) if args.run
                   else trained_models.from_checkpoint(args.checkpoint, overrides))
         for path, ranked in zip(args.images, predict(args.images, source, args.top_k),

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf, open_dict
 from cifar_exp import evaluate, predict
 from cifar_exp.config import command_overrides, compose_config, key_table, validate
 from cifar_exp.data import argument_parser as data_arguments
+from cifar_exp.errors import UserError
 from cifar_exp.serving.trained import apply_overrides
 from cifar_exp.tools.bench import argument_parser as bench_arguments
 from cifar_exp.tracking.report import argument_parser as report_arguments
@@ -166,9 +167,9 @@ def check_run(args: list[str]) -> None:
 def check_evaluate(args: list[str]) -> None:
     if {"-h", "--help"} & set(args):
         return  # its usage text: nothing to parse
-    _, overrides = evaluate.parse(args)
+    parsed = evaluate.parse(args)
     trained = OmegaConf.to_container(compose_config(), resolve=True)
-    apply_overrides(trained, overrides)
+    apply_overrides(trained, parsed.overrides)
 
 
 def check_bench(args: list[str]) -> None:
@@ -183,8 +184,8 @@ def parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespac
         return None
     try:
         return parser.parse_args(args)
-    except SystemExit as refused:  # argparse has printed why
-        raise AssertionError(f"refused by its parser: {args}") from refused
+    except (SystemExit, UserError) as refused:
+        raise AssertionError(f"refused by its parser: {args}: {refused}") from refused
 
 
 CHECKS = {

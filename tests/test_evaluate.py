@@ -10,15 +10,15 @@ from cifar_exp.evaluate import evaluate, main
 
 
 def args(trained_run, data_root, *extra: str, source: str = "run") -> list[str]:
-    where = (f"run_id={trained_run['run_id']}" if source == "run"
-             else f"checkpoint={trained_run['checkpoint']}")
-    return [where, f"tracking.uri={trained_run['uri']}", f"data.root={data_root}", *extra]
+    where = (["--run", trained_run["run_id"]] if source == "run"
+             else ["--checkpoint", str(trained_run["checkpoint"])])
+    return [*where, "--tracking-uri", trained_run["uri"], f"data.root={data_root}", *extra]
 
 
 @pytest.mark.parametrize("source", ["run", "checkpoint"])
 def test_it_scores_what_the_run_scored(trained_run, data_root, source, capsys):
     # The run's last evaluation, with EMA weights, on its first 500 test images.
-    result = evaluate(args(trained_run, data_root, "eval_images=500", "log=false",
+    result = evaluate(args(trained_run, data_root, "eval_images=500", "--no-log",
                            source=source))
     assert (result.precision, result.test_loss) == (trained_run["precision"],
                                                     trained_run["test_loss"])
@@ -51,14 +51,15 @@ def test_how_it_scores_can_change_and_is_logged_as_a_linked_run(trained_run, dat
     (["model.name=resnet18"], "model.name=resnet18: give key=value with one of the keys that "
                               "do not change the model"),
     (["log=maybe"], "log=maybe must be true or false"),
+    (["eval_images"], "eval_images: give key=value arguments"),
     (["eval_images=0"], "eval_images=0 must be a positive number of test images"),
 ])
 def test_what_it_cannot_do_is_refused_in_one_line(trained_run, data_root, capsys, extra,
                                                   message):
     argv = args(trained_run, data_root, *extra)
     if message is None:
-        argv, message = [*argv, f"checkpoint={trained_run['checkpoint']}"], \
-            "say what to score: run_id=<MLflow run> or checkpoint=<file> (one)"
+        argv, message = [*argv, "--checkpoint", str(trained_run["checkpoint"])], \
+            "argument --checkpoint: not allowed with argument --run"
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: {message}") and error.count("\n") == 1
@@ -66,5 +67,22 @@ def test_what_it_cannot_do_is_refused_in_one_line(trained_run, data_root, capsys
 
 def test_a_run_that_is_not_there_is_named(trained_run, data_root):
     with pytest.raises(UserError, match="no run 0123abcd in sqlite:///"):
-        evaluate(["run_id=0123abcd", f"tracking.uri={trained_run['uri']}",
+        evaluate(["--run", "0123abcd", "--tracking-uri", trained_run["uri"],
                   f"data.root={data_root}"])
+
+
+def test_the_old_spellings_still_work_with_a_hint(trained_run, data_root, capsys):
+    result = evaluate([f"run_id={trained_run['run_id']}", f"tracking.uri={trained_run['uri']}",
+                       f"data.root={data_root}", "eval_images=500", "log=false"])
+    assert (result.precision, result.run_id) == (trained_run["precision"], "")
+    hints = capsys.readouterr().err.splitlines()
+    assert hints == ["note: run_id= is now spelled --run <id>; the old spelling works for a "
+                     "while", "note: log= is now spelled --no-log; the old spelling works "
+                     "for a while"]
+
+
+def test_saying_neither_a_run_nor_a_checkpoint_is_refused_in_one_line(capsys):
+    assert main(["eval_images=10"]) == 2
+    error = capsys.readouterr().err
+    assert error == ("error: one of the arguments --run --checkpoint is required (see "
+                     "cifar-exp-evaluate --help)\n")

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from cifar_exp.augment import build_augmentation
-from cifar_exp.data import CifarData
 from cifar_exp.errors import ConfigError
 from cifar_exp.models import (
     MODELS,
@@ -22,8 +21,8 @@ from cifar_exp.models import (
 from cifar_exp.models.airbench import patch_covariance
 from cifar_exp.optim import build_optimizer
 from cifar_exp.optim.groups import parameter_groups
-from cifar_exp.training.batches import BatchMaker
 from cifar_exp.training.step import TrainingStep
+from tests.conftest import made_of
 
 
 def test_tf_cnn_has_the_tutorials_parameter_count():
@@ -203,20 +202,6 @@ def test_models_without_a_data_hook_are_left_alone():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
-class AsGiven:
-    """An augmentation that hands the batch on unchanged: the test's inputs are ready."""
-
-    def __init__(self, image_size: int) -> None:
-        self.image_size = image_size
-
-    def train(self, images: torch.Tensor, generator: torch.Generator,
-              indices: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
-        return images
-
-    def eval(self, images: torch.Tensor) -> torch.Tensor:
-        return images
-
-
 # bf16 on the CPU costs ~20-30 s of kernel set-up for each ResNet: those run with -m slow.
 @pytest.mark.parametrize("name,precision", [
     ("airbench", "fp32"), ("airbench", "bf16"), ("resnet9", "fp32"), ("resnet18", "fp32"),
@@ -233,9 +218,8 @@ def test_every_fast_model_trains_on_the_cpu(name, precision):
     inputs = torch.randn(8, 3, size, size, generator=generator).contiguous(
         memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (8,), generator=generator)
-    data = CifarData(inputs, labels, inputs[:0], labels[:0], [str(c) for c in range(10)])
-    batches = BatchMaker(data, AsGiven(size), generator, torch.channels_last)
-    step = TrainingStep(model, optimizer, batches, torch.device("cpu"), amp=precision,
+    step = TrainingStep(model, optimizer, made_of(inputs, labels, torch.channels_last),
+                        torch.device("cpu"), amp=precision,
                         label_smoothing=0.1)
     losses = [step(torch.arange(8), 0).item() for _ in range(4)]
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]

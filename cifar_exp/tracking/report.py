@@ -2,7 +2,7 @@
 
     python -m cifar_exp.report                         # every run of experiment cifar_exp
     python -m cifar_exp.report --parent RUN_ID         # the jobs of one sweep
-    python -m cifar_exp.report --experiment NAME --tracking-uri sqlite:///mlflow.db --out DIR
+    python -m cifar_exp.report --experiment NAME --tracking-uri URI --out DIR
 
 The folder gets report.md, curves.png (loss and precision per run, overlaid),
 params.png (each swept value against precision) and speed.png (examples/sec per run).
@@ -16,7 +16,6 @@ import math
 import os
 import re
 import statistics
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from cifar_exp.errors import ConfigError, UserError, one_line
+from cifar_exp.config import DEFAULT_TRACKING_URI
+from cifar_exp.errors import CommandParser, ConfigError, UserError, one_line, refused
 from cifar_exp.tracking.naming import short_keys, short_number
 from cifar_exp.tracking.redact import redact
 from cifar_exp.tracking.store import check_tracking_uri
@@ -368,23 +368,23 @@ def default_folder(name: str) -> Path:
 
 def argument_parser() -> argparse.ArgumentParser:
     """The command line of cifar-exp-report (python -m cifar_exp.report)."""
-    parser = argparse.ArgumentParser(prog="python -m cifar_exp.report",
+    parser = CommandParser(prog="python -m cifar_exp.report",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--experiment", default="cifar_exp", help="experiment name")
     parser.add_argument("--parent", help="a sweep's parent run id: report its jobs")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI,
+                        help=f"the store (default {DEFAULT_TRACKING_URI})")
     parser.add_argument("--out", type=Path, help="folder (default reports/<parent or name>)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argument_parser().parse_args(argv)
-    folder = args.out or default_folder(args.parent or args.experiment)
     try:
+        args = argument_parser().parse_args(argv)
+        folder = args.out or default_folder(args.parent or args.experiment)
         report = write_report(args.tracking_uri, folder, args.experiment, args.parent)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refused(error)
     print(report.markdown)
     print(f"report written to {folder}/" + (" and logged to the parent run" if args.parent
                                               else ""))

@@ -10,31 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifar_exp.data import CifarData
 from cifar_exp.models import build_model, regularization_loss
 from cifar_exp.speed import resolve_amp
-from cifar_exp.training.batches import BatchMaker
 from cifar_exp.training.step import TrainingStep
+from tests.conftest import made_of
 
 CPU = torch.device("cpu")
-
-
-class AsGiven:
-    """Stands in for an augmentation: the drawn images as they are (already float)."""
-
-    image_size = 24
-
-    def train(self, images, generator, indices=None, epoch=0):
-        return images
-
-    def eval(self, images):
-        return images
-
-
-def made_of(inputs: torch.Tensor, labels: torch.Tensor) -> BatchMaker:
-    """A batch maker whose training set is this batch: `drawn(labels)` makes it whole."""
-    data = CifarData(inputs, labels, inputs[:0], labels[:0], [str(c) for c in range(10)])
-    return BatchMaker(data, AsGiven(), torch.Generator(inputs.device), torch.contiguous_format)
 
 
 def drawn(labels: torch.Tensor) -> torch.Tensor:

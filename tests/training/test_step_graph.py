@@ -23,6 +23,7 @@ from cifar_exp.training.step_graph import (
     DeviceLearningRates,
     StepGraphs,
 )
+from tests.conftest import made_of
 
 CPU = torch.device("cpu")
 
@@ -167,24 +168,6 @@ def summarizing_step(batches: BatchMaker, optimizer) -> TrainingStep:
     step = TrainingStep(torch.nn.Linear(2, 2), optimizer, batches, CPU, cuda_graph=True)
     step.eager = batch_summary
     return step
-
-
-class AsGiven:
-    """Stands in for an augmentation: the drawn images as they are (already float)."""
-
-    image_size = 24
-
-    def train(self, images, generator, indices=None, epoch=0):
-        return images
-
-    def eval(self, images):
-        return images
-
-
-def made_of(inputs: torch.Tensor, labels: torch.Tensor) -> BatchMaker:
-    """A batch maker whose training set is these images, as they are."""
-    data = CifarData(inputs, labels, inputs[:0], labels[:0], [str(c) for c in range(10)])
-    return BatchMaker(data, AsGiven(), torch.Generator(inputs.device), torch.contiguous_format)
 
 
 def test_graphs_wrap_any_function_of_tensors_one_graph_per_key(graphs_on_the_cpu):
