@@ -5,10 +5,12 @@ A new import arrow that breaks a rule fails here, with the file and the arrow.""
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cifar_exp"
@@ -203,3 +205,19 @@ def test_the_layout_page_names_every_module():
         elif not re.search(rf"\b{re.escape(relative.stem)}(\.py)?\b", section):
             missing.append(str(relative))
     assert not missing, f"not named in {LAYOUT_PAGE.name}'s Layout section: {missing}"
+
+
+def test_module_paths_that_saved_configs_name_still_load():
+    # A run or sweep recorded before the move names the sweep callback by its old path.
+    from hydra.utils import get_class
+
+    from cifar_exp import MOVED_MODULES
+    from cifar_exp.config import check_callables
+    from cifar_exp.tracking.sweep import SweepTracking
+
+    assert get_class("cifar_exp.sweep.SweepTracking") is SweepTracking
+    for old, new in MOVED_MODULES.items():
+        assert importlib.import_module(old) is importlib.import_module(new)
+        assert importlib.import_module(new).__spec__.name == new
+    check_callables(OmegaConf.create(
+        {"hydra": {"callbacks": {"sweep": {"_target_": "cifar_exp.sweep.SweepTracking"}}}}))
