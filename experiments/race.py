@@ -258,8 +258,7 @@ def run_ours(name: str, seeds: int, data_root: str | None, device: str) -> Resul
         validate(cfg)
         if data is None:
             data = load_cifar(cfg.data.name, cfg.data.root).to(device)
-        parts = build_parts(cfg, data)
-        parts.settings.progress = False
+        parts = build_parts(cfg, data, shares_console=True)  # the race prints its own lines
         trained = train(parts, data, NoSink())
         print(f"{name} seed {seed}: {trained.train_seconds:.2f} s, precision "
               f"{trained.precision:.4f}", flush=True)

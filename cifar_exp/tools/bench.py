@@ -169,9 +169,8 @@ def _run_framework(cfg: DictConfig, data: CifarData, steps: int, store: str | No
                    stop: StopCheck | None = None) -> tuple[_RateRecorder, TrainResult]:
     """The real training loop for `steps` steps, logging to the MLflow store `store` (None:
     tracking off); `stop` is its per-step stop check."""
-    parts = build_parts(cfg, data)
-    parts.settings = replace(parts.settings, steps=steps, eval_every=steps,
-                                  progress=False)
+    parts = build_parts(cfg, data, shares_console=True)  # the bench prints its own lines
+    parts.settings = replace(parts.settings, steps=steps, eval_every=steps)
     # The closing evaluation is not timed; one batch of test images keeps it short.
     data = data.first_test_images(cfg.eval_batch_size)
     with RunTracker(store, "bench", "bench") if store else nullcontext() as tracker:
