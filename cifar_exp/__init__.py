@@ -11,9 +11,11 @@ from types import ModuleType
 __version__ = "0.1.0"
 
 # Modules that moved into the role folders, by their old names: configs saved before the
-# move name them (`_target_: cifar_exp.sweep.SweepTracking`), and still load.
+# move name them (`_target_: cifar_exp.sweep.SweepTracking`), and an install made before it
+# runs `cifar-exp-report` from the old path; both still load.
 MOVED_MODULES = {
     "cifar_exp.sweep": "cifar_exp.tracking.sweep",
+    "cifar_exp.tools.report": "cifar_exp.tracking.report",  # an older install's script
 }
 
 

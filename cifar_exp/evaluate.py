@@ -77,7 +77,8 @@ def _new_spelling(argv: list[str]) -> list[str]:
         else:
             spelled.append(argument)
             continue
-        new = {"run_id": "--run <id>", "checkpoint": "--checkpoint <file>"}.get(key, "--no-log")
+        new = {"run_id": "--run <id>", "checkpoint": "--checkpoint <file>",
+               "log": "--no-log (and log=true is the default)"}[key]
         print(f"note: {key}= is now spelled {new}; the old spelling works for a while",
               file=sys.stderr)
     return spelled
@@ -88,7 +89,7 @@ class Evaluation:
     scores: dict[str, float]  # by name, as training logs them (training.scoring.METRICS)
     images: int  # how many test images were scored
     source: str  # "run <id>" or a checkpoint's path
-    run_id: str  # the MLflow run this evaluation was logged as ("" with log=false)
+    run_id: str  # the MLflow run this evaluation was logged as ("" with --no-log)
 
     @property
     def precision(self) -> float:
@@ -152,7 +153,7 @@ def log_evaluation(model: Trained, data: CifarData, scores: dict[str, float],
             source_name = source.info.run_name
         except Exception:  # a checkpoint whose run is in another store: name the file
             pass
-    tags = {"evaluation_of": model.run_id, "command": command_line("evaluate"),
+    tags = {"evaluation_of": model.run_id, "command": command_line("cifar_exp.evaluate"),
             "source": model.source, "data": cfg.data.name, **git_tags()}
     params = {"eval_images": cfg.eval_images or data.test_labels.numel(), "tta": cfg.tta,
               "amp": cfg.amp, "device": cfg.device, "step": model.step,

@@ -73,11 +73,10 @@ def resolve_cuda_graph(setting: object, device: torch.device, amp: str, compile_
                        fused_optimizer: bool, data_parallel: bool, own_step: bool = True) -> bool:
     """Whether to replay the whole step as CUDA graphs. `auto` -> wherever the step can be
     captured and is not compiled; `true` where it cannot be captured is refused with the
-    reason. Without `own_step` the launcher's step runs as it chooses (op by op for a
-    packed sweep's stacked step; the run's tags say what ran)."""
+    reason (`compile_mode` as asked). Without `own_step` the launcher's step runs as it
+    chooses (op by op for a packed sweep's stacked step; the run's tags say what ran), but
+    a `true` that could not work is still refused."""
     check_cuda_graph(setting)
-    if not own_step:
-        return False
     obstacles = [reason for present, reason in (
         (device.type != "cuda", "it needs a CUDA GPU"),
         (not fused_optimizer, "it needs a fused optimizer (optimizer.fused=true), whose lr "
@@ -86,13 +85,15 @@ def resolve_cuda_graph(setting: object, device: torch.device, amp: str, compile_
         (compile_mode in COMPILE_MODES_WITH_GRAPHS, f"compile={compile_mode} makes its own "
                                                     f"CUDA graphs"),
         (data_parallel, "data-parallel steps are not captured")) if present]
+    if setting is True and obstacles:
+        raise ConfigError(f"cuda_graph=true cannot work here: {obstacles[0]}; use "
+                          f"cuda_graph=auto or false")
+    if not own_step:
+        return False
     if setting == "auto":
         # Graphs around a torch.compile'd step are allowed with `true` but not yet measured
         # on a GPU, so `auto` leaves them out.
         return not obstacles and compile_mode == "none"
-    if setting and obstacles:
-        raise ConfigError(f"cuda_graph=true cannot work here: {obstacles[0]}; use "
-                          f"cuda_graph=auto or false")
     return bool(setting)
 
 

@@ -77,8 +77,8 @@ def test_the_old_spellings_still_work_with_a_hint(trained_run, data_root, capsys
     assert (result.precision, result.run_id) == (trained_run["precision"], "")
     hints = capsys.readouterr().err.splitlines()
     assert hints == ["note: run_id= is now spelled --run <id>; the old spelling works for a "
-                     "while", "note: log= is now spelled --no-log; the old spelling works "
-                     "for a while"]
+                     "while", "note: log= is now spelled --no-log (and log=true is the default); "
+                     "the old spelling works for a while"]
 
 
 def test_saying_neither_a_run_nor_a_checkpoint_is_refused_in_one_line(capsys):

@@ -188,23 +188,43 @@ def test_functions_stay_short_and_take_few_positional_parameters(path):
     assert not too_long and not too_many, (too_long, too_many)
 
 
-def test_the_layout_page_names_every_module():
+def layout_blocks() -> dict[str, list[str]]:
+    """The Layout section's code block by folder: each folder's line and the lines indented
+    under it (key "" holds the top level's own lines)."""
     text = LAYOUT_PAGE.read_text()
-    section = text[text.index("## Layout"):]
-    section = section[: m.start()] if (m := re.search(r"\n## ", section[3:])) else section
+    block = text[text.index("## Layout"):].split("```")[1]
+    blocks: dict[str, list[str]] = {"": []}
+    folder = ""
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if indent == 2 and re.match(r"\s+\w+/", line):
+            folder = line.split()[0].rstrip("/")
+            blocks[folder] = [line]
+        elif indent <= 2:
+            folder = ""
+            blocks[""].append(line)
+        else:
+            blocks[folder].append(line)
+    return blocks
+
+
+def test_the_layout_page_names_every_module():
+    blocks = layout_blocks()
     missing = []
     for path in package_modules():
-        if path.name == "__init__.py" and path.parent.name in PARTS:
-            continue
         relative = path.relative_to(PACKAGE)
-        name = str(relative.parent) + "/" if path.name == "__init__.py" else relative.stem
-        folder_listing = re.search(rf"\b{re.escape(str(relative.parent))}/", section)
+        folder = relative.parent.name if relative.parent != Path(".") else ""
         if path.name == "__init__.py":
-            if relative.parent != Path(".") and not folder_listing:
-                missing.append(name)
-        elif not re.search(rf"\b{re.escape(relative.stem)}(\.py)?\b", section):
+            if folder and folder not in blocks:
+                missing.append(f"{folder}/")
+            continue
+        # A part is named by its stem on its folder's line; any other module as file.py.
+        name = relative.stem if folder in PARTS else f"{relative.stem}.py"
+        if not any(re.search(rf"(?<![\w/]){re.escape(name)}\b", line)
+                   for line in blocks.get(folder, [])):
             missing.append(str(relative))
     assert not missing, f"not named in {LAYOUT_PAGE.name}'s Layout section: {missing}"
+
 
 
 def test_module_paths_that_saved_configs_name_still_load():

@@ -85,6 +85,9 @@ def test_a_launchers_step_gets_neither_compile_nor_graphs_whatever_was_asked():
     for asked in ("auto", True):
         assert not resolve_cuda_graph(asked, cuda, **capturable, own_step=False)
         assert resolve_cuda_graph(asked, cuda, **capturable)
+    # What could not work is refused whoever takes the steps.
+    with pytest.raises(ConfigError, match="cuda_graph=true cannot work here: it needs a CUDA"):
+        resolve_cuda_graph(True, CPU, **capturable, own_step=False)
 
 
 def test_only_a_main_process_that_owns_its_console_shows_a_progress_bar():

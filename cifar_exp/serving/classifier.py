@@ -2,7 +2,7 @@
 
 `Classifier` wraps a trained network with the evaluation preprocessing and a softmax, so
 that it takes what an image file decodes to (uint8, N x 32 x 32 x 3). It is exported with
-torch.export and logged as an MLflow pyfunc model (the code in serving_model.py, which
+torch.export and logged as an MLflow pyfunc model (the code in pyfunc_model.py, which
 imports nothing of this project), so that `mlflow.pyfunc.load_model` and `mlflow models
 serve` answer with the most likely class, its probability and every class's probability."""
 

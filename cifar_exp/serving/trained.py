@@ -71,7 +71,7 @@ def from_run(run_id: str, uri: str, overrides: list[str]) -> Trained:
             client.get_run(run_id)
     except MlflowException as error:
         raise ConfigError(f"no run {run_id} in {uri}; give the id of a training run (the "
-                          f"MLflow UI shows it) or checkpoint=<file>") from error
+                          f"MLflow UI shows it) or --checkpoint <file>") from error
     with tempfile.TemporaryDirectory() as folder:
         try:
             config = OmegaConf.to_container(OmegaConf.load(client.download_artifacts(
@@ -83,7 +83,7 @@ def from_run(run_id: str, uri: str, overrides: list[str]) -> Trained:
         except (MlflowException, OSError) as error:
             raise ConfigError(f"run {run_id} has no config.yaml and final weights among its "
                               f"artifacts ({one_line(error, 160)}): it did not finish; "
-                              f"score its checkpoint instead (checkpoint=<file>)") from error
+                              f"score its checkpoint instead (--checkpoint <file>)") from error
     return _rebuilt(cfg, weights, f"run {run_id}", run_id, cfg.steps)
 
 

@@ -96,10 +96,11 @@ def build_settings(cfg: DictConfig, device: torch.device, world: World = SINGLE,
     policy in cifar_exp.speed, for `device`, `world` and the launcher's facts (see
     build_parts); they are not changed after."""
     amp = resolve_amp(cfg.amp, device)
-    compile_mode = resolve_compile(cfg.compile, device, own_step=own_step)
-    cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device, amp, compile_mode,
+    cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device, amp,
+                                    resolve_compile(cfg.compile, device),
                                     fused_optimizer=bool(cfg.optimizer.get("fused")),
                                     data_parallel=world.distributed, own_step=own_step)
+    compile_mode = resolve_compile(cfg.compile, device, own_step=own_step)
     return TrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
                          log_every=cfg.log_every, eval_every=cfg.eval_every,
                          eval_batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,

@@ -1,4 +1,4 @@
-"""The generic training loop over one parts object (an `Parts`): steps, periodic
+"""The generic training loop over one parts object (a `Parts`): steps, periodic
 logging and evaluation, optional EMA and lookahead, checkpoints at step boundaries, and a
 stop on request (SIGINT/SIGTERM).
 
