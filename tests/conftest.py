@@ -7,8 +7,10 @@ import dataclasses
 import functools
 import os
 import pickle
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -27,11 +29,38 @@ from cifar_exp.data import CifarData, load_cifar
 from cifar_exp.training.batches import BatchMaker
 from cifar_exp.training.loop import TrainResult
 from cifar_exp.training.parts import TrainSettings
+from tests.warm_python import WarmProcess, WarmPython
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+def share_the_cores() -> None:
+    """Under pytest-xdist, give each worker its share of the cores: torch threads, and
+    OMP_NUM_THREADS for the commands it starts. More threads than cores in all makes
+    OpenMP's waiting threads spin against each other, several times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+share_the_cores()
+
+
+# Fixtures that train or sweep once for many tests: under pytest-xdist (`-n`,
+# `--dist loadgroup`) the tests that use one of them run on one worker, which makes it once.
+SHARED_RUNS = ("trained_run", "sweep_store", "uninterrupted")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+    if any("data_root" in getattr(item, "fixturenames", ()) for item in items):
+        warm_python()  # tests on the real data run commands
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -53,12 +82,43 @@ def data_env(data_root: Path) -> dict[str, str]:
     return {**os.environ, "CIFAR_EXP_DATA": str(data_root)}
 
 
-def cli(cwd: Path, *args: str, data_root: Path, timeout: float = 600, processes: int = 1
-        ) -> subprocess.CompletedProcess:
-    """run_command(ARGS) in folder `cwd`, on the real data, to its end."""
-    return subprocess.run(run_command(*args, processes=processes), cwd=cwd,
-                          env=data_env(data_root), capture_output=True, text=True,
-                          timeout=timeout)
+@functools.cache
+def warm_python() -> WarmPython:
+    """This test process's warm interpreter (tests/warm_python.py), started on first use
+    or when collection finds tests on the real data (it then imports while tests run)."""
+    return WarmPython()
+
+
+def start_command(cwd: Path, *args: str, data_root: Path, output: Path,
+                  new_session: bool = False) -> WarmProcess:
+    """`python -m cifar_exp.run ARGS` in folder `cwd`, on the real data, in the background;
+    its stdout and stderr go to the file `output`, made empty now."""
+    output.write_bytes(b"")
+    return warm_python().start("cifar_exp.run", args, cwd, data_env(data_root), output, output,
+                               new_session)
+
+
+def cli(cwd: Path, *args: str, data_root: Path, timeout: float = 600, processes: int = 1,
+        fresh: bool = False) -> subprocess.CompletedProcess:
+    """run_command(ARGS) in folder `cwd`, on the real data, to its end. In a fresh interpreter
+    where `fresh` or `processes` > 1 (the end-to-end tests: the command as a user types it);
+    otherwise in a child of the warm interpreter, which has the imports done already."""
+    if fresh or processes > 1:
+        return subprocess.run(run_command(*args, processes=processes), cwd=cwd,
+                              env=data_env(data_root), capture_output=True, text=True,
+                              timeout=timeout)
+    with tempfile.TemporaryDirectory() as streams:
+        stdout, stderr = Path(streams) / "stdout", Path(streams) / "stderr"
+        process = warm_python().start("cifar_exp.run", args, cwd, data_env(data_root), stdout,
+                                      stderr)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        return subprocess.CompletedProcess(process.args, process.returncode,
+                                           stdout.read_text(), stderr.read_text())
 
 
 class AsGiven:
@@ -177,20 +237,60 @@ def tiny_cifar10_python(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow store (SQLite file) with its schema made, once per session; tests get
+    copies of it (`store`, `copy_store`). A new store runs every schema migration, about 2 s;
+    a copy takes milliseconds. Never written to after this."""
+    from mlflow.tracking import MlflowClient
+
+    from cifar_exp.tracking.store import store_opening
+
+    database = tmp_path_factory.mktemp("store_template") / "mlflow.db"
+    uri = f"sqlite:///{database}"
+    with store_opening(uri):  # opened as the project opens a store
+        MlflowClient(uri).search_experiments()  # creates the schema and its Default experiment
+    return database
+
+
+def copy_store(template: Path, folder: Path) -> str:
+    """The tracking URI of a copy of the store `template` at `folder`/mlflow.db: a migrated
+    store of its own, for tests that are not about creating one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    database = folder / "mlflow.db"
+    shutil.copyfile(template, database)  # the database alone: the project makes its own lock
+    # MLflow put the template's Default experiment's artifacts in mlruns/ of the directory
+    # pytest runs in; a store a run in `folder` makes has them in `folder`/mlruns, and so
+    # does the copy: no two tests share that folder.
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                           (str(folder / "mlruns" / "0"),))
+        connection.commit()
+    return f"sqlite:///{database}"
+
+
+@pytest.fixture
+def store(tmp_path: Path, store_template: Path) -> str:
+    """The tracking URI of a migrated, empty MLflow store at tmp_path/mlflow.db, a copy of
+    the session's template. Tests about creating a store (a new file, its lock, two
+    processes at once) must not use it: they start from no file."""
+    return copy_store(store_template, tmp_path)
+
+
 SWEEP_JOB = ("steps=10", "log_every=5", "eval_every=10", "eval_images=500",
              "tracking.log_model=false")
 
 
 @pytest.fixture(scope="session")
-def sweep_store(tmp_path_factory: pytest.TempPathFactory, data_root: Path
-                ) -> tuple[Path, str, subprocess.CompletedProcess]:
-    """A 2 x 2 sweep (optimizer x seed, 10 steps a job) run by the joblib launcher with 2
-    parallel jobs into one fresh SQLite store: (folder, tracking URI, the finished command)."""
+def sweep_store(tmp_path_factory: pytest.TempPathFactory, data_root: Path,
+                store_template: Path) -> tuple[Path, str, subprocess.CompletedProcess]:
+    """A 2 x 2 sweep (optimizer x seed, 10 steps a job), its jobs one after another, into
+    one store: (folder, tracking URI, the finished command). The parallel sweep is a slow
+    test of tests/tracking/test_sweep.py."""
     folder = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    result = cli(folder, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                 "optimizer=adam,sgd", "seed=0,1", *SWEEP_JOB, f"tracking.uri={uri}",
-                 data_root=data_root)
+    uri = copy_store(store_template, folder)
+    result = cli(folder, "-m", "optimizer=adam,sgd", "seed=0,1", *SWEEP_JOB, "batch_size=32",
+                 f"tracking.uri={uri}", data_root=data_root)
     return folder, uri, result
 
 
@@ -248,7 +348,8 @@ def wait_until_healthy(server: subprocess.Popen, url: str, log: IO[bytes],
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict:
+def trained_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path,
+                store_template: Path) -> dict:
     """A finished 20-step run with EMA, its models logged, its checkpoint kept: the store's
     URI, the run's id and name, the checkpoint, and the final precision and test loss (on
     the first 500 test images, as the run scored them)."""
@@ -257,7 +358,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> di
     from cifar_exp.config import compose_config
 
     folder = tmp_path_factory.mktemp("trained")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = copy_store(store_template, folder)
     cfg = compose_config(["steps=20", "log_every=10", "eval_images=500", "ema.decay=0.9",
                           f"data.root={data_root}", f"tracking.uri={uri}",
                           "tracking.system_metrics_seconds=0",
