@@ -16,6 +16,7 @@ from cifar_exp.tools import bench
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # five commands, each a fresh interpreter: two benches, a run, a profile
 def test_gpu_bench_script_prints_its_table(tmp_path, data_root):
     env = {**os.environ, "PYTHON": sys.executable, "CIFAR_EXP_DATA": str(data_root),
            "OUT": str(tmp_path / "out"),
@@ -151,7 +152,7 @@ def test_packed_gpu_script_prints_both_tables(tmp_path, data_root):
            "OUT": str(tmp_path / "out"), "JOBS": "2", "BASELINE_ARGS": "",
            "FAST_ARGS": "batch_size=64 eval_batch_size=250", "MPS": "false"}
     result = subprocess.run(["bash", str(REPO / "experiments" / "packed_gpu.sh"), "steps=2",
-                             "log_every=1", "eval_images=500"], env=env, cwd=tmp_path,
+                             "log_every=1", "eval_images=100"], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     for table in ("baseline.md", "fast94.md"):

@@ -30,24 +30,22 @@ def test_slurm_preset_reads_partition_and_account_from_the_environment(
 @pytest.mark.parametrize("launcher,tag", [("submitit_local", "LocalLauncher"),
                                           ("ray", "RayLauncher")])
 def test_a_launchers_sweep_leaves_one_parent_and_two_finished_children(tmp_path, data_root,
-                                                                        launcher, tag):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+                                                                        launcher, tag, store):
     result = cli(tmp_path, "-m", f"hydra/launcher={launcher}", "seed=0,1", *SWEEP_JOB,
-                 f"tracking.uri={uri}", data_root=data_root)
+                 f"tracking.uri={store}", data_root=data_root)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    parent, _ = tracked_sweep(uri, {"tf_cnn-adam seed=0", "tf_cnn-adam seed=1"})
+    parent, _ = tracked_sweep(store, {"tf_cnn-adam seed=0", "tf_cnn-adam seed=1"})
     assert parent.data.tags["launcher"] == tag
 
 
 @pytest.mark.slow  # one job of two submitit tasks on the CPU (gloo)
-def test_two_tasks_per_node_train_one_data_parallel_job(tmp_path, data_root):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_two_tasks_per_node_train_one_data_parallel_job(tmp_path, data_root, store):
     result = cli(tmp_path, "-m", "hydra/launcher=submitit_local",
                  "hydra.launcher.tasks_per_node=2", "seed=0", *SWEEP_JOB,
-                 f"tracking.uri={uri}", data_root=data_root)
+                 f"tracking.uri={store}", data_root=data_root)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    _, [child] = tracked_sweep(uri, {"tf_cnn-adam-10 #0"})  # one run for the two ranks
+    _, [child] = tracked_sweep(store, {"tf_cnn-adam-10 #0"})  # one run for the two ranks
     assert child.data.tags["processes"] == "2"
     assert len(list(tmp_path.glob("multirun/*/*/0"))) == 1  # one output folder for the job

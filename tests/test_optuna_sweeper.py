@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.tracking import MlflowClient
 
 from hydra_plugins.cifar_exp_optuna.optuna_sweeper import OptunaSweeper, distribution
-from tests.conftest import cli, free_port, stop_process_group
+from tests.conftest import cli, copy_store, free_port, stop_process_group
 
 State = optuna.trial.TrialState
 
@@ -68,17 +72,34 @@ def test_a_resumed_search_asks_new_points_reproducibly(tmp_path, sampler):
 # The random sampler with seed 41 asks lr 0.003, 0.003, then 1e-9: the third trial, still
 # at its initial weights, falls under the median of the first two at step 20 and is pruned.
 # Resumed after 3 trials, the sampler is seeded with 41 + 3, whose first ask is 0.003.
+# The trials are compared at step 20, the evaluation they report (one at the last step is
+# not reported: it ends the trial anyway): so they run 21 steps. At step 20 a trial of
+# 32-image batches scores 0.175 on the first 200 test images, one at its initial weights
+# 0.105 (with 128-image batches and 500 images, 0.188 and 0.102).
 SEARCH = ("hydra/sweeper=optuna", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=41",
           "hydra.sweeper.study_name=lr", "optimizer.lr=choice(0.003,0.000000001)",
-          "steps=40", "log_every=20", "eval_every=20", "eval_images=500",
-          "tracking.log_model=false", "tracking.system_metrics_seconds=0")
+          "steps=21", "log_every=20", "eval_every=20", "batch_size=32", "eval_images=200",
+          "tracking.log_model=false", "tracking.system_metrics_seconds=0",
+          "checkpoint.enabled=false")
 
 
-def test_a_search_is_persisted_pruned_resumed_and_shown_in_optuna_dashboard(tmp_path,
-                                                                            data_root):
-    store, sweep = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "sweep"
-    args = ("-m", *SEARCH, f"tracking.uri={store}", f"hydra.sweep.dir={sweep}")
-    first = cli(tmp_path, *args, "hydra.sweeper.n_trials=3", data_root=data_root)
+@pytest.fixture(scope="module")
+def first_search(tmp_path_factory, data_root, store_template):
+    """The search's first command, 3 trials, in a folder of its own: (its sweep folder, its
+    MLflow store, the finished command). Tests read them; one that goes on with the search
+    goes on in a copy."""
+    folder = tmp_path_factory.mktemp("search")
+    store = copy_store(store_template, folder)
+    first = cli(folder, "-m", *SEARCH, f"tracking.uri={store}",
+                f"hydra.sweep.dir={folder / 'sweep'}", "hydra.sweeper.n_trials=3",
+                data_root=data_root)
+    return folder / "sweep", store, first
+
+
+# The tests of one search: on one pytest-xdist worker, which runs it once.
+@pytest.mark.xdist_group("first_search")
+def test_a_search_is_persisted_and_a_hopeless_trial_pruned(first_search):
+    sweep, store, first = first_search
     assert first.returncode == 0, first.stderr[-3000:]
     storage = f"sqlite:///{sweep / 'optuna.db'}"
     study = optuna.load_study(study_name="lr", storage=storage)
@@ -96,14 +117,31 @@ def test_a_search_is_persisted_pruned_resumed_and_shown_in_optuna_dashboard(tmp_
         == [20]  # it stopped there
     assert runs["0"].info.status == runs["1"].info.status == "FINISHED"
 
-    # The same command with more trials goes on with the study where it stopped.
-    second = cli(tmp_path, *args, "hydra.sweeper.n_trials=4", data_root=data_root)
+
+@pytest.mark.xdist_group("first_search")
+def test_a_search_is_resumed_with_more_trials(first_search, tmp_path, data_root, store):
+    first_sweep, _, first = first_search
+    assert first.returncode == 0, first.stderr[-3000:]
+    # The same command with more trials goes on with the study where it stopped: in a copy
+    # of the first command's sweep folder, which holds the study (optuna.db); its MLflow
+    # runs go to a store of this test's own.
+    sweep = tmp_path / "sweep"
+    shutil.copytree(first_sweep, sweep)
+    second = cli(tmp_path, "-m", *SEARCH, f"tracking.uri={store}", f"hydra.sweep.dir={sweep}",
+                 "hydra.sweeper.n_trials=4", data_root=data_root)
     assert second.returncode == 0, second.stderr[-3000:]
-    study = optuna.load_study(study_name="lr", storage=storage)
+    study = optuna.load_study(study_name="lr", storage=f"sqlite:///{sweep / 'optuna.db'}")
     assert len(study.trials) == 4 and study.trials[3].state == State.COMPLETE
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["n_trials"] == 4 and results["pruned"] == 1
     assert results["best_value"] == study.best_value
+
+
+@pytest.mark.xdist_group("first_search")
+def test_a_searchs_study_is_shown_in_optuna_dashboard(first_search):
+    sweep, _, first = first_search
+    assert first.returncode == 0, first.stderr[-3000:]
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
 
     port = free_port()
     dashboard = subprocess.Popen(  # optuna-dashboard, as its command starts it
@@ -122,4 +160,10 @@ def test_a_search_is_persisted_pruned_resumed_and_shown_in_optuna_dashboard(tmp_
         [shown] = studies.json()["study_summaries"]
         assert shown["study_name"] == "lr"
     finally:
+        # Ctrl-C's SIGINT first: its server (gunicorn, where installed) stops at once on it,
+        # where SIGTERM can wait 30 s for a worker to end gracefully.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(dashboard.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            dashboard.wait(timeout=10)
         stop_process_group(dashboard)

@@ -15,9 +15,9 @@ from cifar_exp.speed import resolve_cuda_graph
 from tests.conftest import run_experiment
 
 
-def run_recipe(tmp_path, data_root, recipe: str, *overrides: str):
-    """Run `+experiment=<recipe>` with `overrides`; return the MLflow client and its run."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def run_recipe(store: str, tmp_path, data_root, recipe: str, *overrides: str):
+    """Run `+experiment=<recipe>` with `overrides`, tracked in `store`; return the MLflow
+    client and its run."""
     cfg = compose_config([f"+experiment={recipe}", "eval_images=250", f"data.root={data_root}",
                           f"tracking.uri={store}", f"checkpoint.path={tmp_path / 'checkpoint.pt'}",
                           *overrides])
@@ -29,10 +29,11 @@ def run_recipe(tmp_path, data_root, recipe: str, *overrides: str):
     return client, run
 
 
-def test_fast94_trains_a_few_steps(tmp_path, data_root):
-    # The recipe as written, but 3 steps of 128 images.
-    client, run = run_recipe(tmp_path, data_root, "fast94", "steps=3",
-                             "batch_size=128", "log_every=1", "tracking.log_model=false")
+def test_fast94_trains_a_few_steps(tmp_path, data_root, store):
+    # The recipe as written, but 3 steps of 128 images, scored on 50 test images.
+    client, run = run_recipe(store, tmp_path, data_root, "fast94", "steps=3",
+                             "batch_size=128", "log_every=1", "tracking.log_model=false",
+                             "eval_images=50")
     assert run.info.status == "FINISHED" and run.info.run_name == "airbench-sgd-3"
     params = run.data.params
     assert params["model.name"] == "airbench" and params["label_smoothing"] == "0.2"
@@ -66,8 +67,8 @@ def test_fast96_is_airbench96_as_published():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["fast94", "fast94_muon", "fast96", "resnet18"])
-def test_every_recipe_runs_as_written_for_two_steps(tmp_path, data_root, recipe):
-    client, run = run_recipe(tmp_path, data_root, recipe, "steps=2")
+def test_every_recipe_runs_as_written_for_two_steps(tmp_path, data_root, recipe, store):
+    client, run = run_recipe(store, tmp_path, data_root, recipe, "steps=2")
     assert run.info.status == "FINISHED"
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     # Both models export (torch.export): the served one and the plain network.
@@ -78,8 +79,8 @@ def test_every_recipe_runs_as_written_for_two_steps(tmp_path, data_root, recipe)
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe", ["tf_tutorial_adam", "tf_tutorial_sgd_decay", "fast94",
                                     "fast96", "resnet18"])
-def test_every_recipe_trains_on_the_gpu_in_bf16(tmp_path, data_root, recipe):
-    _, run = run_recipe(tmp_path, data_root, recipe, "steps=20", "log_every=10",
+def test_every_recipe_trains_on_the_gpu_in_bf16(tmp_path, data_root, recipe, store):
+    _, run = run_recipe(store, tmp_path, data_root, recipe, "steps=20", "log_every=10",
                         "device=cuda", "tracking.log_model=false")
     assert run.info.status == "FINISHED"
     tags = run.data.tags
@@ -115,10 +116,11 @@ def test_fast94_muon_is_airbench94_muon_as_published():
                                   fused_optimizer=bool(opt.fused), data_parallel=False)
 
 
-def test_fast94_muon_trains_a_few_steps(tmp_path, data_root):
-    # The recipe as written, but 2 steps of 128 images.
-    client, run = run_recipe(tmp_path, data_root, "fast94_muon", "steps=2",
-                             "batch_size=128", "log_every=1", "tracking.log_model=false")
+def test_fast94_muon_trains_a_few_steps(tmp_path, data_root, store):
+    # The recipe as written, but 2 steps of 128 images, scored on 50 test images.
+    client, run = run_recipe(store, tmp_path, data_root, "fast94_muon", "steps=2",
+                             "batch_size=128", "log_every=1", "tracking.log_model=false",
+                             "eval_images=50")
     assert run.info.status == "FINISHED" and run.info.run_name == "airbench-muon-2"
     assert run.data.params["optimizer.sgd_bias_lr"] == str(106 * 128 / 2000)
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]

@@ -25,18 +25,22 @@ from cifar_exp.errors import CheckpointError, ConfigError
 from cifar_exp.job import job
 from cifar_exp.tracking.naming import git_tags
 from cifar_exp.training.timeline import PHASES
-from tests.conftest import MkdirPayload, cli, data_env, run_command, run_experiment
+from tests.conftest import (
+    MkdirPayload,
+    cli,
+    copy_store,
+    run_experiment,
+    start_command,
+)
+from tests.warm_python import WarmProcess
 
 METRICS = ("loss", "lr", "examples_per_sec", "sec_per_batch", "precision", "test_loss")
 
 
-def start(tmp_path: Path, *args: str, data_root: Path) -> tuple[subprocess.Popen, Path]:
+def start(tmp_path: Path, *args: str, data_root: Path) -> tuple[WarmProcess, Path]:
     """The command running in the background, its stdout and stderr going to a file."""
     output = tmp_path / "output.txt"
-    with open(output, "w") as file:
-        process = subprocess.Popen(run_command(*args), cwd=tmp_path, env=data_env(data_root),
-                                   stdout=file, stderr=subprocess.STDOUT)
-    return process, output
+    return start_command(tmp_path, *args, data_root=data_root, output=output), output
 
 
 def wait_for(condition: Callable[[], bool], process: subprocess.Popen,
@@ -57,10 +61,10 @@ def runs_in(store: str, experiment: str = "cifar_exp") -> list:
     return client.search_runs([found.experiment_id]) if found else []
 
 
-def test_twenty_step_run_logs_everything(tmp_path, data_root):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = cli(tmp_path, "steps=20", "eval_every=10", f"tracking.uri={store}",
-                 "tracking.system_metrics_seconds=1", data_root=data_root)
+def test_twenty_step_run_logs_everything(tmp_path, data_root, store):
+    result = cli(tmp_path, "steps=20", "eval_every=10", "eval_images=500", "batch_size=32",
+                 f"tracking.uri={store}", "tracking.system_metrics_seconds=1",
+                 data_root=data_root)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "step 20, loss = " in output and "final precision @ 1 = " in output
@@ -119,10 +123,10 @@ def test_a_recipe_and_debug_quick_compose_from_the_command_line(tmp_path, data_r
     assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
 
 
-def test_debug_quick_runs_without_a_checkpoint_or_a_logged_model(tmp_path, data_root):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = cli(tmp_path, "debug=quick", f"tracking.uri={store}",
-                 f"hydra.run.dir={tmp_path / 'run'}", data_root=data_root)
+def test_debug_quick_runs_without_a_checkpoint_or_a_logged_model(tmp_path, data_root, store):
+    # End to end: the README's quick check as a user types it, in a fresh interpreter.
+    result = cli(tmp_path, "debug=quick", "batch_size=32", f"tracking.uri={store}",
+                 f"hydra.run.dir={tmp_path / 'run'}", data_root=data_root, fresh=True)
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = runs_in(store)
     assert run.info.status == "FINISHED" and run.data.params["eval_images"] == "500"
@@ -132,10 +136,10 @@ def test_debug_quick_runs_without_a_checkpoint_or_a_logged_model(tmp_path, data_
     assert client.search_logged_models(experiment_ids=[run.info.experiment_id]) == []
 
 
-def test_task_function_returns_the_final_precision(tmp_path, data_root):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = compose_config(["steps=10", "log_every=5", f"tracking.uri={store}",
-                          f"data.root={data_root}", "tracking.log_model=false",
+def test_task_function_returns_the_final_precision(tmp_path, data_root, store):
+    cfg = compose_config(["steps=10", "log_every=5", "eval_images=200", "batch_size=32",
+                          f"tracking.uri={store}", f"data.root={data_root}",
+                          "tracking.log_model=false",
                           f"checkpoint.path={tmp_path / 'checkpoint.pt'}"])
     precision = run_module.main.__wrapped__(cfg)
     [run] = runs_in(store)
@@ -143,8 +147,8 @@ def test_task_function_returns_the_final_precision(tmp_path, data_root):
     assert run.info.run_name == "tf_cnn-adam-10"
 
 
-def test_eval_images_scores_the_first_test_images_and_says_so(tmp_path, data_root, caplog):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_eval_images_scores_the_first_test_images_and_says_so(tmp_path, data_root, caplog,
+                                                             store):
     cfg = compose_config(["steps=10", "eval_images=300", f"tracking.uri={store}",
                           f"data.root={data_root}", "tracking.log_model=false",
                           f"checkpoint.path={tmp_path / 'checkpoint.pt'}"])
@@ -207,8 +211,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, data_root, args, message):
     assert not (tmp_path / "mlflow.db").exists()  # failed before any run was opened
 
 
-def test_diverging_run_stops_with_one_line_and_is_marked_failed(tmp_path, data_root):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_diverging_run_stops_with_one_line_and_is_marked_failed(tmp_path, data_root, store):
     result = cli(tmp_path, "optimizer=sgd", "optimizer.lr=1e6", "steps=40",
                  f"tracking.uri={store}", data_root=data_root)
     assert result.returncode == 1
@@ -229,7 +232,7 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, data_root):
 # 60 steps, checkpoints at 20 and 40 (and 60), evaluations at 30 and 60; every log line is
 # written to the store at once, so points past the last checkpoint reach it before a kill.
 RESUMABLE = ("steps=60", "eval_every=30", "eval_images=500", "tracking.log_model=false",
-             "tracking.flush_seconds=0")
+             "tracking.flush_seconds=0", "batch_size=32")
 
 
 def histories(store: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -263,9 +266,9 @@ def assert_same_run(store: str, reference: dict, folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_root) -> dict:
+def uninterrupted(tmp_path_factory, data_root, store_template) -> dict:
     folder = tmp_path_factory.mktemp("uninterrupted")
-    store = f"sqlite:///{folder / 'mlflow.db'}"
+    store = copy_store(store_template, folder)
     result = cli(folder, *RESUMABLE, f"tracking.uri={store}", f"hydra.run.dir={folder / 'run'}",
                  data_root=data_root)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -283,9 +286,10 @@ def max_logged_step(database: Path, key: str) -> int:
     return step or 0
 
 
-def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, data_root, uninterrupted):
-    database = tmp_path / "mlflow.db"
-    args = (*RESUMABLE, "checkpoint.every=20", f"tracking.uri=sqlite:///{database}",
+def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, data_root, uninterrupted,
+                                                            store):
+    database = tmp_path / "mlflow.db"  # the store's file
+    args = (*RESUMABLE, "checkpoint.every=20", f"tracking.uri={store}",
             f"hydra.run.dir={tmp_path / 'run'}")
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     process, _ = start(tmp_path, *args, data_root=data_root)
@@ -302,19 +306,18 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, data_root,
     killed_at = torch.load(checkpoint, weights_only=True)["step"]
     assert killed_at in (20, 40)
     assert max_logged_step(database, "loss") > killed_at  # to be redone, not logged twice
-    [run] = runs_in(f"sqlite:///{database}")
+    [run] = runs_in(store)
     assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
 
     result = cli(tmp_path, *args, "resume=true", data_root=data_root)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from step {killed_at} of {checkpoint}" in result.stdout + result.stderr
-    assert_same_run(f"sqlite:///{database}", uninterrupted, tmp_path)
-    assert runs_in(f"sqlite:///{database}")[0].info.run_id == run.info.run_id
+    assert_same_run(store, uninterrupted, tmp_path)
+    assert runs_in(store)[0].info.run_id == run.info.run_id
 
 
 def test_sigterm_saves_a_checkpoint_marks_the_run_killed_and_resume_finishes(
-        tmp_path, data_root, uninterrupted):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        tmp_path, data_root, uninterrupted, store):
     args = (*RESUMABLE, "checkpoint.every=0", f"tracking.uri={store}",
             f"hydra.run.dir={tmp_path / 'run'}")
     process, output = start(tmp_path, *args, data_root=data_root)
@@ -359,8 +362,7 @@ def test_malicious_checkpoint_is_refused_before_any_work(tmp_path, data_root):
     assert not marker.exists()
 
 
-def test_a_stopped_run_without_checkpoints_says_there_is_none(tmp_path, data_root):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_stopped_run_without_checkpoints_says_there_is_none(tmp_path, data_root, store):
     process, output = start(tmp_path, "debug=quick", "steps=400", f"tracking.uri={store}",
                             f"hydra.run.dir={tmp_path / 'run'}", data_root=data_root)
     wait_for(lambda: "step 10, loss = " in output.read_text(), process)
@@ -375,41 +377,41 @@ def test_a_stopped_run_without_checkpoints_says_there_is_none(tmp_path, data_roo
 
 
 
-def test_resuming_into_the_store_file_is_refused_and_the_store_kept(tmp_path, data_root):
+def test_resuming_into_the_store_file_is_refused_and_the_store_kept(tmp_path, data_root, store):
     # The reported case: a resumed run wrote its checkpoint over the whole MLflow store.
-    database = tmp_path / "mlflow.db"
+    database = tmp_path / "mlflow.db"  # the store's file
     args = ("debug=quick", "steps=400", "checkpoint.enabled=true",
-            f"tracking.uri=sqlite:///{database}", f"hydra.run.dir={tmp_path / 'run'}")
+            f"tracking.uri={store}", f"hydra.run.dir={tmp_path / 'run'}")
     process, output = start(tmp_path, *args, data_root=data_root)
     wait_for(lambda: "step 5, loss = " in output.read_text(), process)
     process.send_signal(signal.SIGTERM)  # stopped: its checkpoint can be resumed
     assert process.wait(timeout=300) == 143
-    store = database.read_bytes()
+    before = database.read_bytes()
     result = cli(tmp_path, *args, f"resume={tmp_path / 'run' / 'checkpoint.pt'}",
                  f"checkpoint.path={database}", data_root=data_root)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: checkpoint.path={database} is the MLflow store " \
                                     f"itself; choose another file"
-    assert database.read_bytes() == store
+    assert database.read_bytes() == before
 
 
-def test_a_refused_command_leaves_the_run_folder_as_it_was(tmp_path, data_root):
-    folder = tmp_path / "run"
-    store = f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"
-    assert cli(tmp_path, "debug=quick", "steps=5", store, f"hydra.run.dir={folder}",
+def test_a_refused_command_leaves_the_run_folder_as_it_was(tmp_path, data_root, store):
+    folder, tracking = tmp_path / "run", f"tracking.uri={store}"
+    assert cli(tmp_path, "debug=quick", "steps=5", tracking, f"hydra.run.dir={folder}",
                data_root=data_root).returncode == 0
     record = {path.name: path.read_bytes() for path in (folder / ".hydra").iterdir()}
     assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
-    result = cli(tmp_path, "debug=quick", "steps=0", store, f"hydra.run.dir={folder}",
+    result = cli(tmp_path, "debug=quick", "steps=0", tracking, f"hydra.run.dir={folder}",
                  data_root=data_root)
     assert result.returncode == 2
     assert {path.name: path.read_bytes() for path in (folder / ".hydra").iterdir()} == record
 
 
-def test_a_second_process_in_a_busy_run_folder_is_refused(tmp_path, data_root):
-    folder, store = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_second_process_in_a_busy_run_folder_is_refused(tmp_path, data_root, store):
+    folder = tmp_path / "run"
     args = ("steps=400", "log_every=5", "eval_images=500", "tracking.log_model=false",
-            "checkpoint.every=10", f"tracking.uri={store}", f"hydra.run.dir={folder}")
+            "checkpoint.every=10", "batch_size=32", f"tracking.uri={store}",
+            f"hydra.run.dir={folder}")
     process, output = start(tmp_path, *args, data_root=data_root)
     try:
         wait_for(lambda: (folder / "checkpoint.pt").exists(), process)
@@ -439,11 +441,11 @@ def test_two_runs_started_at_once_on_a_new_store_both_finish(tmp_path, data_root
 
 
 def test_a_run_killed_before_its_first_checkpoint_is_closed_by_the_next_start(
-        tmp_path, data_root):
-    folder, store = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ("steps=30", "log_every=5", "eval_images=500", "tracking.log_model=false",
-            "tracking.flush_seconds=0", f"tracking.uri={store}", f"hydra.run.dir={folder}",
-            "resume=auto")
+        tmp_path, data_root, store):
+    folder = tmp_path / "run"
+    args = ("steps=10", "log_every=5", "eval_images=200", "tracking.log_model=false",
+            "tracking.flush_seconds=0", "batch_size=32", f"tracking.uri={store}",
+            f"hydra.run.dir={folder}", "resume=auto")
     process, output = start(tmp_path, *args, "steps=3000", data_root=data_root)
     wait_for(lambda: "step 5, loss = " in output.read_text(), process)
     process.send_signal(signal.SIGKILL)

@@ -16,18 +16,17 @@ from cifar_exp.job import checkpoint
 from tests.conftest import run_experiment
 
 JOB = ("steps=20", "log_every=5", "eval_every=20", "eval_images=500", "checkpoint.every=10",
+       "batch_size=32",
        "tracking.log_model=false", "tracking.flush_seconds=0")
 
 
-def job_config(tmp_path, data_root, *extra: str):
-    return compose_config([*JOB, f"data.root={data_root}",
-                           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+def job_config(tmp_path, data_root, store: str, *extra: str):
+    return compose_config([*JOB, f"data.root={data_root}", f"tracking.uri={store}",
                            f"checkpoint.path={tmp_path / 'checkpoint.pt'}", *extra])
 
 
 def test_a_store_that_fails_mid_run_ends_in_one_line_and_resuming_finishes(
-        tmp_path, data_root, monkeypatch):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        tmp_path, data_root, monkeypatch, store):
     log_batch = MlflowClient.log_batch
 
     def store_gone_after_step_12(client, run_id, metrics=(), **kwargs):
@@ -41,7 +40,7 @@ def test_a_store_that_fails_mid_run_ends_in_one_line_and_resuming_finishes(
     monkeypatch.setattr(MlflowClient, "log_batch", store_gone_after_step_12)
     monkeypatch.setattr(MlflowClient, "set_terminated", cannot_close)
     with pytest.raises(RecordFailure) as failure:
-        run_experiment(job_config(tmp_path, data_root), folder=tmp_path)
+        run_experiment(job_config(tmp_path, data_root, store), folder=tmp_path)
     monkeypatch.undo()
     message = str(failure.value)
     assert "\n" not in message
@@ -61,7 +60,7 @@ def test_a_store_that_fails_mid_run_ends_in_one_line_and_resuming_finishes(
     assert {step for _, _, _, step in kept["tracking"]["pending"]} == {15, 20}
 
     # The store is back: the command in the message writes what it missed.
-    run_experiment(job_config(tmp_path, data_root,
+    run_experiment(job_config(tmp_path, data_root, store,
                                          f"resume={tmp_path / 'checkpoint.pt'}"),
                               folder=tmp_path)
     client = MlflowClient(store)
@@ -75,7 +74,7 @@ def test_a_store_that_fails_mid_run_ends_in_one_line_and_resuming_finishes(
 
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_training_goes_on(
-        tmp_path, data_root, monkeypatch, caplog):
+        tmp_path, data_root, monkeypatch, caplog, store):
     real_save, saves = checkpoint.atomic_save, []
 
     def disk_full_after_the_first(content, path):
@@ -87,7 +86,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_training_goes_on(
     monkeypatch.setattr(checkpoint, "atomic_save", disk_full_after_the_first)
     with caplog.at_level("WARNING", logger="cifar_exp.job.checkpoint"), \
             pytest.raises(RecordFailure) as failure:
-        run_experiment(job_config(tmp_path, data_root), folder=tmp_path)
+        run_experiment(job_config(tmp_path, data_root, store), folder=tmp_path)
     assert saves == [10, 20]
     assert str(failure.value) == (
         f"checkpoint {tmp_path / 'checkpoint.pt'} could not be written at step 20 (No space "
@@ -96,7 +95,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_training_goes_on(
     assert any("step 20, checkpoint not written" in m and "it still holds step 10" in m
                for m in caplog.messages)
     # The run itself finished and holds its final weights.
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(store)
     [run] = mlflow.search_runs(experiment_names=["cifar_exp"], output_format="list")
     assert run.info.status == "FINISHED"
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}

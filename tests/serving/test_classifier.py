@@ -50,10 +50,10 @@ def test_the_exported_classifier_takes_any_batch_size(tmp_path, cifar10, name):
         assert answer[cifar10.classes].sum(axis=1).round(5).eq(1).all()
 
 
+@pytest.mark.slow  # mlflow models serve: its command, uvicorn and the model loaded
 def test_mlflow_models_serve_answers_a_posted_test_image(tmp_path, cifar10,
-                                                         network_and_augmentation):
+                                                         network_and_augmentation, store):
     network, augmentation = network_and_augmentation
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with RunTracker(store, "unit", "served") as run:
         run.log_models(network, augmentation, cifar10.test_images, cifar10.classes, 10)
     client = MlflowClient(store)

@@ -24,6 +24,7 @@ from cifar_exp.tracking.report import (
     swept_keys,
     write_report,
 )
+from tests.conftest import copy_store
 
 PRECISIONS = {("adam", "0"): 0.61, ("adam", "1"): 0.63, ("sgd", "0"): 0.52, ("sgd", "1"): 0.56}
 
@@ -34,10 +35,10 @@ def summary(name: str, precision: float, **overrides: str) -> RunSummary:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> tuple[str, str]:
+def store(tmp_path: Path, store_template: Path) -> tuple[str, str]:
     """A store holding one sweep, parent and four jobs, as the sweep callback leaves it
     (written directly: no training needed). Returns (uri, parent run id)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = copy_store(store_template, tmp_path)
     client = MlflowClient(uri)
     experiment = client.create_experiment("cifar_exp", (tmp_path / "artifacts").as_uri())
     parent = client.create_run(experiment, run_name="sweep optimizer=adam,sgd seed=0,1",

@@ -15,11 +15,13 @@ from cifar_exp.errors import CheckpointError
 from cifar_exp.models import build_model
 from cifar_exp.tracking.runs import RunTracker, data_inputs, flatten
 from cifar_exp.tracking.store import resumable_run
+from tests.conftest import copy_store
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+def store(tmp_path_factory: pytest.TempPathFactory, store_template: Path) -> str:
+    """One store for the module's runs (in place of conftest's store, one per test)."""
+    return copy_store(store_template, tmp_path_factory.mktemp("mlflow"))
 
 
 def test_flatten_nests_with_dots():

@@ -38,11 +38,10 @@ def test_unreachable_tracking_is_reported_up_front(tmp_path):
 
 
 @pytest.fixture
-def mlflow_store(tmp_path) -> str:
+def mlflow_store(store: str) -> str:
     """A store with one experiment in it."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    open_experiment(uri, "kept")
-    return uri
+    open_experiment(store, "kept")
+    return store
 
 
 def stores(tmp_path: Path) -> dict[str, str]:
@@ -107,6 +106,7 @@ def _open_in_a_process(uri: str) -> str:
     return open_experiment(uri, "race")
 
 
+@pytest.mark.slow  # several fresh interpreters, each migrating the new store
 def test_processes_opening_a_new_store_at_once_all_get_the_experiment(tmp_path):
     # MLflow creates the schema on first use; without the lock, two processes doing it at
     # the same moment collide ("duplicate column name").

@@ -105,8 +105,8 @@ def test_a_server_that_goes_away_mid_run_holds_nothing_up_and_keeps_every_point(
     backend = f"sqlite:///{tmp_path / 'server.db'}"
     folder = tmp_path / "run"
     args = ("steps=200", "log_every=5", "eval_every=100", "eval_images=500",
-            "checkpoint.every=50", "tracking.log_model=false", "tracking.flush_seconds=0",
-            f"hydra.run.dir={folder}")
+            "checkpoint.every=50", "batch_size=32", "tracking.log_model=false",
+            "tracking.flush_seconds=0", f"hydra.run.dir={folder}")
     with mlflow_server(backend, tmp_path) as url:
         # Credentials in the URI (the server ignores them) must never be recorded.
         secret_url = url.replace("http://", "http://user:secret@")

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from cifar_exp.errors import ConfigError
 from cifar_exp.training.distributed import shard
 from cifar_exp.world import SINGLE, World, check_batch_size, current_world, hydra_overrides
-from tests.conftest import cli, data_env, run_command
+from tests.conftest import cli, copy_store, data_env, run_command
 
 # SGD at a small rate: its update is linear in the gradient, so the runs differ only by the
 # order of floating-point sums (Adam, or lr=0.1, amplifies them: max-pool and ReLU choices flip).
@@ -65,16 +65,16 @@ def finished_job(folder: Path) -> tuple[list, dict[str, torch.Tensor], list[Path
 
 
 @pytest.mark.slow  # two jobs of 20 steps, each evaluated on the 10,000 test images
-def test_two_processes_train_as_one_does(tmp_path, data_root):
+def test_two_processes_train_as_one_does(tmp_path, data_root, store_template):
     runs = {}
     for processes in (1, 2):
         folder = tmp_path / f"{processes}"
         folder.mkdir()
-        args = (*JOB, f"tracking.uri=sqlite:///{folder / 'mlflow.db'}")
+        args = (*JOB, f"tracking.uri={copy_store(store_template, folder)}")
         result = cli(folder, *args, data_root=data_root, processes=processes)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[processes] = finished_job(folder)
-        # Nothing but the store (with the lock that serialises its creation), its artifacts
+        # Nothing but the store (with the lock that serialises opening it), its artifacts
         # and the one output folder is created.
         assert {p.name for p in folder.iterdir()} == {
             "mlflow.db", ".mlflow.db.lock", "mlartifacts", "outputs"}
@@ -112,17 +112,19 @@ def kill_job(agent: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow  # three 2-process jobs of 30 steps
-def test_killed_two_process_job_resumes_to_the_uninterrupted_weights(tmp_path, data_root):
+def test_killed_two_process_job_resumes_to_the_uninterrupted_weights(tmp_path, data_root,
+                                                                     store_template):
     job = ("optimizer=sgd", "optimizer.lr=0.01", "steps=30", "log_every=10", "eval_every=30",
            "eval_images=500", "checkpoint.every=10", "tracking.log_model=false")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     for folder in (whole, cut):
         folder.mkdir()
-    args = (*job, f"tracking.uri=sqlite:///{whole / 'mlflow.db'}",
+    args = (*job, f"tracking.uri={copy_store(store_template, whole)}",
             f"hydra.run.dir={whole / 'run'}")
     assert cli(whole, *args, data_root=data_root, processes=2).returncode == 0
 
-    args = (*job, f"tracking.uri=sqlite:///{cut / 'mlflow.db'}", f"hydra.run.dir={cut / 'run'}")
+    args = (*job, f"tracking.uri={copy_store(store_template, cut)}",
+            f"hydra.run.dir={cut / 'run'}")
     checkpoint = cut / "run" / "checkpoint.pt"
     process = subprocess.Popen(run_command(*args, processes=2), cwd=cut,
                                env=data_env(data_root), stdout=subprocess.DEVNULL,
