@@ -59,7 +59,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
         if shared:
             item.add_marker(pytest.mark.xdist_group(shared[0]))
-    if any("data_root" in getattr(item, "fixturenames", ()) for item in items):
+    if not config.option.collectonly and any(
+            "data_root" in getattr(item, "fixturenames", ()) for item in items):
         warm_python()  # tests on the real data run commands
     if torch.cuda.is_available():
         return
