@@ -4,7 +4,8 @@ imports again (torch, MLflow and Hydra take seconds on a small machine).
 
 The child is a process of its own: its own folder, environment, standard streams (files),
 process group if asked, exit status and signals. It runs the module as `__main__` with
-`runpy` and ends through the interpreter's normal exit (threads joined, atexit handlers run).
+`runpy` and ends as the interpreter ends (threads joined, atexit handlers run, streams
+flushed), without tearing its modules down (see exit_now).
 
 Protocol, one JSON object per line: requests on stdin {"module", "args", "cwd", "env",
 "stdout", "stderr", "new_session"}; replies on stdout {"started": pid} at once and
@@ -14,6 +15,7 @@ Started by tests/conftest.py; it exits when its stdin closes.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import os
@@ -39,13 +41,22 @@ PRELOAD = ("torch", "torchvision", "mlflow", "mlflow.pytorch", "mlflow.pyfunc",
 
 
 def preload() -> None:
-    """Import PRELOAD and the Hydra plugins (Hydra imports every one of them at start-up)."""
+    """Import PRELOAD and the Hydra plugins (Hydra imports every one of them at start-up),
+    and compose a config once."""
     for name in PRELOAD:
         importlib.import_module(name)
     import hydra_plugins
 
     for plugin in pkgutil.walk_packages(hydra_plugins.__path__, "hydra_plugins."):
         importlib.import_module(plugin.name)
+    # Hydra's first composition builds its override parser (ANTLR) and finds its plugins:
+    # done once here, the same in every child.
+    from hydra.core.plugins import Plugins
+
+    from cifar_exp.config import compose_config
+
+    Plugins.instance()
+    compose_config(["optimizer=sgd"])
 
 
 def reply(message: dict) -> None:
@@ -57,7 +68,7 @@ def reply(message: dict) -> None:
 
 
 def run_child(request: dict) -> None:
-    """In the forked child: become the command, then run it; never returns normally."""
+    """In the forked child: become the command, run it, exit; never returns."""
     if request["new_session"]:
         os.setsid()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
@@ -71,8 +82,38 @@ def run_child(request: dict) -> None:
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
     sys.path[0] = request["cwd"]  # `python -m` puts the current folder first
     sys.argv = [request["module"], *request["args"]]
-    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
-    sys.exit(0)  # the interpreter's own exit: threads joined, atexit handlers run
+    try:
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as stop:
+        code = exit_status(stop.code)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # the traceback, as an uncaught exception prints it
+        code = 1
+    exit_now(code)
+
+
+def exit_status(code: object) -> int:
+    """The status SystemExit(code) gives: None is 0, a number itself, anything else is
+    printed to stderr and gives 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def exit_now(code: int) -> None:
+    """The interpreter's exit, less the tearing down of its modules: non-daemon threads are
+    joined, atexit handlers run (logging's flushes its files) and the standard streams are
+    flushed. Tearing down would write to every object inherited from the warm interpreter,
+    copying its memory page by page: seconds per command."""
+    threading._shutdown()  # what the interpreter calls first on exit (CPython)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def serve() -> None:
