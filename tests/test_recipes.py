@@ -68,7 +68,8 @@ def test_fast96_is_airbench96_as_published():
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["fast94", "fast94_muon", "fast96", "resnet18"])
 def test_every_recipe_runs_as_written_for_two_steps(tmp_path, data_root, recipe, store):
-    client, run = run_recipe(store, tmp_path, data_root, recipe, "steps=2")
+    # Scored on 50 test images: the model's export is the point here.
+    client, run = run_recipe(store, tmp_path, data_root, recipe, "steps=2", "eval_images=50")
     assert run.info.status == "FINISHED"
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     # Both models export (torch.export): the served one and the plain network.
