@@ -50,7 +50,7 @@ share_the_cores()
 
 # Fixtures that train or sweep once for many tests: under pytest-xdist (`-n`,
 # `--dist loadgroup`) the tests that use one of them run on one worker, which makes it once.
-SHARED_RUNS = ("trained_run", "sweep_store", "uninterrupted")
+SHARED_RUNS = ("trained_run", "sweep_store", "uninterrupted", "first_search")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -91,12 +91,13 @@ def warm_python() -> WarmPython:
 
 
 def start_command(cwd: Path, *args: str, data_root: Path, output: Path,
-                  new_session: bool = False) -> WarmProcess:
+                  errors: Path | None = None) -> WarmProcess:
     """`python -m cifar_exp.run ARGS` in folder `cwd`, on the real data, in the background;
-    its stdout and stderr go to the file `output`, made empty now."""
+    its stdout goes to the file `output`, made empty now, and its stderr there too, or to
+    `errors`."""
     output.write_bytes(b"")
-    return warm_python().start("cifar_exp.run", args, cwd, data_env(data_root), output, output,
-                               new_session)
+    return warm_python().start("cifar_exp.run", args, cwd, data_env(data_root), output,
+                               errors or output)
 
 
 def cli(cwd: Path, *args: str, data_root: Path, timeout: float = 600, processes: int = 1,
@@ -110,8 +111,7 @@ def cli(cwd: Path, *args: str, data_root: Path, timeout: float = 600, processes:
                               timeout=timeout)
     with tempfile.TemporaryDirectory() as streams:
         stdout, stderr = Path(streams) / "stdout", Path(streams) / "stderr"
-        process = warm_python().start("cifar_exp.run", args, cwd, data_env(data_root), stdout,
-                                      stderr)
+        process = start_command(cwd, *args, data_root=data_root, output=stdout, errors=stderr)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -96,8 +96,6 @@ def first_search(tmp_path_factory, data_root, store_template):
     return folder / "sweep", store, first
 
 
-# The tests of one search: on one pytest-xdist worker, which runs it once.
-@pytest.mark.xdist_group("first_search")
 def test_a_search_is_persisted_and_a_hopeless_trial_pruned(first_search):
     sweep, store, first = first_search
     assert first.returncode == 0, first.stderr[-3000:]
@@ -118,7 +116,6 @@ def test_a_search_is_persisted_and_a_hopeless_trial_pruned(first_search):
     assert runs["0"].info.status == runs["1"].info.status == "FINISHED"
 
 
-@pytest.mark.xdist_group("first_search")
 def test_a_search_is_resumed_with_more_trials(first_search, tmp_path, data_root, store):
     first_sweep, _, first = first_search
     assert first.returncode == 0, first.stderr[-3000:]
@@ -137,7 +134,6 @@ def test_a_search_is_resumed_with_more_trials(first_search, tmp_path, data_root,
     assert results["best_value"] == study.best_value
 
 
-@pytest.mark.xdist_group("first_search")
 def test_a_searchs_study_is_shown_in_optuna_dashboard(first_search):
     sweep, _, first = first_search
     assert first.returncode == 0, first.stderr[-3000:]
