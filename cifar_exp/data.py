@@ -19,6 +19,7 @@ import torch
 from cifar_exp import checksums
 from cifar_exp.config import DATA_ROOT_ENV, DEFAULT_DATA_ROOT
 from cifar_exp.errors import ConfigError, DataError, refuse
+from cifar_exp.quick_exit import run_and_exit
 
 log = logging.getLogger(__name__)
 IMAGE_SHAPE = (3, 32, 32)
@@ -390,4 +391,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

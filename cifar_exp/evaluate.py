@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from cifar_exp.config import DEFAULT_TRACKING_URI
 from cifar_exp.errors import CommandParser, RecordFailure, UserError, refused
+from cifar_exp.quick_exit import run_and_exit
 from cifar_exp.serving.source import add_source_arguments
 from cifar_exp.tracking.naming import command_line, git_tags
 from cifar_exp.tracking.redact import redact
@@ -181,5 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def command() -> NoReturn:
+    """`python -m cifar_exp.evaluate` and `cifar-exp-evaluate`: main(), then a quick
+    exit (cifar_exp.quick_exit)."""
+    run_and_exit(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -11,11 +11,11 @@ network and a softmax: the same computation as the run's logged model."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from cifar_exp.errors import CommandParser, UserError, refused
+from cifar_exp.quick_exit import run_and_exit
 from cifar_exp.serving.source import add_source_arguments
 
 if TYPE_CHECKING:
@@ -91,5 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def command() -> NoReturn:
+    """`python -m cifar_exp.predict` and `cifar-exp-predict`: main(), then a quick
+    exit (cifar_exp.quick_exit)."""
+    run_and_exit(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import hydra
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -35,6 +35,7 @@ from cifar_exp.errors import (
     UserError,
     refuse,
 )
+from cifar_exp.quick_exit import run_and_exit
 from cifar_exp.tracking.naming import SWEPT_KEYS_ENV, git_tags, short_keys, short_number
 from cifar_exp.tracking.redact import install_redaction
 from cifar_exp.world import adopt_launcher_tasks, current_world, hydra_overrides
@@ -192,5 +193,11 @@ def cli() -> None:
     main()
 
 
+def command() -> NoReturn:
+    """`python -m cifar_exp.run` and `cifar-exp`: cli(), then a quick
+    exit (cifar_exp.quick_exit)."""
+    run_and_exit(cli)
+
+
 if __name__ == "__main__":
-    cli()
+    command()

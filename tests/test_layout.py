@@ -20,7 +20,8 @@ LAYOUT_PAGE = ROOT / "docs" / "layout.md"
 COMMANDS = {"run", "evaluate", "predict", "report", "bench"}
 # `data` is a command too (python -m cifar_exp.data --download), and the library that
 # reads the data sets: the folders below import it as the library.
-VOCABULARY = {"config", "errors", "registry", "speed", "world", "data", "checksums"}
+VOCABULARY = {"config", "errors", "registry", "speed", "world", "data", "checksums",
+              "quick_exit"}
 PARTS = {"models", "optim", "schedules", "augment"}  # one file per part, by name
 MAX_TOP_LEVEL_MODULES = 16
 

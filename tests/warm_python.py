@@ -3,19 +3,20 @@ in a forked child, as `python -m MODULE ARGS` would, without paying interpreter 
 imports again (torch, MLflow and Hydra take seconds on a small machine).
 
 The child is a process of its own: its own folder, environment, standard streams (files),
-process group if asked, exit status and signals. It runs the module as `__main__` with
-`runpy` and ends as the interpreter ends (threads joined, atexit handlers run, streams
-flushed), without tearing its modules down (see exit_now).
+exit status and signals. It runs the module as `__main__` with
+`runpy` and ends as the project's commands end (cifar_exp.quick_exit): threads joined,
+atexit handlers run, streams flushed, its modules not torn down, which would write to every
+object inherited from the warm interpreter, copying its memory page by page.
 
 Protocol, one JSON object per line: requests on stdin {"module", "args", "cwd", "env",
-"stdout", "stderr", "new_session"}; replies on stdout {"started": pid} at once and
+"stdout", "stderr"}; replies on stdout {"started": pid} at once and
 {"ended": pid, "returncode": code} when the child ends (negative: killed by that signal).
 Started by tests/conftest.py; it exits when its stdin closes.
 """
 
 from __future__ import annotations
 
-import atexit
+import functools
 import importlib
 import json
 import os
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+
+from cifar_exp.quick_exit import exit_now, exit_status
 
 # What the commands import anyway (not the commands themselves: `-m` runs a module that is
 # not imported yet); nothing here may start a thread, which a forked child would lack.
@@ -69,8 +72,6 @@ def reply(message: dict) -> None:
 
 def run_child(request: dict) -> None:
     """In the forked child: become the command, run it, exit; never returns."""
-    if request["new_session"]:
-        os.setsid()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     os.chdir(request["cwd"])
@@ -91,29 +92,6 @@ def run_child(request: dict) -> None:
         sys.excepthook(*sys.exc_info())  # the traceback, as an uncaught exception prints it
         code = 1
     exit_now(code)
-
-
-def exit_status(code: object) -> int:
-    """The status SystemExit(code) gives: None is 0, a number itself, anything else is
-    printed to stderr and gives 1."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    print(code, file=sys.stderr)
-    return 1
-
-
-def exit_now(code: int) -> None:
-    """The interpreter's exit, less the tearing down of its modules: non-daemon threads are
-    joined, atexit handlers run (logging's flushes its files) and the standard streams are
-    flushed. Tearing down would write to every object inherited from the warm interpreter,
-    copying its memory page by page: seconds per command."""
-    threading._shutdown()  # what the interpreter calls first on exit (CPython)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
 
 
 def serve() -> None:
@@ -153,7 +131,14 @@ class WarmPython:
         self.requests = threading.Lock()
         self.ready = False  # its imports go on in the background until the first command
 
+    def wait_until_ready(self) -> None:
+        """Wait for its imports to finish (the first command waits anyway)."""
+        with self.requests:
+            self._wait_until_ready()
+
     def _wait_until_ready(self) -> None:
+        if self.ready:
+            return
         ready = json.loads(self.server.stdout.readline() or "{}")
         if not ready.get("ready"):
             raise RuntimeError(f"the warm interpreter did not start (exit {self.server.wait()})")
@@ -171,12 +156,11 @@ class WarmPython:
                     self.changed.notify_all()
 
     def start(self, module: str, args: list[str], cwd: Path, env: dict[str, str],
-              stdout: Path, stderr: Path, new_session: bool = False) -> WarmProcess:
+              stdout: Path, stderr: Path) -> WarmProcess:
         request = {"module": module, "args": list(args), "cwd": str(cwd), "env": env,
-                   "stdout": str(stdout), "stderr": str(stderr), "new_session": new_session}
+                   "stdout": str(stdout), "stderr": str(stderr)}
         with self.requests:  # one at a time, so that the next "started" is this one's
-            if not self.ready:
-                self._wait_until_ready()
+            self._wait_until_ready()
             self.server.stdin.write((json.dumps(request) + "\n").encode())
             self.server.stdin.flush()
             pid = self.started.get(timeout=60)
@@ -186,6 +170,14 @@ class WarmPython:
         with self.changed:
             self.changed.wait_for(lambda: pid in self.ended, timeout)
             return self.ended.get(pid)
+
+
+@functools.cache
+def shared_warm_python() -> WarmPython:
+    """The one warm interpreter of this test process. Kept here, not in conftest.py: pytest
+    imports conftest.py as `conftest` while test files import it as `tests.conftest`, two
+    modules with a cache each, which had started a second warm interpreter."""
+    return WarmPython()
 
 
 class WarmProcess:
