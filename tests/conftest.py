@@ -29,7 +29,7 @@ from cifar_exp.data import CifarData, load_cifar
 from cifar_exp.training.batches import BatchMaker
 from cifar_exp.training.loop import TrainResult
 from cifar_exp.training.parts import TrainSettings
-from tests.warm_python import WarmProcess, WarmPython
+from tests.warm_python import WarmProcess, WarmPython, preload, shared_warm_python
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(shared[0]))
     if not config.option.collectonly and any(
             "data_root" in getattr(item, "fixturenames", ()) for item in items):
-        warm_python()  # tests on the real data run commands
+        # Tests on the real data run commands and train in this process: the imports of
+        # both are paid here, once, rather than by whichever test comes first.
+        warm_python()
+        preload()
+        warm_python().wait_until_ready()
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -83,11 +87,10 @@ def data_env(data_root: Path) -> dict[str, str]:
     return {**os.environ, "CIFAR_EXP_DATA": str(data_root)}
 
 
-@functools.cache
 def warm_python() -> WarmPython:
     """This test process's warm interpreter (tests/warm_python.py), started on first use
-    or when collection finds tests on the real data (it then imports while tests run)."""
-    return WarmPython()
+    or when collection finds tests on the real data."""
+    return shared_warm_python()
 
 
 def start_command(cwd: Path, *args: str, data_root: Path, output: Path,
@@ -301,10 +304,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the process and every process it started (its own session), then wait."""
+def stop_process_group(process: subprocess.Popen, signum: int = signal.SIGTERM) -> None:
+    """`signum` to the process and every process it started (its own session), then wait;
+    SIGKILL after 30 s. SIGINT (Ctrl-C) for servers that stop at once on it, where SIGTERM
+    can wait for a worker to end gracefully."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signum)
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import signal
 import subprocess
@@ -156,10 +154,6 @@ def test_a_searchs_study_is_shown_in_optuna_dashboard(first_search):
         [shown] = studies.json()["study_summaries"]
         assert shown["study_name"] == "lr"
     finally:
-        # Ctrl-C's SIGINT first: its server (gunicorn, where installed) stops at once on it,
-        # where SIGTERM can wait 30 s for a worker to end gracefully.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(dashboard.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            dashboard.wait(timeout=10)
-        stop_process_group(dashboard)
+        # Its server (gunicorn, where installed) stops at once on Ctrl-C's SIGINT, where
+        # SIGTERM can wait 30 s for a worker to end gracefully.
+        stop_process_group(dashboard, signal.SIGINT)

@@ -87,6 +87,7 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # A metric point as a checkpoint stores it: (key, value, timestamp in ms, step).
 PointTuple = tuple[str, float, int, int]
 RETRY_SECONDS = 10.0  # between tries while the store fails
+FINAL_PAUSES = (0, 1, 2, 4)  # seconds before each last try to write the last points
 RUN_DIR_TAG = "run_dir"  # the run's output folder: a run left RUNNING there can be closed
 
 
@@ -167,7 +168,7 @@ class RunTracker:
         self._wake.set()
         if self._writer is not None:
             self._writer.join()
-        for pause in (0, 1, 2, 4):  # the last points get a few more tries
+        for pause in FINAL_PAUSES:  # the last points get a few more tries
             time.sleep(pause)
             if self.flush():
                 break

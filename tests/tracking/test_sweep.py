@@ -146,6 +146,20 @@ def test_study_result_is_logged_on_the_parent(tmp_path, store):
     log_study_result(client, run.info.run_id, tmp_path / "absent.yaml")  # a grid sweep: no-op
 
 
+def test_a_sweep_one_job_after_another_leaves_one_parent_and_its_report(sweep_store):
+    # The shared sweep (Hydra's basic launcher) that the server and UI tests below browse.
+    folder, uri, result = sweep_store
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, children = tracked_sweep(uri, CHILD_NAMES)
+    assert parent.data.tags["launcher"] == "BasicLauncher"
+    assert parent.data.metrics["jobs"] == 4 and parent.data.metrics["jobs_finished"] == 4
+    best = max(children, key=lambda run: run.data.metrics["precision"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id, "report")}
+    assert "report/report.md" in logged
+    assert list(folder.glob("multirun/*/*/report/report.md"))
+
+
 # Browsing: a tracking server over the sweep's store, its REST API and its web UI.
 
 @pytest.fixture(scope="module")
