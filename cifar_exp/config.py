@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cifar_exp.callables import check_callables
 from cifar_exp.errors import ConfigError
 from cifar_exp.speed import check_amp, check_compile, check_cuda_graph, check_tta
 
@@ -169,46 +170,6 @@ def _markdown_value(value: object) -> str:
     if isinstance(value, str):
         return "`" + value.replace("|", "\\|") + "`"
     return str(value)
-
-
-# What a composed config may name for Hydra or logging to call: the project's own code,
-# Hydra and its plugins (launchers, sweepers), Optuna's samplers and pruners, and the
-# logging module's handlers and formatters. Anything else would run code from a file.
-TRUSTED_CALLABLES = ("cifar_exp.", "hydra.", "hydra_plugins.", "optuna.samplers.",
-                     "optuna.pruners.", "logging.")
-# The keys whose value is called: instantiate's, and logging.config's factories.
-CALLABLE_KEYS = ("_target_",)
-LOGGING_CALLABLE_KEYS = ("class", "()")
-
-
-def check_callables(cfg: DictConfig) -> None:
-    """Refuse a composed config (Hydra's node included) that names anything outside
-    TRUSTED_CALLABLES to be called: a callback, launcher, sweeper or log handler from a
-    config file must not run other code. Checked before Hydra instantiates any of them."""
-    container = OmegaConf.to_container(cfg, resolve=False)
-    for path, value in _callables(container, ""):
-        if not (isinstance(value, str) and value.startswith(TRUSTED_CALLABLES)):
-            raise ConfigError(
-                f"{path}={value} names code outside the project, Hydra, Optuna and logging "
-                f"({', '.join(prefix + '*' for prefix in TRUSTED_CALLABLES)}); a config "
-                f"file may not run other code: remove it")
-
-
-def _callables(node: object, path: str) -> list[tuple[str, object]]:
-    """(dotted key, value) of every key in `node` whose value gets called."""
-    found: list[tuple[str, object]] = []
-    if isinstance(node, dict):
-        in_logging = path.startswith(("hydra.job_logging", "hydra.hydra_logging"))
-        for key, value in node.items():
-            child = f"{path}.{key}" if path else str(key)
-            if key in CALLABLE_KEYS or (in_logging and key in LOGGING_CALLABLE_KEYS):
-                found.append((child, value))
-            else:
-                found += _callables(value, child)
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            found += _callables(value, f"{path}[{index}]")
-    return found
 
 
 def batch_scaled(value: float, reference: int, *, _root_: DictConfig) -> float:

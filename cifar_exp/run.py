@@ -25,7 +25,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cifar_exp.config import CONF_DIR, check_callables, command_overrides, register_schema
+from cifar_exp.callables import check_callables
+from cifar_exp.config import CONF_DIR, command_overrides, register_schema
 from cifar_exp.errors import (
     ConfigError,
     NonFiniteLoss,

@@ -147,6 +147,53 @@ def evil_recipe(folder: Path) -> list[Path]:
     return []
 
 
+# Each payload, given as the `hydra:` node of a recipe, would create MARKER if Hydra or
+# logging called what it names. {marker} is the marker file's path.
+CODE_PAYLOADS = {
+    "another module's function": "callbacks:\n  x:\n    _target_: shutil.copy\n"
+                                 "    src: /etc/hostname\n    dst: {marker}\n",
+    "a trusted prefix reaching os": "callbacks:\n  x:\n    _target_: logging.os.system\n"
+                                    "    _args_: ['touch {marker}']\n",
+    "Hydra's own module reaching os": "callbacks:\n  x:\n"
+                                      "    _target_: hydra._internal.utils.os.system\n"
+                                      "    _args_: ['touch {marker}']\n",
+    "a callable behind an interpolation": "callbacks:\n  x:\n"
+                                          "    _target_: ${{hydra.job.env_set.CODE}}\n"
+                                          "    _args_: ['touch {marker}']\njob:\n  env_set:\n"
+                                          "    CODE: os.system\n",
+    "a project class in the wrong slot": "launcher:\n"
+                                         "  _target_: cifar_exp.tracking.sweep.SweepTracking\n",
+    "code nested in a callback's options": "callbacks:\n  x:\n"
+                                           "    _target_: cifar_exp.tracking.sweep.SweepTracking\n"
+                                           "    inner:\n      _target_: os.system\n"
+                                           "      _args_: ['touch {marker}']\n",
+    "a log handler that is a function": "job_logging:\n  handlers:\n    x:\n"
+                                        "      (): os.system\n      command: touch {marker}\n",
+    "a log handler of another kind": "job_logging:\n  handlers:\n    x:\n"
+                                     "      class: logging.handlers.SocketHandler\n"
+                                     "      host: localhost\n      port: 9\n",
+    "a log file outside the job's folder": "job_logging:\n  handlers:\n    file:\n"
+                                           "      filename: {marker}\n",
+    "a log stream imported from a module": "job_logging:\n  handlers:\n    console:\n"
+                                           "      stream: ext://os.sep\n",
+    "attributes set on a log handler": "job_logging:\n  handlers:\n    console:\n"
+                                       "      .:\n        baseFilename: {marker}\n",
+}
+
+
+def code_recipe(name: str) -> Callable[[Path], list[Path]]:
+    """A case's setup: conf/experiment/evil.yaml with CODE_PAYLOADS[name] as its `hydra:`
+    node, in the case's folder."""
+    def setup(folder: Path) -> list[Path]:
+        recipes = folder / "conf" / "experiment"
+        recipes.mkdir(parents=True)
+        body = "".join(f"  {line}\n" for line in
+                       CODE_PAYLOADS[name].format(marker=folder / "marker").splitlines())
+        (recipes / "evil.yaml").write_text(f"# @package _global_\nhydra:\n{body}")
+        return []
+    return setup
+
+
 def evil_checkpoint(folder: Path) -> list[Path]:
     class Exec:
         def __reduce__(self):
@@ -305,6 +352,9 @@ def cases() -> list[Case]:
         # Security.
         Case("hydra.callbacks in a recipe from --config-dir",
              ["--config-dir", "conf", "experiment=evil", *QUICK], evil_recipe),
+        *(Case(f"a recipe naming code: {name}", ["--config-dir", "conf", "experiment=evil",
+                                                  *QUICK], code_recipe(name))
+          for name in CODE_PAYLOADS),
         Case("a checkpoint carrying an exec payload", [*QUICK, "resume=evil.pt"],
              evil_checkpoint),
         # Values refused before a run is opened.
@@ -414,6 +464,8 @@ def run_case(case: Case, root: Path) -> str:
     intact = all(digest(path) == sha for path, sha in before.items()) if before else "-"
     if case.name.startswith("hydra.callbacks"):
         intact = not (folder / "copied").exists()
+    if case.name.startswith("a recipe naming code"):
+        intact = not (folder / "marker").exists()
     if case.name.startswith("a checkpoint carrying"):
         intact = not (folder / "ran").exists()
     if case.name.startswith("report: `..`"):

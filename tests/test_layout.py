@@ -21,7 +21,7 @@ COMMANDS = {"run", "evaluate", "predict", "report", "bench"}
 # `data` is a command too (python -m cifar_exp.data --download), and the library that
 # reads the data sets: the folders below import it as the library.
 VOCABULARY = {"config", "errors", "registry", "speed", "world", "data", "checksums",
-              "quick_exit"}
+              "quick_exit", "callables"}
 PARTS = {"models", "optim", "schedules", "augment"}  # one file per part, by name
 MAX_TOP_LEVEL_MODULES = 16
 
@@ -233,7 +233,7 @@ def test_module_paths_that_saved_configs_name_still_load():
     from hydra.utils import get_class
 
     from cifar_exp import MOVED_MODULES
-    from cifar_exp.config import check_callables
+    from cifar_exp.callables import check_callables
     from cifar_exp.tracking.sweep import SweepTracking
 
     assert get_class("cifar_exp.sweep.SweepTracking") is SweepTracking
