@@ -9,6 +9,8 @@ cifar_exp.speed, so validating a config builds no model and starts no process gr
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +174,51 @@ def _markdown_value(value: object) -> str:
     return str(value)
 
 
+def check_composed(cfg: DictConfig) -> None:
+    """Refuse in one line what Hydra or the job would otherwise fail on later, with a
+    traceback: code named in the config (check_callables), a key of the schema deleted
+    (`~steps`), an output folder that cannot be made."""
+    check_callables(cfg)
+    absent = object()
+    for key in schema_defaults():
+        if OmegaConf.select(cfg, key, default=absent, throw_on_resolution_failure=False) \
+                is absent:
+            raise ConfigError(f"~{key} removes a key every run needs; give it a value "
+                              f"({key}=...) or leave it out for its default")
+    if "hydra" in cfg:
+        mode = OmegaConf.select(cfg, "hydra.mode", throw_on_resolution_failure=False)
+        key = "hydra.sweep.dir" if str(mode) == "RunMode.MULTIRUN" else "hydra.run.dir"
+        folder = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        if isinstance(folder, str) and "${" not in folder:
+            check_creatable(key, Path(folder))
+
+
+def check_creatable(key: str, folder: Path) -> None:
+    """Refuse `folder` (named by config key `key`) if it cannot be made: its nearest
+    existing ancestor is not a folder, or not one this process may write in."""
+    ancestor = folder.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor == folder.absolute():
+        problem = None if ancestor.is_dir() else "it exists and is not a folder"
+    elif not ancestor.is_dir():
+        problem = f"{ancestor} is not a folder"
+    else:
+        problem = _cannot_make_in(ancestor)
+    if problem:
+        raise ConfigError(f"{key}={folder} cannot be made: {problem}; choose another folder")
+
+
+def _cannot_make_in(folder: Path) -> str | None:
+    """Why no folder can be made in `folder`, found by making one and removing it (the
+    permission bits do not tell, e.g. for root in /proc); None if one can."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=folder))
+    except OSError as error:
+        return f"no folder can be made in {folder} ({error.strerror})"
+    return None
+
+
 def batch_scaled(value: float, reference: int, *, _root_: DictConfig) -> float:
     """`${batch_scaled:VALUE,REFERENCE}`: VALUE, given for batches of REFERENCE examples,
     scaled linearly to the run's `batch_size` (the linear scaling rule for lr and decay)."""
@@ -210,7 +257,7 @@ def compose_config(overrides: Sequence[str] = (), with_hydra: bool = False) -> D
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=command_overrides(overrides),
                       return_hydra_config=True)
-    check_callables(cfg)
+    check_composed(cfg)
     if not with_hydra:
         with open_dict(cfg):
             del cfg["hydra"]

@@ -25,8 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cifar_exp.callables import check_callables
-from cifar_exp.config import CONF_DIR, command_overrides, register_schema
+from cifar_exp.config import CONF_DIR, check_composed, command_overrides, register_schema
 from cifar_exp.errors import (
     ConfigError,
     NonFiniteLoss,
@@ -169,7 +168,7 @@ def refuse_untrusted_configs() -> None:
     def checked(self: ConfigLoaderImpl, *args: Any, **kwargs: Any) -> DictConfig:
         cfg = load_configuration(self, *args, **kwargs)
         try:
-            check_callables(cfg)
+            check_composed(cfg)
         except ConfigError as error:
             refuse(error)
         return cfg

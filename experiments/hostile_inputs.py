@@ -350,6 +350,8 @@ def cases() -> list[Case]:
              [*QUICK, "steps=3000", "checkpoint.every=1000", "tracking.flush_seconds=0",
               "hydra.run.dir=run", "resume=auto", "steps=10"], killed_before_checkpoint),
         # Security.
+        Case("`~steps` (a key every run needs, deleted)", [*QUICK, "~steps"]),
+        Case("hydra.run.dir that cannot be made", [*QUICK, "hydra.run.dir=/proc/cifar_exp/run"]),
         Case("hydra.callbacks in a recipe from --config-dir",
              ["--config-dir", "conf", "experiment=evil", *QUICK], evil_recipe),
         *(Case(f"a recipe naming code: {name}", ["--config-dir", "conf", "experiment=evil",

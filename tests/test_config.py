@@ -6,6 +6,7 @@ import ast
 import functools
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,3 +319,22 @@ def test_every_launcher_preset_composes_and_names_a_launcher_class(option):
 
     cfg = compose_config([f"hydra/launcher={option}"], with_hydra=True)
     assert issubclass(get_class(cfg.hydra.launcher._target_), Launcher)
+
+
+def test_deleting_a_key_every_run_needs_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"^~steps removes a key every run needs; give it a "
+                                          r"value \(steps=\.\.\.\) or leave it out"):
+        compose_config(["~steps"])
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_and_nothing_is_made(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for folder, problem in ((tmp_path / "a_file" / "run", "a_file is not a folder"),
+                            (Path("/proc/cifar_exp/run"), "no folder can be made in /proc")):
+        with pytest.raises(ConfigError, match=f"^hydra.run.dir={folder} cannot be made: .*"
+                                              f"{problem}"):
+            compose_config([f"hydra.run.dir={folder}"])
+    with pytest.raises(ConfigError, match="^hydra.sweep.dir=.* cannot be made"):
+        compose_config(["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path / 'a_file' / 's'}"])
+    compose_config([f"hydra.run.dir={tmp_path / 'new' / 'run'}"])  # can be made: accepted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # the probe left nothing

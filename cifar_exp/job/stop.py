@@ -16,7 +16,9 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class StopRequest:
     """A context manager that catches SIGINT and SIGTERM while it is open; calling it
     returns the number of the signal received, or None. Handlers can only be set from the
-    main thread: elsewhere it never reports a stop and the signals keep their handlers."""
+    main thread: elsewhere it never reports a stop and the signals keep their handlers. A
+    signal the process was started with ignored (`nohup`, `&` in a script ignores SIGINT)
+    stays ignored."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -28,7 +30,8 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -23,3 +23,16 @@ def test_first_signal_is_a_request_the_second_stops_at_once(signum, exit_code):
     assert stopped.value.step is None and stopped.value.exit_code == exit_code
     assert str(stopped.value) == f"stopped by {signal.Signals(signum).name} at once"
     assert signal.getsignal(signum) is before  # the previous handler is back
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+    # Started with SIGINT ignored (nohup, `&` in a script): Ctrl-C's signal must not stop it.
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop() is None
+            assert signal.getsignal(signal.SIGTERM) == stop._handle  # SIGTERM still stops
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
