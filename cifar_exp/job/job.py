@@ -369,6 +369,21 @@ class Job:
         return redact(shlex.join(["python", "-m", "cifar_exp.run", *kept, *where]))
 
 
+def same_device_as_saved(saved: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with the checkpoint's `device` where both name the same device here
+    (device=cpu resuming a device=auto run on a machine without a GPU), so that only a
+    real change of device is refused."""
+    import torch  # already loaded by then; imported here as the module's other uses are types
+
+    def here(name: object) -> object:
+        return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+    mine, theirs = config.get("device"), saved.get("device")
+    if mine != theirs and here(mine) == here(theirs):
+        return {**config, "device": theirs}
+    return config
+
+
 def load_resumed(cfg: DictConfig, config: dict[str, Any], folder: Path) -> Resumed | None:
     """The checkpoint `resume` names, read and checked against this config and the MLflow
     store before any data is read; None for a new run."""
@@ -378,7 +393,7 @@ def load_resumed(cfg: DictConfig, config: dict[str, Any], folder: Path) -> Resum
     if path is None:
         return None
     state = checkpoint.load_checkpoint(path)
-    checkpoint.check_config(state, config, path)
+    checkpoint.check_config(state, same_device_as_saved(state["config"], config), path)
     run = resumable_run(cfg.tracking.uri, state["tracking"]["run_id"])
     # A run whose last points the store did not take goes on even once finished.
     finished = run.info.status == "FINISHED" and not state["tracking"]["pending"]

@@ -8,6 +8,7 @@ import errno
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from cifar_exp.config import compose_config
@@ -102,3 +103,15 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_training_goes_on(
     assert run.info.status == "FINISHED"
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert "weights.pt" in artifacts
+
+
+def test_resuming_names_the_device_as_it_likes_where_it_is_the_same_device():
+    from cifar_exp.job.job import same_device_as_saved
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    elsewhere = "cpu" if here == "cuda" else "cuda"
+    saved = {"device": "auto", "steps": 20}
+    assert same_device_as_saved(saved, {"device": here, "steps": 20})["device"] == "auto"
+    assert same_device_as_saved({"device": here}, {"device": "auto"}) == {"device": here}
+    # Another device is still another config, which check_config refuses.
+    assert same_device_as_saved(saved, {"device": elsewhere}) == {"device": elsewhere}
