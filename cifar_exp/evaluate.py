@@ -106,15 +106,18 @@ def evaluate(argv: list[str]) -> Evaluation:
     # Here, not above: torch and MLflow are not for --help.
     from cifar_exp.data import limit_test_set
     from cifar_exp.serving import trained as trained_models
+    from cifar_exp.tracking.store import check_tracking_uri
     from cifar_exp.training.scoring import score
     from cifar_exp.training.step import memory_format
 
     args = parse(argv)
     overrides = args.overrides
-    if args.run:
+    if args.run:  # from_run checks the store it reads, and logs to, first
         model = trained_models.from_run(args.run, args.tracking_uri, overrides)
     else:
         model = trained_models.from_checkpoint(args.checkpoint, overrides)
+        if not args.no_log:  # the store it logs to (a store that keeps nothing...), unscored
+            check_tracking_uri(model.cfg.tracking.uri)
     cfg, data = model.cfg, model.data
     if cfg.eval_images is not None:
         data = limit_test_set(data, cfg.eval_images)

@@ -11,13 +11,10 @@ Hydra: the caller supplies both."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import os
 import pickle
 import re
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import fields
@@ -27,6 +24,7 @@ from typing import Any
 import torch
 
 from cifar_exp.errors import CheckpointError, ConfigError, one_line
+from cifar_exp.job.locks import write_atomically
 from cifar_exp.training.loop import LoopState
 from cifar_exp.training.parts import OPTIONAL_PARTS, Stateful
 
@@ -47,30 +45,12 @@ FREE_KEYS = ("resume", "checkpoint.", "tracking.", "data.root", "data.download",
 
 def atomic_save(content: object, path: Path) -> None:
     """torch.save `content` to `path` so that `path` always holds a whole file, the old one
-    or the new one: write a temporary file in the same folder, flush it to the disk, rename
-    it over `path`, then flush the folder so the rename survives a power cut."""
+    or the new one, and never writes through a link at `path` (locks.write_atomically)."""
     # Serialized in memory first: torch's own file writer turns a full disk into an
     # "unexpected pos" RuntimeError, while a plain write says ENOSPC (or EFBIG).
     serialized = io.BytesIO()
     torch.save(content, serialized)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                             dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(serialized.getbuffer())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    write_atomically(path, serialized.getbuffer())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

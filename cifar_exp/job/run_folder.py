@@ -1,6 +1,7 @@
 """A run's output folder: one process at a time (an OS lock), where its checkpoint goes and
 whether it may be written there, and its .hydra/ record of the config, written only once
-the command has been accepted (so a refused command changes nothing in the folder)."""
+the command has been accepted (so a refused command changes nothing in the folder). Its
+lock and record files never follow a link (cifar_exp.job.locks)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp.errors import CheckpointError
-from cifar_exp.job.locks import exclusive
+from cifar_exp.errors import CheckpointError, UserError
+from cifar_exp.job.locks import exclusive, write_atomically
 from cifar_exp.tracking.redact import redact
 
 FILENAME = "checkpoint.pt"
@@ -21,7 +22,9 @@ RECORD = ".hydra"  # Hydra's name for it; Hydra's own writing is off (conf/confi
 
 
 def folder_lock(folder: Path) -> contextlib.AbstractContextManager[None]:
-    """The run folder, one process at a time; held by another: Locked, in one line."""
+    """The run folder, one process at a time; held by another: Locked, in one line. Its
+    record is checked here too, so that a link there is refused before any work."""
+    check_record(folder)
     return exclusive(folder / ".lock", f"{folder} is in use: another process is running a "
                      f"job there; wait for it to end, or choose another hydra.run.dir")
 
@@ -88,12 +91,22 @@ def check_writable(path: Path) -> None:
                               f"hydra.run.dir") from error
 
 
+def check_record(folder: Path) -> Path:
+    """The run's record folder (.hydra/); refused if it is a link: its files would be
+    written into the folder the link points to."""
+    record = folder / RECORD
+    if record.is_symlink():
+        raise UserError(f"{record} is a symbolic link; a run's record must be a plain "
+                        f"folder: remove the link")
+    return record
+
+
 def record_config(folder: Path, cfg: DictConfig, hydra: DictConfig,
                   overrides: Sequence[str], replace: bool) -> None:
     """Write .hydra/config.yaml, hydra.yaml and overrides.yaml into `folder`, as Hydra
     would, with credentials masked. `replace=False` (a resumed run) keeps the files its
     first job wrote."""
-    record = folder / RECORD
+    record = check_record(folder)
     if not replace and (record / "overrides.yaml").exists():
         return
     record.mkdir(parents=True, exist_ok=True)
@@ -101,5 +114,6 @@ def record_config(folder: Path, cfg: DictConfig, hydra: DictConfig,
              "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})),
              "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(overrides)))}
     for name, text in files.items():
-        (record / name).write_text(redact(text))
+        # A new file renamed over the name: a link there is replaced, its target kept.
+        write_atomically(record / name, redact(text).encode())
 

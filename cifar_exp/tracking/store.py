@@ -4,9 +4,12 @@ opening it (schema and experiment) one process at a time.
 Accepted: `sqlite:///<file>` (the default; the file may be new), `http(s)://<server>`
 (an MLflow tracking server), and the databases MLflow supports (`postgresql://`,
 `mysql://`, `mssql://`). Refused, each with one line: folder stores (`./mlruns`, `file:`),
-which this project never writes; `sqlite:///:memory:`, which keeps nothing once the command
-ends; a path that is a folder or not an SQLite file, or an SQLite file of another program;
-a store that cannot be written; a server or database that does not answer."""
+which this project never writes; an SQLite store that keeps nothing once the command ends,
+however it is spelled (`sqlite:///:memory:`, `sqlite://`, an SQLite URI filename with
+`mode=memory`, `vfs=memdb` or no name: a temporary database); a path that is a folder, a
+device or not an SQLite file, or an SQLite file of another program; a path with `~` (SQLite
+does not expand it); a store that cannot be written (`mode=ro` too); a server or database
+that does not answer."""
 
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ import os
 import re
 import sqlite3
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import unquote
 
 import requests
 from mlflow.entities import DatasetInput, Run
@@ -51,9 +56,67 @@ def use_client_defaults() -> None:
 
 
 def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` tracking URI, None for any other store."""
-    prefix = "sqlite:///"
-    return Path(uri[len(prefix):]).expanduser().resolve() if uri.startswith(prefix) else None
+    """The database file a `sqlite:` tracking URI opens, as MLflow's engine (SQLAlchemy) and
+    SQLite read it: no query (`?timeout=30`), a `file:` URI filename decoded, no `~`
+    expanded. None for any other store, and for an SQLite store that keeps nothing."""
+    if not uri.lower().startswith("sqlite://"):
+        return None
+    name = _sqlite_file_name(uri)
+    return None if _keeps_nothing(uri, name) else Path(name).resolve()
+
+
+def _sqlite_file_name(uri: str) -> str:
+    """The file name SQLite opens for a `sqlite:` URI: "" (a temporary database) and
+    ":memory:" stand for no file. Made by SQLAlchemy's own SQLite dialect, which MLflow's
+    engine uses, so that the checks look at the very file MLflow would write."""
+    from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its note on query keys that it ignores
+            [filename], options = SQLiteDialect_pysqlite().create_connect_args(make_url(uri))
+    except (ArgumentError, ValueError) as error:
+        reason = str(error).splitlines()[0]  # not SQLAlchemy's list of forms after it
+        raise ConfigError(f"tracking.uri={redact(uri)} is not a valid SQLite URI "
+                          f"({redact(reason)}); use sqlite:///<file> (the default is "
+                          f"{DEFAULT_TRACKING_URI})") from error
+    if not options.get("uri") or not filename.startswith("file:"):
+        return filename  # a plain name (SQLAlchemy made it absolute), ":memory:" or ""
+    # An SQLite URI filename: file:[//authority]path[?query][#fragment], %HH-encoded.
+    rest = filename[len("file:"):].partition("#")[0].partition("?")[0]
+    if rest.startswith("//"):
+        authority, slash, path = rest[2:].partition("/")
+        if authority not in ("", "localhost"):
+            raise ConfigError(f"tracking.uri={redact(uri)} names the host {authority!r}; "
+                              f"SQLite opens local files only: give a path, "
+                              f"sqlite:///<file>")
+        rest = slash + path
+    return unquote(rest)
+
+
+# Words of a store that lives only as long as its connections. Read in any case and however
+# often percent-encoded, even where SQLite itself would not take the spelling: none of them
+# names a file meant to be kept.
+MEMORY_WORDS = re.compile(r":memory:|\bmode=memory\b|\bvfs=memdb\b")
+READ_ONLY_WORDS = re.compile(r"\bmode=ro\b|\bimmutable=(1|true|yes|on)\b")
+HOME_WORDS = re.compile(r"sqlite:///(file:)?~")  # a path meant from the home folder
+
+
+def _decoded(uri: str) -> str:
+    """`uri` percent-decoded until nothing changes (%253A is %3A is :), in lower case."""
+    for _ in range(5):
+        decoded = unquote(uri)
+        if decoded == uri:
+            break
+        uri = decoded
+    return uri.lower()
+
+
+def _keeps_nothing(uri: str, name: str) -> bool:
+    """Whether the SQLite store `uri` (opening file `name`) is in memory or temporary."""
+    return name in ("", ":memory:") or MEMORY_WORDS.search(_decoded(uri)) is not None
 
 
 def default_artifact_location(uri: str) -> str | None:
@@ -93,10 +156,7 @@ def _check_server(uri: str, shown: str) -> None:
 
 
 def _check_sqlite(uri: str, shown: str, must_exist: bool) -> None:
-    database = sqlite_path(uri)
-    if database is None or uri.startswith("sqlite:///:memory:"):
-        raise ConfigError(f"tracking.uri={shown} keeps nothing once the command ends; give a "
-                          f"file: sqlite:///<path> (the default is {DEFAULT_TRACKING_URI})")
+    database = _persistent_sqlite_file(uri, shown, must_exist)
     if must_exist and not database.is_file():
         raise ConfigError(f"no tracking store at {database}; pass the tracking URI of the "
                           f"store the runs were logged to")
@@ -106,6 +166,10 @@ def _check_sqlite(uri: str, shown: str, must_exist: bool) -> None:
     if database.is_dir():
         raise ConfigError(f"tracking.uri={shown}: {database} is a folder; name a database "
                           f"file inside it, e.g. sqlite:///{database / 'mlflow.db'}")
+    if database.exists() and not database.is_file():
+        raise ConfigError(f"tracking.uri={shown}: {database} is not a regular file (a device "
+                          f"or a pipe keeps nothing); name a database file (the default is "
+                          f"{DEFAULT_TRACKING_URI})")
     writable = os.access(database.parent, os.W_OK) and (not database.exists()
                                                         or os.access(database, os.W_OK))
     if not must_exist and not writable:
@@ -132,6 +196,25 @@ def _check_sqlite(uri: str, shown: str, must_exist: bool) -> None:
     if tables and "experiments" not in tables:
         raise ConfigError(f"tracking.uri={shown}: {database} is another program's SQLite "
                           f"database, not an MLflow store; choose another file")
+
+
+def _persistent_sqlite_file(uri: str, shown: str, must_exist: bool) -> Path:
+    """The file of SQLite store `uri`; refused: a store that keeps nothing (in memory or
+    temporary, however spelled), one opened read-only where runs are to be written, and a
+    `~` that SQLite would take as a folder's name."""
+    name = _sqlite_file_name(uri)
+    if _keeps_nothing(uri, name):
+        raise ConfigError(f"tracking.uri={shown} keeps nothing once the command ends; give a "
+                          f"file: sqlite:///<path> (the default is {DEFAULT_TRACKING_URI})")
+    if not must_exist and READ_ONLY_WORDS.search(_decoded(uri)):
+        raise ConfigError(f"tracking.uri={shown} opens the store read-only: no run could be "
+                          f"written; leave out mode=ro and immutable=")
+    database = Path(name).resolve()
+    if HOME_WORDS.match(_decoded(uri)):
+        raise ConfigError(f"tracking.uri={shown}: SQLite does not expand ~ (the store would "
+                          f"be {database}); give the full path, e.g. "
+                          f"sqlite:///{Path.home() / 'mlflow.db'}")
+    return database
 
 
 def _check_database(uri: str, shown: str) -> None:

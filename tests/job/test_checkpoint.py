@@ -88,6 +88,17 @@ def test_atomic_save_replaces_the_file_whole(tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
 
 
+def test_atomic_save_replaces_a_link_at_the_path_and_leaves_its_target(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"keep me")
+    path = tmp_path / "checkpoint.pt"
+    path.symlink_to(target)
+    atomic_save({"step": 1}, path)
+    assert not path.is_symlink() and torch.load(path, weights_only=True) == {"step": 1}
+    assert target.read_bytes() == b"keep me"
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "precious.txt"]
+
+
 def test_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     atomic_save({"step": 1}, path)

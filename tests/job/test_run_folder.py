@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from cifar_exp.errors import CheckpointError
+from cifar_exp.errors import CheckpointError, UserError
 from cifar_exp.job.locks import Locked
 from cifar_exp.job.run_folder import (
     check_writable,
@@ -91,3 +92,41 @@ def test_the_record_is_hydras_with_credentials_masked(tmp_path):
     # A resumed run keeps the record its first job wrote.
     record_config(tmp_path, OmegaConf.create({"steps": 9}), hydra, ["steps=9"], replace=False)
     assert yaml.safe_load((record / "overrides.yaml").read_text())[0] == "steps=5"
+
+
+@pytest.mark.parametrize("lock", ["folder", "checkpoint"])
+def test_a_lock_that_is_a_link_is_refused_and_its_target_untouched(tmp_path, lock):
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"keep me")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    link = folder / (".lock" if lock == "folder" else ".checkpoint.pt.lock")
+    link.symlink_to(target)
+    taking = folder_lock(folder) if lock == "folder" else checkpoint_lock(folder / "checkpoint.pt")
+    with pytest.raises(UserError, match=rf"{link} is a symbolic link; a lock file must be a "
+                                        rf"plain file: remove the link"), taking:
+        pytest.fail("locked through a link")
+    assert target.read_bytes() == b"keep me" and link.is_symlink()
+
+
+def test_the_record_never_writes_through_a_link(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = elsewhere / "config.yaml"
+    target.write_bytes(b"keep me")
+    folder = tmp_path / "run"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").symlink_to(target)
+    record_config(folder, OmegaConf.create({"steps": 5}), OmegaConf.create({}), [], replace=True)
+    assert yaml.safe_load((folder / ".hydra" / "config.yaml").read_text()) == {"steps": 5}
+    assert target.read_bytes() == b"keep me"  # the link was replaced, not written through
+    # A record folder that is a link is refused, already when the folder is locked.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".hydra").symlink_to(elsewhere)
+    message = rf"{other / '.hydra'} is a symbolic link; a run's record must be a plain folder"
+    with pytest.raises(UserError, match=message):
+        folder_lock(other)
+    with pytest.raises(UserError, match=message):
+        record_config(other, OmegaConf.create({}), OmegaConf.create({}), [], replace=True)
+    assert os.listdir(elsewhere) == ["config.yaml"] and target.read_bytes() == b"keep me"

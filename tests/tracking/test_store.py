@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import re
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
-from cifar_exp.errors import ConfigError
+from cifar_exp import evaluate
+from cifar_exp.errors import ConfigError, UserError
 from cifar_exp.tracking.store import (
     check_tracking_uri,
     default_artifact_location,
     log_data_inputs,
     open_experiment,
+    sqlite_path,
+    store_opening,
     with_retries,
 )
+from tests.conftest import cli
 
 
 def test_artifacts_live_beside_the_database(tmp_path):
@@ -66,6 +73,14 @@ def stores(tmp_path: Path) -> dict[str, str]:
     ("sqlite:///{checkpoint}", "checkpoint.pt is not an SQLite database; choose another file"),
     ("sqlite:///{other}", "other.db is another program's SQLite database, not an MLflow store"),
     ("sqlite:///{damaged}", "damaged.db is damaged"),
+    ("sqlite:///~/mlflow.db", "SQLite does not expand ~ (the store would be "),
+    ("sqlite:///file:~/mlflow.db?uri=true", "SQLite does not expand ~ (the store would be "),
+    ("sqlite:////dev/null", "/dev/null is not a regular file (a device or a pipe keeps "
+                            "nothing)"),
+    ("sqlite:///file:{tmp}/m.db?mode=ro&uri=true", "opens the store read-only"),
+    ("sqlite:///file://host/m.db?uri=true", "names the host 'host'; SQLite opens local"),
+    ("sqlite://host/m.db", "tracking.uri=sqlite://host/m.db is not a valid SQLite URI "
+                           "(Invalid SQLite URL: sqlite://host/m.db); use sqlite:///<file>"),
     ("postgresql+psycopg2://mlflow:secret@127.0.0.1:9/mlflow",
      "the tracking database postgresql+psycopg2://***@127.0.0.1:9/mlflow does not answer"),
     ("http://user:secret@127.0.0.1:9", "MLflow tracking server http://***@127.0.0.1:9 does "
@@ -79,6 +94,107 @@ def test_stores_mlflow_would_refuse_or_that_keep_nothing_are_refused(tmp_path, u
         check_tracking_uri(uri)
     assert "secret" not in str(error.value) and "\n" not in str(error.value)
     assert {path: Path(path).read_bytes() for path in files.values()} == before  # untouched
+
+
+# The same store that keeps nothing, however it is spelled: SQLite URI filenames (SQLAlchemy
+# passes uri=true on), an empty name (a temporary database), the memdb VFS, any case, and
+# percent-encoded once or twice. Each of these trained and exited 0 with nothing kept.
+IN_MEMORY = [
+    "sqlite:///:memory:",
+    "sqlite://",
+    "sqlite:///",
+    "sqlite:///?uri=true",
+    "sqlite:///%3Amemory%3A",
+    "sqlite:///:MEMORY:",
+    "sqlite:///file:x?mode=memory&uri=true",
+    "sqlite:///file::memory:?cache=shared&uri=true",
+    "sqlite:///file:memdb1?mode=memory&cache=shared&uri=true",
+    "sqlite:///file:x?MODE=Memory&uri=TRUE",
+    "sqlite:///file:x?mode%3Dmemory&uri=true",
+    "sqlite:///file:x?mode=mem%6Fry&uri=1",
+    "sqlite:///file:x%3Fmode%3Dmemory?uri=true",
+    "sqlite:///file:%253Amemory%253A?uri=true",
+    "sqlite:///file:?uri=true",
+    "sqlite:///file://?uri=true",
+    "sqlite:///file:?mode=rwc&uri=true",
+    "sqlite:///file:/x?vfs=memdb&uri=true",
+    "sqlite:///file:x?mode=memory",
+]
+KEEPS_NOTHING = "keeps nothing once the command ends; give a file: sqlite:///<path>"
+
+
+@pytest.mark.parametrize("uri", IN_MEMORY)
+@pytest.mark.parametrize("must_exist", [False, True])
+def test_every_spelling_of_a_store_that_keeps_nothing_is_refused(tmp_path, monkeypatch, uri,
+                                                                 must_exist):
+    monkeypatch.chdir(tmp_path)  # a relative name would be made here: nothing may be
+    with pytest.raises(ConfigError, match=re.escape(f"tracking.uri={uri} {KEEPS_NOTHING}")):
+        check_tracking_uri(uri, must_exist=must_exist)
+    assert sqlite_path(uri) is None  # no file: nothing to lock, nothing beside it
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_file_checked_is_the_file_mlflow_opens(tmp_path):
+    # A query and an SQLite URI filename are no part of the file's name; ~ is not expanded.
+    assert sqlite_path(f"sqlite:///{tmp_path}/m.db?timeout=30") == tmp_path / "m.db"
+    assert sqlite_path(f"sqlite:///file:{tmp_path}/a%20b.db?cache=shared&uri=true") == \
+        tmp_path / "a b.db"
+    assert sqlite_path(f"sqlite:///file://localhost{tmp_path}/m.db?uri=true") == \
+        tmp_path / "m.db"
+    assert sqlite_path("http://127.0.0.1:5000") is None
+    (tmp_path / "~").mkdir()  # a folder that is really named ~, not at the start: fine
+    check_tracking_uri(f"sqlite:///{tmp_path}/~/m.db")
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    check_tracking_uri(f"sqlite:///file:{empty}?cache=shared&uri=true")
+    with pytest.raises(ConfigError, match="empty.db is empty: no runs to read"):
+        check_tracking_uri(f"sqlite:///{empty}?timeout=30", must_exist=True)
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///file:x?mode=memory&uri=true", "sqlite:///%3Amemory%3A"])
+def test_a_run_into_a_store_that_keeps_nothing_is_refused_before_training(tmp_path, data_root,
+                                                                          uri):
+    result = cli(tmp_path, f"tracking.uri='{uri}'", data_root=data_root)
+    assert result.returncode == 2
+    assert result.stderr == f"error: tracking.uri={uri} {KEEPS_NOTHING} (the default is " \
+                            f"sqlite:///mlflow.db)\n"
+    assert "step" not in result.stdout
+    assert os.listdir(tmp_path) == []  # no store, no run folder
+
+
+def test_evaluate_refuses_a_store_that_keeps_nothing_before_scoring(tmp_path, monkeypatch,
+                                                                   capsys):
+    uri = "sqlite:///file:x?mode=memory&uri=true"
+    monkeypatch.chdir(tmp_path)
+    # --run: the store it reads the run from (and logs to).
+    assert evaluate.main(["--run", "0" * 32, "--tracking-uri", uri]) == 2
+    assert capsys.readouterr().err.startswith(f"error: tracking.uri={uri} {KEEPS_NOTHING}")
+    # --checkpoint: the store it logs to, the checkpoint's own or the one given; checked
+    # before any scoring.
+    from cifar_exp.serving import trained
+    model = SimpleNamespace(cfg=OmegaConf.create({"tracking": {"uri": uri}}))
+    monkeypatch.setattr(trained, "from_checkpoint", lambda path, overrides: model)
+    monkeypatch.setattr("cifar_exp.training.scoring.score", lambda *args, **kwargs:
+                        pytest.fail("scored before the store was checked"))
+    assert evaluate.main(["--checkpoint", str(tmp_path / "c.pt")]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: tracking.uri={uri} {KEEPS_NOTHING}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_stores_lock_never_follows_a_link(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"keep me")
+    lock = tmp_path / ".mlflow.db.lock"
+    lock.symlink_to(target)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(UserError, match=rf"{lock} is a symbolic link; a lock file must be a "
+                                        rf"plain file: remove the link"):
+        open_experiment(uri, "kept")
+    with pytest.raises(UserError, match="is a symbolic link"), store_opening(uri):
+        pytest.fail("opened the store through a linked lock")
+    assert target.read_bytes() == b"keep me"
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_report_needs_a_store_that_holds_runs(tmp_path):
