@@ -37,7 +37,7 @@ from cifar_exp.errors import (
 )
 from cifar_exp.quick_exit import run_and_exit
 from cifar_exp.tracking.naming import SWEPT_KEYS_ENV, git_tags, short_keys, short_number
-from cifar_exp.tracking.redact import install_redaction
+from cifar_exp.tracking.redact import install_console_redaction, install_redaction, redact
 from cifar_exp.world import adopt_launcher_tasks, current_world, hydra_overrides
 
 if TYPE_CHECKING:
@@ -72,7 +72,8 @@ def run_name(cfg: DictConfig) -> str:
              if key in values and key not in ("model", "optimizer")]
     shown = [f"{short}={short_number(values[key])}"
              for key, short in zip(swept, short_keys(swept), strict=True)]
-    return " ".join([base, *shown]) if shown else f"{base}-{cfg.steps} #{job_number}"
+    # A swept value may hold a credential (masked: the name is shown and recorded).
+    return redact(" ".join([base, *shown])) if shown else f"{base}-{cfg.steps} #{job_number}"
 
 
 def job_context(cfg: DictConfig, folder: Path | None = None) -> job.JobContext:
@@ -178,6 +179,7 @@ def refuse_untrusted_configs() -> None:
 
 def cli() -> None:
     """`python -m cifar_exp.run` and the `cifar-exp` command."""
+    install_console_redaction()  # Hydra's own errors echo the overrides as typed
     world = current_world()
     if world.distributed and {"-m", "--multirun"} & set(sys.argv):
         refuse("a sweep (-m) under torchrun would run once per process; run its jobs one by "

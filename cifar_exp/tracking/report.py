@@ -29,7 +29,7 @@ from tqdm import tqdm
 from cifar_exp.config import DEFAULT_TRACKING_URI
 from cifar_exp.errors import CommandParser, ConfigError, UserError, one_line, refused
 from cifar_exp.tracking.naming import short_keys, short_number
-from cifar_exp.tracking.redact import redact
+from cifar_exp.tracking.redact import redact, redacted
 from cifar_exp.tracking.store import check_tracking_uri
 
 if TYPE_CHECKING:
@@ -111,16 +111,18 @@ def summarize(client: MlflowClient, run: Run) -> RunSummary:
     speeds = [value for _, value in histories.pop("examples_per_sec")]
     end = run.info.end_time or run.info.start_time
     eval_images = run.data.params.get("eval_images", "None")
+    # Masked as read: runs recorded before a spelling was masked (or by other tools) may
+    # hold credentials, which the table and the plots would show.
     return RunSummary(
         run_id=run.info.run_id,
-        name=run.info.run_name or run.info.run_id[:8],
+        name=redact(run.info.run_name or run.info.run_id[:8]),
         status=run.info.status,
-        overrides=parse_overrides(run.data.tags.get("overrides", "")),
+        overrides=parse_overrides(redact(run.data.tags.get("overrides", ""))),
         precision=run.data.metrics.get("precision", math.nan),
         examples_per_sec=statistics.median(speeds) if speeds else math.nan,
         wall_seconds=(end - run.info.start_time) / 1000,
         histories=histories,
-        params=dict(run.data.params),
+        params=redacted(dict(run.data.params)),
         eval_images=int(eval_images) if eval_images.isdigit() else None,
         precision_top5=run.data.metrics.get("precision_top5", math.nan),
     )
@@ -300,7 +302,7 @@ def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
         raise ConfigError(f"cannot read the tracking store {redact(uri)} "
                           f"({one_line(error)})") from error
     if not found:
-        raise ConfigError(f"no runs to report in {parent or experiment!r} at {uri}")
+        raise ConfigError(f"no runs to report in {parent or experiment!r} at {redact(uri)}")
     runs = [summarize(client, run) for run in tqdm(found, desc="reading runs", unit="run",
                                                      disable=not progress or None)]
     keys = swept_keys(runs)
@@ -330,7 +332,8 @@ def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
     if (seeds := seed_table(runs, keys)) is not None:
         sections += ["## Over seeds", seeds]
     sections.append("\n".join(f"![{plot.stem}]({plot.name})" for plot in plots))
-    markdown = "\n\n".join(sections) + "\n"
+    # Masked whole: the store's URI and the runs' names and values are text of the user's.
+    markdown = redact("\n\n".join(sections) + "\n")
     (folder / "report.md").write_text(markdown)
 
     if parent is not None:

@@ -6,6 +6,9 @@ once, so parallel jobs never race to create them, and opens the parent run; its 
 reaches the jobs through the environment (inherited by joblib's worker processes). At the
 end the parent gets the sweep's report: the table of jobs, the best one, mean ± std over
 seeds, the plots and, for an Optuna sweep, the study's best parameters and value.
+
+Hydra writes the sweep's multirun.yaml itself, with the command's overrides as typed: its
+credentials are masked as soon as a job starts, and again at the sweep's end.
 """
 
 from __future__ import annotations
@@ -19,18 +22,20 @@ from typing import Any
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.errors import UserError, refuse
 from cifar_exp.tracking.naming import PARENT_RUN_ENV, SWEPT_KEYS_ENV, command_line, git_tags
-from cifar_exp.tracking.redact import install_redaction, redact
+from cifar_exp.tracking.redact import install_redaction, redact, redact_file
 from cifar_exp.tracking.report import write_report
 from cifar_exp.tracking.store import check_tracking_uri, open_experiment, with_retries
 
 log = logging.getLogger(__name__)
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper
+MULTIRUN_RECORD = "multirun.yaml"  # Hydra's sweeper writes it before the first job
 
 
 class SweepTracking(Callback):
@@ -38,11 +43,13 @@ class SweepTracking(Callback):
 
     def __init__(self) -> None:
         self.uri = ""
+        self.sweep_dir = ""
         self.parent_run_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         install_redaction()  # before the launcher logs each job's overrides
         self.uri = config.tracking.uri
+        self.sweep_dir = str(config.hydra.sweep.dir)
         try:
             check_tracking_uri(self.uri)
             experiment_id = open_experiment(self.uri, config.tracking.experiment)
@@ -50,7 +57,7 @@ class SweepTracking(Callback):
             refuse(error)
         overrides = redact(" ".join(config.hydra.overrides.task))
         tags = {"sweep": "parent", "command": redact(command_line()), "overrides": overrides,
-                "sweep_dir": str(config.hydra.sweep.dir),
+                "sweep_dir": redact(self.sweep_dir),
                 "sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
                 "launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
                 **git_tags()}
@@ -67,6 +74,14 @@ class SweepTracking(Callback):
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
         atexit.register(self._close, RunStatus.FAILED)  # a sweep that dies midway
         log.info("MLflow sweep run %s in %s", self.parent_run_id, redact(self.uri))
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra has written multirun.yaml (and, where hydra.output_subdir is set, the job's
+        # .hydra/) by now, in whichever process runs the job.
+        if config.hydra.mode == RunMode.MULTIRUN:
+            mask_sweep_record(Path(str(config.hydra.sweep.dir)))
+        if config.hydra.output_subdir is not None:
+            mask_folder(Path(str(config.hydra.runtime.output_dir)) / config.hydra.output_subdir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is None:
@@ -89,6 +104,8 @@ class SweepTracking(Callback):
         self._close(RunStatus.FINISHED)
 
     def _close(self, status: int) -> None:
+        if self.sweep_dir:  # also a sweep that ended before any job started
+            mask_sweep_record(Path(self.sweep_dir))
         if self.parent_run_id is None:
             return
         run_id, self.parent_run_id = self.parent_run_id, None
@@ -100,6 +117,19 @@ class SweepTracking(Callback):
                          "end run")
         except Exception as error:  # at exit: report, never mask the real failure
             log.error("MLflow: could not close sweep run %s (%s)", run_id, error)
+
+
+def mask_sweep_record(sweep_dir: Path) -> None:
+    """Mask credentials in what Hydra wrote into the sweep's folder itself: multirun.yaml
+    (the whole config and the command's overrides) and a .hydra/ folder, if any."""
+    redact_file(sweep_dir / MULTIRUN_RECORD)
+    mask_folder(sweep_dir / ".hydra")
+
+
+def mask_folder(folder: Path) -> None:
+    """Mask credentials in the YAML files of `folder` (Hydra's .hydra/ record), if any."""
+    for path in sorted(folder.glob("*.yaml")):
+        redact_file(path)
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -118,6 +148,6 @@ def log_study_result(client: MlflowClient, run_id: str, results_file: Path) -> N
         return
     results = yaml.safe_load(results_file.read_text())
     for name, value in (results.get("best_params") or {}).items():
-        client.log_param(run_id, f"best.{name}", str(value))
+        client.log_param(run_id, f"best.{name}", redact(str(value)))
     if results.get("best_value") is not None:
         client.log_metric(run_id, "best_value", float(results["best_value"]))

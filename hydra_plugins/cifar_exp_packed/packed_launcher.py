@@ -61,9 +61,15 @@ class PackedLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None and self.hydra_context is not None
+        from cifar_exp.tracking.redact import install_redaction
+        from cifar_exp.tracking.sweep import mask_sweep_record
+
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        install_redaction()  # the new handlers too: each job's overrides are logged
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        mask_sweep_record(sweep_dir)  # the sweeper's multirun.yaml, before any job runs
         mode = resolve_mode(self.mode)
         if mode == "processes":
             return self._in_processes(job_overrides, initial_job_idx)
@@ -118,9 +124,9 @@ class PackedLauncher(Launcher):
         except UserError as error:
             refuse(error)
         logs = _MemberLogs(self.config, members)
-        install_redaction()
         exits: list[int] = []
         with StopRequest() as stop, logs:
+            install_redaction()  # on the handlers `logs` set up: the console, each member's file
             pack = Pack(len(members), stop, index=first_job // self.jobs_per_device)
             threads = [threading.Thread(target=member.run, args=(pack, index, exits),
                                         name=member.thread_name, daemon=True)
