@@ -330,7 +330,7 @@ class RunTracker:
             with warnings.catch_warnings(record=True):  # MLflow's advice on type hints
                 self._guarded("the served model", lambda: mlflow.pyfunc.log_model(
                     name=name, python_model=str(serving.PYFUNC_CODE), artifacts=artifacts,
-                    signature=infer_signature(example, predicted), input_example=example,
+                    signature=serving.served_signature(predicted), input_example=example,
                     pip_requirements=requirements, registered_model_name=registered_name,
                     step=step))
         mlflow.clear_active_model()  # the run's later system metrics are its own
