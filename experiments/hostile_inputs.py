@@ -194,6 +194,18 @@ def code_recipe(name: str) -> Callable[[Path], list[Path]]:
     return setup
 
 
+def linked_lock(name: str) -> Callable[[Path], list[Path]]:
+    """A case's setup: the lock file `name` is a symbolic link to precious.txt, which must
+    keep its bytes."""
+    def setup(folder: Path) -> list[Path]:
+        precious = folder / "precious.txt"
+        precious.write_text("keep me\n")
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).symlink_to(precious)
+        return [precious]
+    return setup
+
+
 def evil_checkpoint(folder: Path) -> list[Path]:
     class Exec:
         def __reduce__(self):
@@ -352,6 +364,15 @@ def cases() -> list[Case]:
         # Security.
         Case("`~steps` (a key every run needs, deleted)", [*QUICK, "~steps"]),
         Case("hydra.run.dir that cannot be made", [*QUICK, "hydra.run.dir=/proc/cifar_exp/run"]),
+        Case("a store that keeps nothing, as an SQLite URI filename",
+             [*QUICK, "tracking.uri='sqlite:///file:x?mode=memory&uri=true'"]),
+        Case("a store that keeps nothing, percent-encoded",
+             [*QUICK, "tracking.uri=sqlite:///%3Amemory%3A"]),
+        Case("a device as the store", [*QUICK, "tracking.uri=sqlite:////dev/null"]),
+        *(Case(f"{what}'s lock is a link", [*QUICK, "hydra.run.dir=run"], linked_lock(name))
+          for what, name in (("the run folder", "run/.lock"),
+                             ("the checkpoint", "run/.checkpoint.pt.lock"),
+                             ("the store", ".mlflow.db.lock"))),
         Case("hydra.callbacks in a recipe from --config-dir",
              ["--config-dir", "conf", "experiment=evil", *QUICK], evil_recipe),
         *(Case(f"a recipe naming code: {name}", ["--config-dir", "conf", "experiment=evil",
