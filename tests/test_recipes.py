@@ -122,10 +122,12 @@ def test_fast94_muon_is_airbench94_muon_as_published():
 
 
 def test_fast94_muon_trains_a_few_steps(tmp_path, data_root, store):
-    # The recipe as written, but 2 steps of 128 images, scored on 50 test images.
+    # The recipe as written, but 2 steps of 128 images, scored on 50 test images, and one
+    # Newton-Schulz iteration instead of 3: torch's Muon runs them in bf16, about 1.1 s each
+    # on 2 CPU cores; the schedule is the point here.
     client, run = run_recipe(store, tmp_path, data_root, "fast94_muon", "steps=2",
                              "batch_size=128", "log_every=1", "tracking.log_model=false",
-                             "eval_images=50")
+                             "eval_images=50", "optimizer.ns_steps=1")
     assert run.info.status == "FINISHED" and run.info.run_name == "airbench-muon-2"
     assert run.data.params["optimizer.sgd_bias_lr"] == str(106 * 128 / 2000)
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
