@@ -29,6 +29,7 @@ def test_a_stacked_sweep_gives_every_member_its_own_run_folder_log_and_checkpoin
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "packing 2 jobs onto one device" in output and "packing 1 jobs" in output
+    assert "jobs packed" not in output  # no progress bar drawn into a file
 
     parent, children = tracked_sweep(store, {f"tf_cnn-adam seed={seed}" for seed in range(3)})
     assert parent.data.tags["launcher"] == "PackedLauncher"

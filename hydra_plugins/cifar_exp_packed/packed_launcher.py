@@ -132,8 +132,10 @@ class PackedLauncher(Launcher):
                                         name=member.thread_name, daemon=True)
                        for index, member in enumerate(members)]
             steps = max(member.cfg.steps for member in members)
+            # disable=None: drawn on a terminal only, never into a redirected stderr.
             with logging_redirect_tqdm(), tqdm(total=steps, unit="step", dynamic_ncols=True,
-                                               desc=f"{len(members)} jobs packed") as bar:
+                                               desc=f"{len(members)} jobs packed",
+                                               disable=None) as bar:
                 for thread in threads:
                     thread.start()
                 try:
