@@ -6,7 +6,12 @@ import contextlib
 import multiprocessing
 import os
 import re
+import signal
 import sqlite3
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -206,6 +211,163 @@ def test_a_report_needs_a_store_that_holds_runs(tmp_path):
     with pytest.raises(ConfigError, match="no tracking store at"):
         check_tracking_uri(f"sqlite:///{tmp_path / 'none.db'}", must_exist=True)
     assert not (tmp_path / "none.db").exists()
+
+
+KEPT_TABLES = ("experiments", "runs", "metrics", "params", "tags")
+
+
+def store_with_runs(store: str, runs: int = 3, points: int = 1000) -> Path:
+    """The file of `store` holding `runs` finished runs, each with `points` loss points."""
+    client = MlflowClient(store)
+    experiment_id = open_experiment(store, "kept")
+    for _ in range(runs):
+        run_id = client.create_run(experiment_id).info.run_id
+        client.log_param(run_id, "lr", "0.1")
+        with contextlib.closing(sqlite3.connect(sqlite_path(store))) as connection:
+            connection.executemany(  # as log_batch writes them, without its cost per point
+                "INSERT INTO metrics VALUES ('loss', ?, ?, ?, ?, 0)",
+                [(1 / (step + 1), step, run_id, step) for step in range(points)])
+            connection.commit()
+        client.set_terminated(run_id)
+    return sqlite_path(store)
+
+
+def row_counts(database: Path) -> dict[str, int]:
+    with read_only_connection(database) as connection:
+        return {table: connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                for table in KEPT_TABLES}
+
+
+def read_only_connection(database: Path) -> contextlib.closing[sqlite3.Connection]:
+    return contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True))
+
+
+# A run's writer killed mid-transaction: it has deleted every run and written enough pages
+# that SQLite spilled them into the database file. Its journal, left beside the file, is
+# "hot": SQLite rolls it back on the next connection that may write.
+KILLED_WRITER = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("PRAGMA cache_size = 1")
+connection.execute("BEGIN")
+connection.execute("DELETE FROM runs")
+connection.execute("UPDATE metrics SET value = -1")
+print("mid-transaction", flush=True)
+time.sleep(60)
+"""
+
+
+def kill_a_writer_mid_transaction(database: Path) -> Path:
+    """Leave `database` with a hot journal, as a run killed while it wrote does; the
+    journal's path."""
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(database)],
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "mid-transaction\n"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    writer.stdout.close()
+    journal = database.with_name(f"{database.name}-journal")
+    # What made the check call such a store damaged: a read-only connection cannot roll
+    # the journal back.
+    with pytest.raises(sqlite3.OperationalError, match="attempt to write a readonly"):
+        row_counts(database)
+    return journal
+
+
+def test_a_store_left_mid_transaction_is_rolled_back_and_keeps_every_run(store, caplog):
+    database = store_with_runs(store)
+    before = row_counts(database)
+    journal = kill_a_writer_mid_transaction(database)
+    with caplog.at_level("WARNING", logger="cifar_exp.tracking.store"):
+        check_tracking_uri(store)
+    assert not journal.exists()
+    assert row_counts(database) == before  # the last commit, whole
+    assert any("rolled back a transaction" in message for message in caplog.messages)
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("kept").experiment_id])
+    assert {run.info.status for run in runs} == {"FINISHED"} and len(runs) == 3
+
+
+@contextlib.contextmanager
+def read_only(database: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`database` and its folder read-only while inside; for root too, which the
+    permissions do not stop: os.access then answers as for their owner."""
+    modes = {path: path.stat().st_mode for path in (database, database.parent)}
+    database.chmod(0o444)
+    database.parent.chmod(0o555)
+    if os.geteuid() == 0:
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: real_access(path, mode) and (
+            not mode & os.W_OK or bool(os.stat(path).st_mode & stat.S_IWUSR)))
+    try:
+        yield
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
+
+
+@pytest.mark.parametrize("must_exist,message", [
+    (True, "has an unfinished transaction (a journal beside it, left by a writer that "
+           "stopped) and cannot be written to roll it back (no permission); make the file "
+           "and its folder writable and run the command again"),
+    # A run must write, so it is refused earlier; made writable, the check rolls it back.
+    (False, "cannot be written (no permission); fix its permissions or choose another file"),
+], ids=["to-read", "to-write"])
+def test_a_read_only_store_left_mid_transaction_is_not_called_damaged(
+        store, monkeypatch, must_exist, message):
+    database = store_with_runs(store, runs=1)
+    journal = kill_a_writer_mid_transaction(database)
+    files = {path: path.read_bytes() for path in (database, journal)}
+    with read_only(database, monkeypatch), pytest.raises(ConfigError) as error:
+        check_tracking_uri(store, must_exist=must_exist)
+    assert str(error.value) == f"tracking.uri={store}: {database} {message}"  # one line
+    assert {path: path.read_bytes() for path in files} == files  # nothing rolled back
+
+
+def test_a_store_another_process_holds_locked_is_not_called_damaged(store, monkeypatch):
+    monkeypatch.setattr("cifar_exp.tracking.store.CONNECT_TIMEOUT", 0.1)
+    with contextlib.closing(sqlite3.connect(sqlite_path(store), isolation_level=None)) as other:
+        other.execute("BEGIN EXCLUSIVE")  # a writer mid-commit: no one may read
+        check_tracking_uri(store)  # in use, not damaged: MLflow's retries wait for it
+        other.execute("ROLLBACK")
+
+
+def table_leaf_pages(database: Path, marker: bytes) -> list[int]:
+    """The numbers of the pages of `database` that are leaves of a table (type 13) holding
+    `marker`, read from the file as SQLite lays it out."""
+    content = database.read_bytes()
+    page_size = int.from_bytes(content[16:18], "big")
+    return [number + 1 for number in range(1, len(content) // page_size)
+            if content[number * page_size] == 13
+            and marker in content[number * page_size:(number + 1) * page_size]]
+
+
+@pytest.mark.parametrize("must_exist", [False, True])
+def test_a_store_with_a_broken_page_deep_in_a_table_is_refused(store, must_exist):
+    database = store_with_runs(store, runs=1, points=3000)
+    whole = database.read_bytes()
+    check_tracking_uri(store, must_exist=must_exist)  # a whole store passes, untouched
+    assert database.read_bytes() == whole
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        run_id = connection.execute("SELECT run_uuid FROM runs").fetchone()[0]
+    pages = table_leaf_pages(database, run_id.encode())
+    middle, page_size = pages[len(pages) // 2], int.from_bytes(whole[16:18], "big")
+    with database.open("r+b") as file:  # a torn write: one page of the metrics, garbage
+        file.seek((middle - 1) * page_size)
+        file.write(b"\x5a" * page_size)
+    broken = database.read_bytes()
+    with read_only_connection(database) as connection:
+        # All the check read before: the header and the schema, and the runs too, read fine;
+        # the metrics do not.
+        assert connection.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+        with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+            connection.execute("SELECT sum(value) FROM metrics").fetchone()
+    with pytest.raises(ConfigError, match=re.escape(
+            f"tracking.uri={store}: {database} is damaged (")) as error:
+        check_tracking_uri(store, must_exist=must_exist)
+    assert str(error.value).endswith("; restore it from a copy or choose another file")
+    assert "\n" not in str(error.value)
+    assert database.read_bytes() == broken
 
 
 def test_a_deleted_experiment_is_refused_with_how_to_restore_it(mlflow_store):
