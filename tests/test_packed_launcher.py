@@ -87,8 +87,26 @@ def test_a_bad_member_is_refused_before_any_member_trains(tmp_path, data_root, s
     assert result.returncode == 2
     assert "error: steps=0 must be a positive integer" in result.stderr
     assert "Traceback" not in result.stderr
+    client = MlflowClient(store)  # refused before the sweep opened its parent
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_a_job_whose_builder_refuses_stops_the_sweep_before_any_job_trains(tmp_path,
+                                                                          data_root, store):
+    """With the optimizer swept, the sweep's own check leaves the builders to each job
+    (sweep_values); the launcher builds every job's parts before any trains."""
+    result = cli(tmp_path, "-m", "hydra/launcher=packed", "optimizer=adam,adamw",
+                 "optimizer.betas=[1.5,0.999]", "steps=5", "log_every=5", *LIGHT,
+                 f"tracking.uri={store}", data_root=data_root)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: optimizer 'adam' refused its options (Invalid beta parameter at index 0: "
+        "1.5); fix the optimizer.* values")
+    assert "Traceback" not in result.stderr
     [parent], children = parent_and_children(store)
     assert parent.info.status == "FAILED" and children == []
+    [sweep_dir] = tmp_path.glob("multirun/*/*")
+    assert not [path for path in sweep_dir.iterdir() if path.is_dir()]  # no job's folder
 
 
 @pytest.mark.parametrize(("option", "message"), [

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from cifar_exp.augment import Augmentation, build_augmentation
 from cifar_exp.config import split_name
-from cifar_exp.data import CifarData
+from cifar_exp.data import IMAGE_BYTES, IMAGE_SHAPE, SPECS, CifarData
 from cifar_exp.errors import ConfigError
 from cifar_exp.models import build_model, initialize_from_data, wants_data
 from cifar_exp.optim import build_optimizer
@@ -23,6 +23,9 @@ from cifar_exp.world import SINGLE, World
 # Models that initialize from data (e.g. a whitening layer) see this many training images,
 # as airbench's whitening does: plenty for a 12 x 12 patch covariance.
 DATA_INIT_IMAGES = 5000
+# check_parts: both CIFAR sets' training images (the schedule's steps per epoch, as the job
+# will have them), and how many made-up images stand in for them.
+TRAIN_IMAGES, STAND_IN_IMAGES = 50_000, 4
 
 
 def resolve_device(name: str, job_number: int | None = None) -> torch.device:
@@ -60,10 +63,7 @@ def build_parts(cfg: DictConfig, data: CifarData, world: World = SINGLE, *,
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {num_train} training images")
     device = data.train_images.device
     augmentation, model = build_network(cfg, data)
-    name, options = split_name(cfg.optimizer)
-    optimizer = build_optimizer(name, parameter_groups(model), **options)
-    name, options = split_name(cfg.schedule)
-    scheduler = build_schedule(name, optimizer, cfg.steps, num_train / cfg.batch_size, **options)
+    optimizer, scheduler = build_optimization(cfg, model, num_train / cfg.batch_size)
     ema = WeightAverage(model, cfg.ema.decay) if cfg.ema.decay is not None else None
     lookahead = (Lookahead(model, cfg.lookahead.every, cfg.lookahead.decay, cfg.steps,
                            cfg.lookahead.start_epochs, cfg.lookahead.reset_each_epoch)
@@ -74,6 +74,38 @@ def build_parts(cfg: DictConfig, data: CifarData, world: World = SINGLE, *,
                               shares_console=shares_console)
     return Parts(augmentation, model, optimizer, scheduler, ema=ema, lookahead=lookahead,
                  settings=settings)
+
+
+def build_optimization(cfg: DictConfig, model: torch.nn.Module, steps_per_epoch: float
+                       ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer `cfg` names over `model`'s parameter groups, and its schedule."""
+    name, options = split_name(cfg.optimizer)
+    optimizer = build_optimizer(name, parameter_groups(model), **options)
+    name, options = split_name(cfg.schedule)
+    scheduler = build_schedule(name, optimizer, cfg.steps, steps_per_epoch, **options)
+    return optimizer, scheduler
+
+
+def check_parts(cfg: DictConfig, device: torch.device) -> None:
+    """Build the augmentation, model, optimizer and schedule `cfg` names for a few made-up
+    images, and the settings for `device`, and drop them: a builder that refuses its
+    options raises its ConfigError here, before any data is read (a packed sweep checks
+    every job so before any trains). The parts are built on the CPU, leaving the GPU
+    alone: no builder's checks depend on where its tensors live. What needs the real
+    images, batch_size against their number, is left to build_parts."""
+    _, model = build_network(cfg, stand_in_data(cfg.data.name))
+    build_optimization(cfg, model, TRAIN_IMAGES / cfg.batch_size)
+    build_settings(cfg, device)
+
+
+def stand_in_data(name: str) -> CifarData:
+    """A few varied images of CIFAR's shape, with data set `name`'s classes (10 for a name
+    load_cifar refuses): what the builders see of the data, without reading it."""
+    num_classes = SPECS[name].num_classes if name in SPECS else 10
+    images = (torch.arange(STAND_IN_IMAGES * IMAGE_BYTES) % 251).to(torch.uint8).reshape(
+        STAND_IN_IMAGES, *IMAGE_SHAPE)  # not constant: the channels' std > 0
+    labels = torch.arange(STAND_IN_IMAGES) % num_classes
+    return CifarData(images, labels, images, labels, [str(c) for c in range(num_classes)])
 
 
 def build_network(cfg: DictConfig, data: CifarData) -> tuple[Augmentation, torch.nn.Module]:

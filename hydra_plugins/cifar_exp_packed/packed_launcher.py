@@ -35,19 +35,30 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from cifar_exp.errors import refuse
+from cifar_exp.errors import ConfigError, refuse
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "stacked", "processes", "sequential")
 
 
 class PackedLauncher(Launcher):
-    def __init__(self, mode: str = "auto", jobs_per_device: int = 8) -> None:
+    @staticmethod
+    def check_options(options: dict[str, Any]) -> None:
+        """Refuse, in one line, options this launcher cannot run with; called on the
+        composed config before the sweep starts (and again when Hydra builds it)."""
+        mode, jobs_per_device = options.get("mode", "auto"), options.get("jobs_per_device", 1)
         if mode not in MODES:
-            refuse(f"hydra.launcher.mode={mode} is not one of {', '.join(MODES)}")
-        if not isinstance(jobs_per_device, int) or jobs_per_device < 1:
-            refuse(f"hydra.launcher.jobs_per_device={jobs_per_device} must be a positive "
-                   f"integer")
+            raise ConfigError(f"hydra.launcher.mode={mode} is not one of {', '.join(MODES)}")
+        if isinstance(jobs_per_device, bool) or not isinstance(jobs_per_device, int) \
+                or jobs_per_device < 1:
+            raise ConfigError(f"hydra.launcher.jobs_per_device={jobs_per_device} must be a "
+                              f"positive integer")
+
+    def __init__(self, mode: str = "auto", jobs_per_device: int = 8) -> None:
+        try:
+            self.check_options({"mode": mode, "jobs_per_device": jobs_per_device})
+        except ConfigError as error:
+            refuse(error)
         self.mode, self.jobs_per_device = mode, jobs_per_device
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -71,15 +82,31 @@ class PackedLauncher(Launcher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         mask_sweep_record(sweep_dir)  # the sweeper's multirun.yaml, before any job runs
         mode = resolve_mode(self.mode)
+        members = self._checked_members(job_overrides, initial_job_idx)  # whichever the mode
         if mode == "processes":
             return self._in_processes(job_overrides, initial_job_idx)
         if mode == "sequential":
             return self._one_after_another(job_overrides, initial_job_idx)
         returns: list[JobReturn] = []
-        for start in range(0, len(job_overrides), self.jobs_per_device):
-            chunk = job_overrides[start : start + self.jobs_per_device]
+        for start in range(0, len(members), self.jobs_per_device):
+            chunk = members[start : start + self.jobs_per_device]
             returns += self._pack(chunk, initial_job_idx + start)
         return returns
+
+    def _checked_members(self, job_overrides: Sequence[Sequence[str]],
+                         first_job: int) -> list[_Member]:
+        """Every job of the sweep as a member, each checked: a bad job is refused before
+        any job starts, in any mode, nothing half-trained."""
+        from cifar_exp.errors import UserError
+
+        members = [self._member(list(overrides), first_job + index)
+                   for index, overrides in enumerate(job_overrides)]
+        try:
+            for member in members:
+                check_before_training(member.cfg)
+        except UserError as error:
+            refuse(error)
+        return members
 
     def _in_processes(self, job_overrides: Sequence[Sequence[str]],
                       initial_job_idx: int) -> Sequence[JobReturn]:
@@ -102,27 +129,20 @@ class PackedLauncher(Launcher):
                        config=self.config)
         return launcher.launch(job_overrides, initial_job_idx)
 
-    def _pack(self, job_overrides: Sequence[Sequence[str]],
-              first_job: int) -> list[JobReturn]:
-        """Train these jobs as one pack, each in its thread; returns when all are done."""
+    def _pack(self, members: list[_Member], first_job: int) -> list[JobReturn]:
+        """Train these members as one pack, each in its thread; returns when all are done."""
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        from cifar_exp.config import validate
-        from cifar_exp.errors import Stopped, UserError
+        from cifar_exp.errors import Stopped
         from cifar_exp.job.stop import StopRequest
         from cifar_exp.tracking.redact import install_redaction
         from cifar_exp.training.packing import Pack
 
         log.info("packing %d jobs onto one device (hydra/launcher=packed, mode=stacked)",
-                 len(job_overrides))
-        members = [self._member(list(overrides), first_job + index)
-                   for index, overrides in enumerate(job_overrides)]
-        try:  # refuse a bad job before any member starts: nothing half-trained
-            for member in members:
-                validate(member.cfg)
-        except UserError as error:
-            refuse(error)
+                 len(members))
+        for member in members:  # made when its pack starts: a refused sweep leaves none
+            Path(member.context.folder).mkdir(parents=True, exist_ok=True)
         logs = _MemberLogs(self.config, members)
         exits: list[int] = []
         with StopRequest() as stop, logs:
@@ -154,7 +174,8 @@ class PackedLauncher(Launcher):
         return [member.job_return for member in members]
 
     def _member(self, overrides: list[str], number: int) -> _Member:
-        """The job's config, as Hydra's own launchers compose it, with its output folder."""
+        """The job's config, as Hydra's own launchers compose it, with its output folder
+        (made when its pack starts)."""
         assert self.config is not None and self.hydra_context is not None
         from cifar_exp import run
 
@@ -168,7 +189,6 @@ class PackedLauncher(Launcher):
         with read_write(sweep_config.hydra.runtime), open_dict(sweep_config.hydra.runtime):
             sweep_config.hydra.runtime.output_dir = os.path.abspath(folder)
         HydraConfig.instance().set_config(sweep_config)
-        folder.mkdir(parents=True, exist_ok=True)
         cfg = copy.deepcopy(sweep_config)
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]
@@ -270,6 +290,17 @@ class _OfThread(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.threadName == self.thread_name
+
+
+def check_before_training(cfg: DictConfig) -> None:
+    """What a job would refuse before it trains, checked without its data: its values, its
+    device, and what each part's builder makes of its options (a torch optimizer's own
+    checks included)."""
+    from cifar_exp.config import validate
+    from cifar_exp.training.build import check_parts, resolve_device
+
+    validate(cfg)
+    check_parts(cfg, resolve_device(cfg.device))
 
 
 def resolve_mode(mode: str) -> str:
