@@ -5,9 +5,11 @@
 
 The model is rebuilt from its run's config with the weights the run evaluates (the EMA
 copy when it trained with one). Keys that change how it is scored, not what was trained,
-may be given like `python -m cifar_exp.run` takes them: eval_images, eval_batch_size,
-tta, device, amp, channels_last, data.*, tracking.uri, tracking.experiment. `--no-log`
-only prints. (The spellings run_id=, checkpoint= and log=false still work, with a hint.)
+may be given as `python -m cifar_exp.run` takes them (Hydra's override grammar, the
+schema's types, its range checks; quote a value holding = , or quotes: data.root='a=b'):
+eval_images, eval_batch_size, tta, device, amp, channels_last, data.*, tracking.uri,
+tracking.experiment; each as a plain value (no sweep, no `${...}`). `--no-log` only
+prints. (The spellings run_id=, checkpoint= and log=false still work, with a hint.)
 
 The result is logged as a new MLflow run, named `evaluate <run name>` and tagged
 `evaluation_of=<run id>`, in the trained run's experiment: the trained run's own record
@@ -20,10 +22,31 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from cifar_exp.config import DEFAULT_TRACKING_URI
-from cifar_exp.errors import CommandParser, RecordFailure, UserError, refused
+# Hydra and OmegaConf: imported by cifar_exp.config already, as `run` reads overrides.
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
+from hydra.errors import ConfigCompositionException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_exp.config import (
+    DEFAULT_TRACKING_URI,
+    builder_keys,
+    command_overrides,
+    compose_config,
+    dotlist_entry,
+    known_keys,
+    validate,
+)
+from cifar_exp.errors import (
+    CommandParser,
+    ConfigError,
+    RecordFailure,
+    UserError,
+    one_line_composition_error,
+    refused,
+)
 from cifar_exp.quick_exit import run_and_exit
 from cifar_exp.serving.source import add_source_arguments
 from cifar_exp.tracking.naming import command_line, git_tags
@@ -51,17 +74,71 @@ def argument_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """The command line: --run or --checkpoint, --tracking-uri, --no-log and the
-    evaluation's key=value overrides (a --tracking-uri joins them as tracking.uri=)."""
+    evaluation's key=value overrides, checked as `run` checks them before anything is
+    loaded. `settings` holds them as serving.trained takes them (a --tracking-uri joins
+    them as tracking.uri=, unless tracking.uri= is given); `overrides` as they were typed."""
     args = argument_parser().parse_intermixed_args(_new_spelling(argv))
-    for override in args.overrides:
-        if "=" not in override:
-            raise UserError(f"{override}: give key=value arguments, e.g. eval_images=1000")
-    given = [o.partition("=")[2] for o in args.overrides if o.startswith("tracking.uri=")]
-    if given:
-        args.tracking_uri = given[-1]
-    elif args.tracking_uri != DEFAULT_TRACKING_URI:
-        args.overrides.append(f"tracking.uri={args.tracking_uri}")
+    settings = scoring_settings(args.overrides, args.tracking_uri)
+    args.tracking_uri = settings.get("tracking.uri", args.tracking_uri)
+    args.settings = [dotlist_entry(key, value) for key, value in settings.items()]
     return args
+
+
+def scoring_settings(overrides: list[str], tracking_uri: str) -> dict[str, Any]:
+    """Each key the overrides set -> its value as `python -m cifar_exp.run` would read it
+    (Hydra's grammar, the schema's type, validate's range checks), the last of a key
+    winning; refused in one line otherwise."""
+    given = [_evaluation_override(override) for override in command_overrides(overrides)]
+    cfg = _composed(given)
+    settings = {override.key_or_group: OmegaConf.select(cfg, override.key_or_group)
+                for override in given}
+    if "tracking.uri" not in settings and tracking_uri != DEFAULT_TRACKING_URI:
+        _refuse_interpolation("--tracking-uri", tracking_uri)
+        settings["tracking.uri"] = cfg.tracking.uri = tracking_uri
+    validate(cfg)
+    return settings
+
+
+def _evaluation_override(text: str) -> Override:
+    """`text` as Hydra's override grammar reads it; refused unless it sets one of the keys
+    that do not change the model to one plain value."""
+    from cifar_exp.serving.trained import EVALUATION_KEYS
+
+    if "=" not in text:
+        raise UserError(f"{text}: give key=value arguments, e.g. eval_images=1000")
+    key = text.partition("=")[0]
+    try:
+        [override] = OverridesParser.create().parse_overrides([text])
+    except OverrideParseException as error:  # Hydra's own message takes several lines
+        raise ConfigError(f"{text}: Hydra's override grammar cannot read this value of {key}; "
+                          f"quote it: {key}='...' (with \\' for a quote inside)") from error
+    if (override.type is not OverrideType.CHANGE or override.package is not None
+            or override.key_or_group not in EVALUATION_KEYS):
+        raise ConfigError(f"{text}: give key=value with one of the keys that do not change "
+                          f"the model: {', '.join(EVALUATION_KEYS)}")
+    if override.is_sweep_override():
+        raise ConfigError(f"{text}: {key} takes one value (this is a sweep); quote a value "
+                          f"with commas: {key}='...'")
+    _refuse_interpolation(text, str(override.value()))
+    return override
+
+
+def _refuse_interpolation(given: str, value: str) -> None:
+    """Refuse a `${...}` in `value`: here it would be resolved against the trained run's
+    config, not the one `run` composes, so it would not mean what it means there."""
+    if "${" in value:
+        raise ConfigError(f"{given}: evaluate takes values, not interpolations (${{...}}); "
+                          f"write the value itself (the shell expands $VARIABLES)")
+
+
+def _composed(overrides: list[Override]) -> DictConfig:
+    """The default run's config with `overrides`, composed by Hydra as `run` composes it,
+    and a value of the wrong type refused in the line `run` says it in."""
+    try:
+        return compose_config([override.input_line for override in overrides])
+    except ConfigCompositionException as error:  # Hydra's message takes several lines
+        message = one_line_composition_error(error, known_keys(), builder_keys())
+        raise ConfigError(message) from error  # as run.refuse_untrusted_configs says it
 
 
 def _new_spelling(argv: list[str]) -> list[str]:
@@ -111,11 +188,10 @@ def evaluate(argv: list[str]) -> Evaluation:
     from cifar_exp.training.step import memory_format
 
     args = parse(argv)
-    overrides = args.overrides
     if args.run:  # from_run checks the store it reads, and logs to, first
-        model = trained_models.from_run(args.run, args.tracking_uri, overrides)
+        model = trained_models.from_run(args.run, args.tracking_uri, args.settings)
     else:
-        model = trained_models.from_checkpoint(args.checkpoint, overrides)
+        model = trained_models.from_checkpoint(args.checkpoint, args.settings)
         if not args.no_log:  # the store it logs to (a store that keeps nothing...), unscored
             check_tracking_uri(model.cfg.tracking.uri)
     cfg, data = model.cfg, model.data
@@ -131,7 +207,7 @@ def evaluate(argv: list[str]) -> Evaluation:
     print(line)
     run_id = ""
     if not args.no_log:
-        run_id = log_evaluation(model, data, scores, overrides)
+        run_id = log_evaluation(model, data, scores, args.overrides)
         print(f"logged as MLflow run {run_id} (evaluation_of={model.run_id or '-'}) in "
               f"{redact(cfg.tracking.uri)}")
     return Evaluation(scores, count, model.source, run_id)

@@ -169,7 +169,7 @@ def check_evaluate(args: list[str]) -> None:
         return  # its usage text: nothing to parse
     parsed = evaluate.parse(args)
     trained = OmegaConf.to_container(compose_config(), resolve=True)
-    apply_overrides(trained, parsed.overrides)
+    apply_overrides(trained, parsed.settings)
 
 
 def check_bench(args: list[str]) -> None:

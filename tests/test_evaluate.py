@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
+from cifar_exp.config import compose_config, dotlist_entry
 from cifar_exp.errors import UserError
-from cifar_exp.evaluate import evaluate, main
+from cifar_exp.evaluate import evaluate, main, parse
+from cifar_exp.serving import trained
 
 
 def args(trained_run, data_root, *extra: str, source: str = "run") -> list[str]:
@@ -46,23 +52,115 @@ def test_how_it_scores_can_change_and_is_logged_as_a_linked_run(trained_run, dat
         trained_run["precision"]
 
 
+KEYS = ("eval_images, eval_batch_size, tta, device, amp, channels_last, data.root, "
+        "data.download, data.verify, data.manifest, tracking.uri, tracking.experiment")
+
+
 @pytest.mark.parametrize("extra,message", [
-    ([], None),  # completed below: both sources
-    (["model.name=resnet18"], "model.name=resnet18: give key=value with one of the keys that "
-                              "do not change the model"),
+    (["--run", "0" * 32], "argument --run: not allowed with argument --checkpoint"),
     (["log=maybe"], "log=maybe must be true or false"),
+    # Hydra's override grammar, as `run` reads it.
     (["eval_images"], "eval_images: give key=value arguments"),
+    (["~eval_images"], "~eval_images: give key=value arguments"),
+    (["data.root=a=b"], "data.root=a=b: Hydra's override grammar cannot read this value of "
+                        "data.root; quote it: data.root='...' (with \\' for a quote inside)"),
+    (["data.root=x'y"], "data.root=x'y: Hydra's override grammar cannot read this value"),
+    (["eval_images=[1"], "eval_images=[1: Hydra's override grammar cannot read this value"),
+    (["eval_images=1,2"], "eval_images=1,2: eval_images takes one value (this is a sweep)"),
+    (["eval_images=range(1,3)"], "eval_images=range(1,3): eval_images takes one value"),
+    # Only the keys that do not change the model, set plainly.
+    (["steps=5"], f"steps=5: give key=value with one of the keys that do not change the "
+                  f"model: {KEYS}"),
+    (["model.name=resnet18"], "model.name=resnet18: give key=value with one of the keys"),
+    (["data=cifar100"], "data=cifar100: give key=value with one of the keys"),
+    (["+eval_images=5"], "+eval_images=5: give key=value with one of the keys"),
+    (["++eval_images=5"], "++eval_images=5: give key=value with one of the keys"),
+    (["eval_images@x=5"], "eval_images@x=5: give key=value with one of the keys"),
+    (["=5"], "=5: give key=value with one of the keys"),
+    (["precision=bf16"], "precision=bf16: `precision` was renamed to `amp`; write amp=bf16"),
+    # Interpolations would read the trained run's config, not the one `run` composes.
+    (["eval_images=${eval_batch_size}"], "eval_images=${eval_batch_size}: evaluate takes "
+                                         "values, not interpolations (${...}); write the "
+                                         "value itself"),
+    (["data.root=${oc.env:HOME}/data"], "data.root=${oc.env:HOME}/data: evaluate takes values"),
+    (["data.root='a ${x}'"], "data.root='a ${x}': evaluate takes values"),
+    (["data.root=\\${x}"], "data.root=\\${x}: evaluate takes values"),
+    (["--tracking-uri", "sqlite:///${x}.db"], "--tracking-uri: evaluate takes values"),
+    # The schema's types.
+    (["eval_images=abc"], "eval_images=abc: Value 'abc' of type 'str' could not be converted "
+                          "to Integer; give eval_images a value of its type"),
+    (["eval_images=1e2"], "eval_images=1e2: Value '100.0' of type 'float' could not be "
+                          "converted to Integer"),
+    (["eval_images=true"], "eval_images=true: Value 'True' of type 'bool' could not be"),
+    (["eval_images=nan"], "eval_images=nan: Value 'nan' of type 'float' could not be"),
+    (["eval_images="], "eval_images=: Value '' of type 'str' could not be converted"),
+    (["eval_batch_size=1.5"], "eval_batch_size=1.5: Value '1.5' of type 'float' could not be"),
+    (["eval_batch_size=null"], "eval_batch_size=null: field 'eval_batch_size' is not Optional"),
+    (["channels_last=maybe"], "channels_last=maybe: Value 'maybe' is not a valid bool"),
+    (["data.verify=maybe"], "data.verify=maybe: Value 'maybe' is not a valid bool"),
+    (["data.root=[1,2]"], "data.root=[1,2]: Cannot convert 'list' to string"),
+    (["data.root={a:1}"], "data.root={a:1}: Cannot convert 'dict' to string"),
+    (["data.manifest=[x]"], "data.manifest=[x]: Cannot convert 'list' to string"),
+    # The schema's range checks (config.validate).
+    (["eval_images=-5"], "eval_images=-5 must be a positive number of test images"),
     (["eval_images=0"], "eval_images=0 must be a positive number of test images"),
+    (["eval_images=7", "eval_images=0"], "eval_images=0 must be a positive number"),
+    (["eval_batch_size=0"], "eval_batch_size=0 must be a positive integer"),
+    (["tta=maybe"], "tta=maybe is unknown; use one of none, flip, flip_translate"),
+    (["device=gpu9"], "device=gpu9 is unknown; use one of auto, cpu, cuda"),
+    (["amp=fp64"], "amp=fp64 is unknown; use auto or one of fp32, bf16, fp16"),
+    (["tracking.experiment=' '"], "tracking.experiment=' ' must be a name of 1 to 500"),
+    ([f"data.root={'c' * 5000}"], "data.root=cccc"),
 ])
-def test_what_it_cannot_do_is_refused_in_one_line(trained_run, data_root, capsys, extra,
-                                                  message):
-    argv = args(trained_run, data_root, *extra)
-    if message is None:
-        argv, message = [*argv, "--checkpoint", str(trained_run["checkpoint"])], \
-            "argument --checkpoint: not allowed with argument --run"
-    assert main(argv) == 2
+def test_what_it_cannot_do_is_refused_in_one_line_before_anything_loads(
+        tmp_path, monkeypatch, capsys, extra, message):
+    for load in ("from_run", "from_checkpoint"):
+        monkeypatch.setattr(trained, load, lambda *args: pytest.fail("loaded before refusing"))
+    assert main(["--checkpoint", str(tmp_path / "c.pt"), *extra]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: {message}") and error.count("\n") == 1
+
+
+@functools.cache
+def trained_config() -> dict[str, Any]:
+    """A run's resolved config, as its checkpoint or its config.yaml gives it back."""
+    return OmegaConf.to_container(compose_config(["steps=20"]), resolve=True)
+
+
+@pytest.mark.parametrize("override", [
+    "tracking.uri='sqlite:///a b.db'", "tracking.uri='postgresql://u@h/db?sslmode=require'",
+    "data.root='a=b'", "data.root=a\\,b", "data.root='/tmp/a #b'", "data.root='it\\'s'",
+    "data.root='[1,2]'", "data.root=\"null\"", "tracking.experiment='ünï: cödé'",
+    "eval_images='100'", "eval_images=null", "channels_last=1", "data.download=yes",
+])
+def test_what_it_takes_means_what_it_means_to_run(tmp_path, override):
+    key = override.partition("=")[0]
+    settings = parse(["--checkpoint", str(tmp_path / "c.pt"), override]).settings
+    evaluated = OmegaConf.select(trained.apply_overrides(trained_config(), settings), key)
+    run = OmegaConf.select(compose_config([override]), key)
+    assert (type(evaluated), evaluated) == (type(run), run)
+
+
+def test_the_tracking_uri_option_is_taken_as_it_is_typed(tmp_path):
+    uri = "sqlite:///a b #1 'c'.db"
+    args = parse(["--checkpoint", str(tmp_path / "c.pt"), "--tracking-uri", uri])
+    assert args.tracking_uri == uri
+    assert trained.apply_overrides(trained_config(), args.settings).tracking.uri == uri
+    # tracking.uri= wins over --tracking-uri, and is read as `run` reads it.
+    args = parse(["--run", "0" * 32, "--tracking-uri", uri, "tracking.uri='sqlite:///b c.db'"])
+    assert args.tracking_uri == "sqlite:///b c.db"
+
+
+@pytest.mark.parametrize("value", [
+    "plain", "a #b", "'quoted'", '"double"', "back\\slash", "a: b", "=", "null", "5", "true",
+    " spaced ", "line\nbreak", "ünïcödé \U0001f600", "\udc80 undecodable byte", "",
+    "- x", "[1]", "{a: 1}", "%tag", "*alias", "\x00\x85\u2028",
+    0, 10**20, True, False, None,
+])
+def test_each_setting_reads_back_as_its_value(value):
+    # What serving.trained.apply_overrides does with each setting evaluate passes on.
+    read = OmegaConf.from_dotlist([dotlist_entry("data.root", value)]).data.root
+    assert (type(read), read) == (type(value), value)
 
 
 def test_a_run_that_is_not_there_is_named(trained_run, data_root):

@@ -16,6 +16,7 @@ import logging
 import pickle
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -53,22 +54,34 @@ def atomic_save(content: object, path: Path) -> None:
     write_atomically(path, serialized.getbuffer())
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint with torch.load(weights_only=True): tensors and plain values only,
-    so a file that would build other objects (and run their code) is refused unread."""
+def read_tensors(path: Path, instead: str = "resume from another file") -> Any:
+    """What torch saved at `path`, read with torch.load(weights_only=True): tensors and
+    plain values only, so a file that would build other objects (and run their code) is
+    refused unread, in one line (CheckpointError) ending with what to do `instead`."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about a bare pickle's protocol ahead of refusing it: our one-line
+            # refusal below says all that matters.
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = _unpickler_reason(error)
         if "code to call" in reason:
             raise CheckpointError(f"{path}: refused to load ({reason}); a cifar_exp checkpoint "
                                   f"holds only tensors and plain values, so this file is not "
                                   f"one: do not trust it") from error
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason}); resume from "
-                              f"another file") from error
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason}); {instead}"
+                              ) from error
     except Exception as error:  # truncated, not a torch file, unreadable: all the same here
         raise CheckpointError(f"{path}: not a readable checkpoint "
-                              f"({one_line(error)}); resume from another file") from error
+                              f"({one_line(error)}); {instead}") from error
+    return state
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with torch.load(weights_only=True): tensors and plain values only,
+    so a file that would build other objects (and run their code) is refused unread."""
+    state = read_tensors(path)
     found = state.get("format") if isinstance(state, dict) else type(state).__name__
     if found == 1:
         state, found = _upgraded_from_format_1(state), 2

@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cifar_exp.augment import Augmentation
-from cifar_exp.config import RENAMED_KEYS, Config, validate
+from cifar_exp.config import RENAMED_KEYS, Config, dotlist_entry, validate
 from cifar_exp.data import CifarData, load_cifar
 from cifar_exp.errors import CheckpointError, ConfigError, one_line
-from cifar_exp.job.checkpoint import load_checkpoint
+from cifar_exp.job.checkpoint import load_checkpoint, read_tensors
 from cifar_exp.speed import resolve_amp
 from cifar_exp.tracking.store import check_tracking_uri, store_opening, use_client_defaults
 from cifar_exp.training.build import build_network, resolve_device
@@ -76,10 +76,12 @@ def from_run(run_id: str, uri: str, overrides: list[str]) -> Trained:
         try:
             config = OmegaConf.to_container(OmegaConf.load(client.download_artifacts(
                 run_id, "config.yaml", folder)))
-            cfg = apply_overrides(config, [*overrides, f"tracking.uri={uri}"])
+            cfg = apply_overrides(config, [*overrides, dotlist_entry("tracking.uri", uri)])
             weights_file = "ema_weights.pt" if cfg.ema.decay is not None else "weights.pt"
-            weights = torch.load(client.download_artifacts(run_id, weights_file, folder),
-                                 map_location="cpu", weights_only=True)
+            weights = read_tensors(Path(client.download_artifacts(run_id, weights_file,
+                                                                  folder)),
+                                   instead=f"score a checkpoint of run {run_id} instead "
+                                           f"(--checkpoint <file>)")
         except (MlflowException, OSError) as error:
             raise ConfigError(f"run {run_id} has no config.yaml and final weights among its "
                               f"artifacts ({one_line(error, 160)}): it did not finish; "

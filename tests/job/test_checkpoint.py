@@ -193,7 +193,7 @@ def test_non_finite_weights_never_replace_the_last_good_checkpoint(tmp_path, cap
     assert any("weights are not finite: checkpoint not written" in m for m in caplog.messages)
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.filterwarnings("error")  # nothing of torch's printed ahead of the refusal
 @pytest.mark.parametrize("writer", ["torch.save", "pickle protocol 2", "pickle protocol 5"])
 def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, writer):
     marker = tmp_path / "payload-ran"
