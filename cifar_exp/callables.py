@@ -10,11 +10,11 @@ other code in. A log file may be written only under the run's or the sweep's fol
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
+from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -165,20 +165,12 @@ def _is_one_of(name: str, names: tuple[str, ...]) -> bool:
 
 
 def _locate(name: str) -> object | None:
-    """The object a dotted name stands for, or None where there is none."""
-    parts = name.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            found: object = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
-            continue
-        try:
-            for attribute in parts[split:]:
-                found = getattr(found, attribute)
-        except AttributeError:
-            return None
-        return found
-    return None
+    """The object a dotted name stands for (found as Hydra finds a `_target_`), or None
+    where there is none."""
+    try:
+        return get_object(name)
+    except Exception:  # Hydra's ImportError or ValueError: nothing by that name
+        return None
 
 
 def _under_job_folder(value: Any, tree: dict) -> bool:

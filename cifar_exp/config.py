@@ -8,6 +8,7 @@ cifar_exp.speed, so validating a config builds no model and starts no process gr
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -18,10 +19,12 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
-from cifar_exp.callables import check_callables
-from cifar_exp.errors import ConfigError
+from cifar_exp.callables import check_callables, resolved
+from cifar_exp.errors import ConfigError, removes_needed_key
 from cifar_exp.speed import check_amp, check_compile, check_cuda_graph, check_tta
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -145,6 +148,24 @@ def schema_defaults() -> dict[str, Any]:
     return _flat({key: value for key, value in schema.items() if key not in BUILDER_GROUPS})
 
 
+def known_keys() -> list[str]:
+    """Every key a command line may set, dotted: the schema's and each builder group
+    option's (`optimizer.momentum`), for the hint at a misspelt key."""
+    return list(dict.fromkeys([*schema_defaults(), *builder_keys()]))
+
+
+def builder_keys() -> dict[str, list[str]]:
+    """Each key of a builder group option (`optimizer.momentum`) -> the options of its
+    group that have it (`sgd`, `sgd_decay`), from conf/<group>/*.yaml."""
+    owners: dict[str, list[str]] = {}
+    for group in BUILDER_GROUPS:
+        for option in sorted((CONF_DIR / group).glob("*.yaml")):
+            for key in OmegaConf.load(option):
+                if key != "defaults":
+                    owners.setdefault(f"{group}.{key}", []).append(option.stem)
+    return owners
+
+
 def _flat(section: dict[Any, Any], prefix: str = "") -> dict[str, Any]:
     """The leaves of nested `section`, by dotted key."""
     flat: dict[str, Any] = {}
@@ -179,18 +200,64 @@ def check_composed(cfg: DictConfig) -> None:
     traceback: code named in the config (check_callables), a key of the schema deleted
     (`~steps`), an output folder that cannot be made."""
     check_callables(cfg)
-    absent = object()
+    check_plugin_options(cfg)
     for key in schema_defaults():
-        if OmegaConf.select(cfg, key, default=absent, throw_on_resolution_failure=False) \
-                is absent:
-            raise ConfigError(f"~{key} removes a key every run needs; give it a value "
-                              f"({key}=...) or leave it out for its default")
+        if not _has_key(cfg, key):
+            raise ConfigError(removes_needed_key(key))
+    check_interpolations(cfg)
     if "hydra" in cfg:
         mode = OmegaConf.select(cfg, "hydra.mode", throw_on_resolution_failure=False)
         key = "hydra.sweep.dir" if str(mode) == "RunMode.MULTIRUN" else "hydra.run.dir"
         folder = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
         if isinstance(folder, str) and "${" not in folder:
             check_creatable(key, Path(folder))
+
+
+def check_interpolations(cfg: DictConfig) -> None:
+    """Refuse, in one line, an interpolation of the run's config that cannot be resolved:
+    `eval_images=${nope}` (Hydra's own values aside: they are set when the job starts)."""
+    for key in cfg:
+        node = cfg._get_node(key)
+        written = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node._value()
+        if key == "hydra" or "${hydra" in str(written):
+            continue  # Hydra's values are set when the job starts
+        try:
+            if isinstance(node, DictConfig):
+                OmegaConf.to_container(node, resolve=True)  # against the whole config
+            else:
+                cfg[key]
+        except OmegaConfBaseException as error:
+            where = getattr(error, "full_key", None) or key
+            raise ConfigError(f"{where}: {str(error).splitlines()[0]}; give the value itself "
+                              f"or an interpolation that resolves, e.g. ${{oc.env:NAME,default}}"
+                              ) from error
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    """Whether dotted `key` is in `cfg`, read without resolving any value (an interpolation
+    that cannot be resolved is there, and said so where it is used)."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def check_plugin_options(cfg: DictConfig) -> None:
+    """Let the launcher and the sweeper refuse their options (a plugin class with a static
+    `check_options(options)`) before Hydra builds them: by then the sweep's MLflow parent
+    is open, and a refusal would leave it FAILED. Their classes are allowed ones by now
+    (check_callables)."""
+    for slot in ("launcher", "sweeper"):
+        node = OmegaConf.select(cfg, f"hydra.{slot}", throw_on_resolution_failure=False)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        check = getattr(get_class(str(node._target_)), "check_options", None)
+        if check is not None:
+            options = resolved(node)
+            options.pop("_target_")
+            check(options)
 
 
 def check_creatable(key: str, folder: Path) -> None:
@@ -262,6 +329,17 @@ def compose_config(overrides: Sequence[str] = (), with_hydra: bool = False) -> D
         with open_dict(cfg):
             del cfg["hydra"]
     return cfg
+
+
+def dotlist_entry(key: str, value: Any) -> str:
+    """`key=value` that OmegaConf.from_dotlist (serving.trained's apply_overrides) reads
+    back as `value` itself: a string double-quoted, all but printable ASCII escaped (YAML
+    would read `a #b` as `a`, `'x'` as x); an integer, boolean or null as YAML writes it."""
+    if not isinstance(value, str):
+        return f"{key}={json.dumps(value)}"
+    escaped = "".join(char if char.isascii() and char.isprintable() and char not in '"\\'
+                      else f"\\U{ord(char):08x}" for char in value)
+    return f'{key}="{escaped}"'
 
 
 def split_name(group: DictConfig) -> tuple[str, dict[str, Any]]:

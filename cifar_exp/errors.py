@@ -1,9 +1,20 @@
-"""Errors that reach the user as one line: what is wrong and how to fix it."""
+"""Errors that reach the user as one line: what is wrong and how to fix it. Hydra's own
+composition errors (a value of the wrong type, a key or option that does not exist, an
+override its grammar cannot read) are said so too, with what to type instead: Hydra's
+messages span several lines, and its hint for an unknown key (`+key=`) leads into this
+project's refusal of new keys."""
 
 import argparse
+import difflib
+import re
 import signal
 import sys
-from typing import NoReturn
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:  # Hydra is the commands' business: the trainer imports this module too
+    from hydra.errors import HydraException
+
 
 BAD_INPUT_EXIT = 2  # the exit code of a refused command: nothing was started or written
 
@@ -93,3 +104,75 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     the whole statement and its parameters; torch's several paragraphs)."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Hydra's composition errors, in one line.
+UNKNOWN_KEY = re.compile(r"Could not override '(?P<key>[^']+)'")
+MERGE = re.compile(r"Error merging override (?P<override>.+)")
+MISSING_OPTION = re.compile(r"Could not find '(?P<group>.+)/(?P<option>[^/']+)'")
+KEYS_HINT = "`python -m cifar_exp.run --cfg job` lists the keys and their values"
+
+
+def one_line_composition_error(error: "HydraException", known_keys: list[str],
+                               owners: Mapping[str, list[str]]) -> str:
+    """`error` in one line: what is wrong and what to type instead. `known_keys` (dotted)
+    give the nearest key to a misspelt one; `owners`, the group options that have a key
+    (`optimizer.momentum` -> sgd, sgd_decay)."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    message = str(error)
+    cause = _first_line(error.__cause__)
+    if unknown := UNKNOWN_KEY.search(message):
+        key = unknown["key"]
+        if key in owners:  # a real key, of another option than the one chosen
+            group = key.split(".")[0]
+            return (f"{key}: the {group} chosen has no such key; choose one that has it "
+                    f"(e.g. {group}={' or '.join(owners[key])}) before it on the command line, "
+                    f"or sweep only over those")
+        near = difflib.get_close_matches(key, known_keys, n=1, cutoff=0.75)
+        guess = f"did you mean {near[0]}? " if near else ""
+        return f"{key} is not a config key ({guess}{KEYS_HINT})"
+    if merge := MERGE.search(message):
+        override = merge["override"]
+        if override.startswith("~"):
+            return removes_needed_key(override.lstrip("~").partition("=")[0])
+        return f"{override}: {cause}; give {override.split('=', 1)[0]} a value of its type"
+    if isinstance(error, MissingConfigException) and (missing := MISSING_OPTION.search(message)):
+        return no_such_option(missing["group"], missing["option"], _available_options(message))
+    if isinstance(error, OverrideParseException):
+        return f"{error.override} cannot be read ({_grammar_reason(message)}); " \
+               f"quote the value: key='...' (with \\' for a quote inside)"
+    lines = [line.strip() for line in message.split("Config search path:")[0].splitlines()]
+    return " ".join(line for line in [*lines, cause] if line)
+
+
+def removes_needed_key(key: str) -> str:
+    return (f"~{key} removes a key every run needs; give it a value ({key}=...) or leave "
+            f"it out for its default")
+
+
+def no_such_option(group: str, option: str, options: list[str]) -> str:
+    choices = f"; choose one of {', '.join(options)}" if options else ""
+    return f"{group}={option}: there is no such option{choices}"
+
+
+def _grammar_reason(message: str) -> str:
+    """What Hydra's override grammar found wrong, without its token sets and its link."""
+    for line in message.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Error parsing override", "See https", "^")):
+            if line.startswith("LexerNoViableAltException"):
+                return "a character it does not take there"
+            return re.sub(r" expecting (\{.*\}|\S+)", "", line)
+    return "Hydra's override grammar"
+
+
+def _first_line(error: BaseException | None) -> str:
+    return str(error).strip().splitlines()[0] if error is not None and str(error) else ""
+
+
+def _available_options(message: str) -> list[str]:
+    """The options Hydra lists after `Available options in '<group>':`."""
+    listed = message.split("Config search path:")[0].split("Available options in", 1)[1:]
+    return [line.strip() for line in listed[0].splitlines()[1:] if line.startswith("\t")
+            ] if listed else []

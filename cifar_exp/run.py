@@ -11,6 +11,8 @@ stopped by SIGINT / SIGTERM (after a checkpoint: resume=true goes on).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
@@ -22,20 +24,30 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import hydra
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, OverrideParseException
+from hydra.plugins.completion_plugin import CompletionPlugin
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cifar_exp.config import CONF_DIR, check_composed, command_overrides, register_schema
+from cifar_exp.config import (
+    CONF_DIR,
+    builder_keys,
+    check_composed,
+    command_overrides,
+    known_keys,
+    register_schema,
+)
 from cifar_exp.errors import (
-    ConfigError,
     NonFiniteLoss,
     Pruned,
     RecordFailure,
     Stopped,
     UserError,
+    one_line_composition_error,
     refuse,
 )
 from cifar_exp.quick_exit import run_and_exit
+from cifar_exp.sweep_values import check_sweep_values
 from cifar_exp.tracking.naming import SWEPT_KEYS_ENV, git_tags, short_keys, short_number
 from cifar_exp.tracking.redact import install_console_redaction, install_redaction, redact
 from cifar_exp.world import adopt_launcher_tasks, current_world, hydra_overrides
@@ -162,19 +174,49 @@ def remove_new_folder(folder: Path) -> None:
 def refuse_untrusted_configs() -> None:
     """Check every config Hydra composes (a run's, a sweep's, each of its jobs') as soon as
     it is composed, before Hydra calls anything it names (callbacks, launcher, sweeper, log
-    handlers): a refusal is one line and exit code 2. Hydra offers no hook at that point,
+    handlers): a refusal is one line and exit code 2, Hydra's own composition errors
+    included. A sweep's values are checked too, each on its own, before its MLflow parent
+    opens (sweep_values). Hydra offers no hook at that point,
     so its config loader is wrapped, for this command only."""
     load_configuration = ConfigLoaderImpl.load_configuration
 
-    def checked(self: ConfigLoaderImpl, *args: Any, **kwargs: Any) -> DictConfig:
-        cfg = load_configuration(self, *args, **kwargs)
+    def checked(self: ConfigLoaderImpl, config_name: str | None, overrides: list[str],
+                run_mode: RunMode, *args: Any, **kwargs: Any) -> DictConfig:
         try:
+            cfg = load_configuration(self, config_name, overrides, run_mode, *args, **kwargs)
             check_composed(cfg)
-        except ConfigError as error:
+            if run_mode == RunMode.MULTIRUN:  # before the sweep opens its MLflow parent
+                check_sweep_values(cfg, overrides, self.get_group_options, check_builders)
+        except UserError as error:
             refuse(error)
+        except (ConfigCompositionException, OverrideParseException) as error:
+            refuse(one_line_composition_error(error, known_keys(), builder_keys()))
         return cfg
 
     ConfigLoaderImpl.load_configuration = checked
+
+
+def check_builders(cfg: DictConfig) -> None:
+    """What the parts' builders refuse in `cfg`, found by building them without data."""
+    from cifar_exp.training.build import check_parts, resolve_device
+
+    check_parts(cfg, resolve_device(cfg.device))
+
+
+def complete_quietly() -> None:
+    """Tab completion offers nothing where a line cannot be completed (a value refused, a
+    config search path that cannot be read), instead of printing an error or a traceback
+    into the line the user is typing."""
+    query = CompletionPlugin._query
+
+    def quiet(self: CompletionPlugin, *args: Any, **kwargs: Any) -> list[str]:
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                return query(self, *args, **kwargs)
+        except (Exception, SystemExit):  # SystemExit: refuse() of a checked config
+            return []
+
+    CompletionPlugin._query = quiet
 
 
 def cli() -> None:
@@ -192,6 +234,7 @@ def cli() -> None:
     # would otherwise create one per process).
     sys.argv += hydra_overrides(world)
     refuse_untrusted_configs()
+    complete_quietly()
     main()
 
 

@@ -247,6 +247,44 @@ def damaged_store(folder: Path) -> list[Path]:
     return [folder / "mlflow.db"]
 
 
+KILLED_WRITER = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("PRAGMA cache_size = 1")  # changed pages spill into the file
+connection.execute("BEGIN")
+connection.execute("DELETE FROM runs")
+connection.execute("UPDATE metrics SET value = -1")
+print("mid-transaction", flush=True)
+time.sleep(60)
+"""
+
+
+def store_left_mid_transaction(folder: Path) -> list[Path]:
+    """A finished run's store, then a writer killed mid-transaction: a hot journal beside
+    it (as a read-only episode or a crash leaves one)."""
+    finished_run(folder)
+    writer = subprocess.Popen([PYTHON, "-c", KILLED_WRITER, str(folder / "mlflow.db")],
+                              stdout=subprocess.PIPE, text=True)
+    writer.stdout.readline()
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    return []  # rolled back to its last commit: the file changes, as it must
+
+
+def broken_page_store(folder: Path) -> list[Path]:
+    """A finished run's store with one table page in its middle overwritten (a torn write
+    deep in the file, the header whole)."""
+    finished_run(folder)
+    database = folder / "mlflow.db"
+    content = bytearray(database.read_bytes())
+    size = int.from_bytes(content[16:18], "big")
+    leaves = [n for n in range(1, len(content) // size) if content[n * size] == 13]
+    middle = leaves[len(leaves) // 2]
+    content[middle * size:(middle + 1) * size] = b"\x5a" * size
+    database.write_bytes(bytes(content))
+    return [database]
+
+
 def other_program_db(folder: Path) -> list[Path]:
     with contextlib.closing(sqlite3.connect(folder / "mlflow.db")) as connection:
         connection.execute("CREATE TABLE notes (text)")
@@ -395,6 +433,9 @@ def cases() -> list[Case]:
         Case("a store path that is a folder", [*QUICK, "tracking.uri=sqlite:////tmp"]),
         Case("an unreachable database", [*QUICK, "tracking.uri=postgresql+psycopg2://"
                                                   "mlflow:secret@127.0.0.1:9/mlflow"]),
+        Case("a store left mid-transaction (a hot journal)", [*QUICK],
+             store_left_mid_transaction),
+        Case("a store with a broken page inside a table", [*QUICK], broken_page_store),
         Case("a damaged store", [*QUICK], damaged_store),
         Case("a negative label in a python-layout file", [*QUICK, "data.root=data"],
              python_layout([0, -1, 2, 3])),
@@ -439,6 +480,41 @@ def cases() -> list[Case]:
              [*QUICK, "+hydra.job_logging.handlers.x.class=os.system"]),
         Case("credentials in an unreachable tracking URI",
              [*QUICK, "tracking.uri=http://user:secret@127.0.0.1:9"]),
+        # Hydra's own composition errors, and sweeps refused before their parent opens.
+        Case("a value of the wrong type", [*QUICK, "steps=many"]),
+        Case("a misspelt key", [*QUICK, "optimizer=sgd", "optimizer.momentm=0.5"]),
+        Case("a group option that does not exist", [*QUICK, "optimizer=adamx"]),
+        Case("an override the grammar cannot read", [*QUICK, "steps=("]),
+        Case("a sweep with a value of the wrong type", ["-m", *QUICK, "seed=1,abc"]),
+        Case("a sweep with a value that cannot work", ["-m", *QUICK, "steps=5,0"]),
+        Case("a sweep with a group option that does not exist",
+             ["-m", *QUICK, "optimizer=adam,adamx"]),
+        Case("a sweep of data roots, one holding no data",
+             ["-m", *QUICK, "data.root=${oc.env:CIFAR_EXP_DATA},nowhere"]),
+        Case("a study storage that is not a database",
+             ["-m", *QUICK, "hparams_search=tf_cnn_optuna", "hydra.sweeper.storage=bogus://"]),
+        Case("a study storage with credentials and no driver",
+             ["-m", *QUICK, "hparams_search=tf_cnn_optuna",
+              "hydra.sweeper.storage=mysql+nodriver://u:secret@h/db"]),
+        Case("a sampler Optuna sweeps do not have",
+             ["-m", *QUICK, "hparams_search=tf_cnn_optuna", "hydra.sweeper.sampler=grid"]),
+        Case("a launcher option of the wrong type",
+             ["-m", *QUICK, "hydra/launcher=joblib", "hydra.launcher.n_jobs=abc", "seed=1,2"]),
+        Case("a packed sweep with one job a builder refuses",
+             ["-m", *QUICK, "hydra/launcher=packed", "optimizer=adam,adamw",
+              "optimizer.betas=[1.5,0.999]"]),
+        Case("a sweep with one value a builder refuses",
+             ["-m", *QUICK, "optimizer=sgd", "optimizer.momentum=0.9,-1"]),
+        *[Case(f"evaluate: {arg}", ["--checkpoint", "c.pt", "--no-log", arg],
+               module="cifar_exp.evaluate")
+          for arg in ("eval_images=abc", "eval_images=", "data.root=[1,2]",
+                      "eval_batch_size=1.5", "tta=maybe", "device=gpu9", "steps=5",
+                      "eval_images=1,2", "eval_images=${eval_batch_size}",
+                      "data.root=${oc.env:NOPE}",
+                      "tracking.uri=postgresql://u@h/db?sslmode=require")],
+        Case("an interpolation that cannot be resolved", [*QUICK, "eval_images=${nope}"]),
+        Case("a packed launcher mode that does not exist",
+             ["-m", *QUICK, "hydra/launcher=packed", "hydra.launcher.mode=bogus", "seed=1,2"]),
     ]
 
 

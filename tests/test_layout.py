@@ -21,7 +21,7 @@ COMMANDS = {"run", "evaluate", "predict", "report", "bench"}
 # `data` is a command too (python -m cifar_exp.data --download), and the library that
 # reads the data sets: the folders below import it as the library.
 VOCABULARY = {"config", "errors", "registry", "speed", "world", "data", "checksums",
-              "quick_exit", "callables"}
+              "quick_exit", "callables", "sweep_values"}
 PARTS = {"models", "optim", "schedules", "augment"}  # one file per part, by name
 MAX_TOP_LEVEL_MODULES = 16
 

@@ -15,6 +15,7 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.tracking import MlflowClient
 
+from cifar_exp.errors import ConfigError
 from hydra_plugins.cifar_exp_optuna.optuna_sweeper import OptunaSweeper, distribution
 from tests.conftest import cli, copy_store, free_port, stop_process_group
 
@@ -33,6 +34,42 @@ State = optuna.trial.TrialState
 def test_hydras_sweep_syntax_becomes_a_search_space(text, expected):
     [override] = OverridesParser.create().parse_overrides([f"key={text}"])
     assert distribution(override) == expected
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"storage": "bogus://"}, "hydra.sweeper.storage=bogus:// is not a database URL ("),
+    ({"storage": "sqlite:////nowhere/optuna.db"},
+     "hydra.sweeper.storage=sqlite:////nowhere/optuna.db: folder /nowhere does not exist"),
+    ({"storage": "mysql+nodriver://u:secret@host/db"}, "hydra.sweeper.storage=mysql+nodriver:"
+                                                       "//***@host/db is not a database URL"),
+    ({"sampler": "grid"}, "hydra.sweeper.sampler=grid is not one of tpe, random"),
+    ({"pruner": "hyperband"}, "hydra.sweeper.pruner=hyperband is not one of median, "),
+    ({"direction": "up"}, "hydra.sweeper.direction=up is not one of maximize, minimize"),
+    ({"n_trials": 0}, "hydra.sweeper.n_trials=0 must be a positive integer"),
+    ({"n_jobs": "two"}, "hydra.sweeper.n_jobs=two must be a positive integer"),
+    ({"seed": 1.5}, "hydra.sweeper.seed=1.5 must be an integer or null"),
+    ({"study_name": ""}, "hydra.sweeper.study_name='' must be a non-empty name"),
+    ({"params": {"optimizer.lr": "0.1"}}, "hydra.sweeper.params.optimizer.lr=0.1 is not a "
+                                          "search space; use interval(a, b)"),
+    ({"params": {"optimizer.lr": "interval(1,"}}, "hydra.sweeper.params.optimizer.lr="
+                                                  "interval(1, cannot be read ("),
+])
+def test_options_the_sweeper_cannot_run_with_are_refused_in_one_line(options, message):
+    with pytest.raises(ConfigError) as error:
+        OptunaSweeper.check_options(options)
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value) and "secret" not in str(error.value)
+
+
+def test_a_bad_sweeper_option_is_refused_before_the_sweep_opens_its_parent(tmp_path, data_root,
+                                                                           store):
+    result = cli(tmp_path, "-m", "hparams_search=tf_cnn_optuna", "hydra.sweeper.n_trials=1",
+                 "hydra.sweeper.storage=bogus://", f"tracking.uri={store}", data_root=data_root)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: hydra.sweeper.storage=bogus:// is not a database")
+    assert len(result.stderr.strip().splitlines()) == 1
+    client = MlflowClient(store)  # no sweep parent was opened
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
 def test_trials_a_stopped_sweep_left_running_are_failed(tmp_path):

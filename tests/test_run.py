@@ -200,6 +200,13 @@ def test_resume_true_looks_where_checkpoint_path_points(tmp_path):
     (["tracking.experiment="], "error: tracking.experiment='' must be a name of 1 to 500"),
     (["checkpoint.path=/proc/self/checkpoint.pt"],
      "error: checkpoints cannot be written to /proc/self ("),
+    (["steps=many"], "error: steps=many: Value 'many' of type 'str' could not be converted"),
+    (["stepz=10"], "error: stepz is not a config key (did you mean steps?"),
+    (["optimizer=adamx"], "error: optimizer=adamx: there is no such option; choose one of"),
+    (["eval_images=${nope}"], "error: eval_images: Interpolation key 'nope' not found; give "
+                              "the value itself or an interpolation that resolves"),
+    (["~tracking.uri"], "error: ~tracking.uri removes a key every run needs; give it a value "
+                        "(tracking.uri=...)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, data_root, args, message):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -498,6 +505,16 @@ def test_the_command_completes_groups_and_options_with_tab(tmp_path):
         result = subprocess.run([str(command), "-sc", "query=bash"], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=120)
         assert expected in result.stdout.split(), (line, result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("line", ["cifar-exp hydra.searchpath=[bogus://x] ",
+                                  "cifar-exp steps=many "])
+def test_tab_completion_offers_nothing_where_a_line_cannot_be_completed(tmp_path, line):
+    command = Path(sys.executable).parent / "cifar-exp"
+    env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
+    result = subprocess.run([str(command), "-sc", "query=bash"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "", "")
 
 
 def test_a_refused_command_leaves_no_empty_run_folder(tmp_path, data_root):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,9 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
+from cifar_exp.errors import ConfigError, one_line
 from cifar_exp.job.search import PRUNED_AT, PRUNERS, SAMPLERS, make_pruner, make_sampler
+from cifar_exp.tracking.redact import redact
 
 if TYPE_CHECKING:
     import optuna
@@ -57,14 +60,79 @@ def distribution(override: Override) -> optuna.distributions.BaseDistribution:
                      f"range)")
 
 
+def check_search_space(key: str, space: Any) -> None:
+    """Refuse a search space of `params` that is not one of Hydra's sweeps Optuna takes."""
+    line = f"{key}={space}"
+    try:
+        override = OverridesParser.create().parse_override(line)
+    except Exception as error:  # Hydra's grammar: its message says where
+        raise ConfigError(f"hydra.sweeper.params.{line} cannot be read ({one_line(error)})"
+                          ) from error
+    if not isinstance(override.value(), ChoiceSweep | RangeSweep | IntervalSweep):
+        raise ConfigError(f"hydra.sweeper.params.{line} is not a search space; use "
+                          f"interval(a, b), tag(log, interval(a, b)), choice(a, b, ...) or "
+                          f"range(a, b)")
+
+
+def check_storage(storage: str) -> None:
+    """Refuse an Optuna storage URL that names no database SQLAlchemy can open, a driver
+    that is not installed, or an SQLite file in a folder that does not exist; without
+    connecting (a server that does not answer is Optuna's to report)."""
+    import sqlalchemy
+
+    try:
+        url = sqlalchemy.engine.make_url(storage)
+        url.get_dialect().import_dbapi()
+    except ModuleNotFoundError as error:
+        raise ConfigError(f"hydra.sweeper.storage={redact(storage)} needs the database "
+                          f"driver {error.name}; install it or name another storage") from error
+    except Exception as error:  # unparseable, or a dialect SQLAlchemy does not know
+        raise ConfigError(f"hydra.sweeper.storage={redact(storage)} is not a database URL "
+                          f"({redact(one_line(error))}); give e.g. sqlite:///<path>/optuna.db, or "
+                          f"leave it out for <sweep folder>/optuna.db") from error
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        folder = Path(url.database).absolute().parent
+        if not folder.is_dir():
+            raise ConfigError(f"hydra.sweeper.storage={redact(storage)}: folder {folder} "
+                              f"does not exist; create it or choose another path")
+
+
 class OptunaSweeper(Sweeper):
+    @staticmethod
+    def check_options(options: dict[str, Any]) -> None:
+        """Refuse, in one line, options this sweeper cannot run with; called on the
+        composed config before the sweep starts (and again when Hydra builds it)."""
+        chosen = {"direction": ("maximize", "minimize"), "sampler": SAMPLERS,
+                  "pruner": PRUNERS}
+        for key, allowed in chosen.items():
+            if options.get(key, allowed[0]) not in allowed:
+                raise ConfigError(f"hydra.sweeper.{key}={options[key]} is not one of "
+                                  f"{', '.join(allowed)}")
+        for key in ("n_trials", "n_jobs"):
+            value = options.get(key, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"hydra.sweeper.{key}={value} must be a positive integer")
+        seed = options.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"hydra.sweeper.seed={seed} must be an integer or null")
+        name = options.get("study_name", "search")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"hydra.sweeper.study_name={name!r} must be a non-empty name")
+        if options.get("storage") is not None:
+            check_storage(str(options["storage"]))
+        params = options.get("params") or {}
+        if not isinstance(params, Mapping):  # a dict, or Hydra's DictConfig
+            raise ConfigError(f"hydra.sweeper.params={params} must map keys to search "
+                              f"spaces, e.g. optimizer.lr: tag(log, interval(1e-4, 1e-2))")
+        for key, space in params.items():
+            check_search_space(key, space)
+
     def __init__(self, *, direction: str = "maximize", study_name: str = "search",
                  storage: str | None = None, n_trials: int = 20, n_jobs: int = 1,
                  sampler: str = "tpe", seed: int | None = 0, pruner: str = "median",
                  params: dict[str, str] | None = None) -> None:
-        if sampler not in SAMPLERS or pruner not in PRUNERS or n_trials < 1 or n_jobs < 1:
-            raise ValueError(f"hydra.sweeper: sampler is one of {', '.join(SAMPLERS)}, pruner "
-                             f"one of {', '.join(PRUNERS)}, n_trials and n_jobs at least 1")
+        self.check_options({key: value for key, value in locals().items()
+                            if key not in ("self", "__class__")})
         self.direction, self.study_name, self.storage = direction, study_name, storage
         self.n_trials, self.n_jobs = n_trials, n_jobs
         self.sampler, self.seed, self.pruner = sampler, seed, pruner

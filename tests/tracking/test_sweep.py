@@ -116,14 +116,18 @@ def test_a_diverging_job_is_marked_failed_and_the_sweep_goes_on(tmp_path, data_r
     assert parent.info.status == "FINISHED" and parent.data.metrics["jobs_finished"] == 1
 
 
-def test_a_bad_job_ends_the_sweep_with_exit_2_and_nothing_left_running(tmp_path, data_root,
-                                                                       store):
-    result = cli(tmp_path, "-m", "steps=0,5", f"tracking.uri={store}", data_root=data_root)
+@pytest.mark.parametrize("swept,message", [
+    ("steps=5,0", "error: steps=0 must be a positive integer"),
+    ("seed=1,abc", "error: seed=abc: Value 'abc' of type 'str' could not be converted to "
+                   "Integer; give seed a value of its type"),
+])
+def test_a_bad_value_in_a_sweep_is_refused_before_its_parent_opens(tmp_path, data_root, store,
+                                                                   swept, message):
+    result = cli(tmp_path, "-m", swept, f"tracking.uri={store}", data_root=data_root)
     assert result.returncode == 2
-    assert "error: steps=0 must be a positive integer" in result.stderr
-    assert "Traceback" not in result.stderr
-    [parent], children = parent_and_children(store)
-    assert parent.info.status == "FAILED" and children == []
+    assert result.stderr.strip() == message  # one line, no traceback
+    client = MlflowClient(store)  # no parent, and no job trained
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
 def test_unreachable_tracking_server_stops_a_sweep_before_any_job(tmp_path, data_root):
