@@ -137,6 +137,8 @@ def test_auto_on_the_cpu_runs_the_jobs_one_after_another(tmp_path, data_root, st
                  "checkpoint.enabled=false", f"tracking.uri={store}", data_root=data_root)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "packing" not in result.stdout + result.stderr
+    assert "hydra/launcher=packed on the CPU: the 2 jobs run one after another" in \
+        result.stdout + result.stderr  # said, not silent
     parent, _ = tracked_sweep(store, {"tf_cnn-adam seed=0", "tf_cnn-adam seed=1"})
     assert parent.data.tags["launcher"] == "PackedLauncher"
 

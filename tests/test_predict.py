@@ -187,3 +187,19 @@ def test_a_missing_file_or_an_empty_folder_is_said_before_the_model_loads(tmp_pa
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), "--checkpoint", str(tmp_path / "absent.pt")]) == 2
     assert "a folder without PNG or JPEG files" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_is_missing_or_not_one_says_what_to_give_instead(tmp_path, capsys):
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (32, 32)).save(image)
+    absent = tmp_path / "absent.pt"
+    assert main([str(image), "--checkpoint", str(absent)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --checkpoint {absent}: no such file; give a run's checkpoint.pt (in its run "
+        f"folder) or --run <MLflow run id>\n")
+    not_one = tmp_path / "notes.pt"
+    not_one.write_text("not a checkpoint")
+    assert main([str(image), "--checkpoint", str(not_one)]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {not_one}: not a readable checkpoint (")
+    assert line.endswith("; give another --checkpoint, or --run <run id>")  # not "resume"

@@ -78,10 +78,11 @@ def read_tensors(path: Path, instead: str = "resume from another file") -> Any:
     return state
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, instead: str = "resume from another file") -> dict[str, Any]:
     """Read a checkpoint with torch.load(weights_only=True): tensors and plain values only,
-    so a file that would build other objects (and run their code) is refused unread."""
-    state = read_tensors(path)
+    so a file that would build other objects (and run their code) is refused unread. A
+    refusal ends with what to do `instead`."""
+    state = read_tensors(path, instead)
     found = state.get("format") if isinstance(state, dict) else type(state).__name__
     if found == 1:
         state, found = _upgraded_from_format_1(state), 2
@@ -89,12 +90,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state = _upgraded_from_format_2(state)
     elif found != FORMAT:
         raise CheckpointError(f"{path}: not a cifar_exp checkpoint of format {FORMAT} "
-                              f"(found {found!r})")
-    _check_whole(state, path)
+                              f"(found {found!r}); {instead}")
+    _check_whole(state, path, instead)
     return state
 
 
-def _check_whole(state: dict[str, Any], path: Path) -> None:
+def _check_whole(state: dict[str, Any], path: Path, instead: str) -> None:
     """Refuse a checkpoint that lacks what resuming reads (a file cut down or made by hand)."""
     expected = {"step": int, "config": dict, "states": dict, "rng": dict, "loop": dict,
                 "tracking": dict}
@@ -107,7 +108,7 @@ def _check_whole(state: dict[str, Any], path: Path) -> None:
         wrong += [f"rng.{name}" for name in ("torch", "cuda") if name not in state["rng"]]
     if wrong:
         raise CheckpointError(f"{path}: not a whole cifar_exp checkpoint (missing or wrong: "
-                              f"{', '.join(wrong[:5])}); resume from another file")
+                              f"{', '.join(wrong[:5])}); {instead}")
 
 
 def _upgraded_from_format_1(state: dict[str, Any]) -> dict[str, Any]:

@@ -91,7 +91,10 @@ def from_run(run_id: str, uri: str, overrides: list[str]) -> Trained:
 
 def from_checkpoint(path: Path, overrides: list[str]) -> Trained:
     """The model of checkpoint file `path`, at the step it was saved."""
-    state = load_checkpoint(path)
+    if not path.is_file():
+        raise ConfigError(f"--checkpoint {path}: no such file; give a run's checkpoint.pt "
+                          f"(in its run folder) or --run <MLflow run id>")
+    state = load_checkpoint(path, instead="give another --checkpoint, or --run <run id>")
     cfg = apply_overrides(unflatten(state["config"]), overrides)
     states = state["states"]
     weights = states["ema"]["model"] if "ema" in states else states["model"]

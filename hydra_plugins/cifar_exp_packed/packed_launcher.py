@@ -83,6 +83,10 @@ class PackedLauncher(Launcher):
         mask_sweep_record(sweep_dir)  # the sweeper's multirun.yaml, before any job runs
         mode = resolve_mode(self.mode)
         members = self._checked_members(job_overrides, initial_job_idx)  # whichever the mode
+        if self.mode == "auto" and mode == "sequential":
+            log.info("hydra/launcher=packed on the CPU: the %d jobs run one after another "
+                     "(stacking pays on a GPU; hydra.launcher.mode=stacked stacks them here "
+                     "too)", len(members))
         if mode == "processes":
             return self._in_processes(job_overrides, initial_job_idx)
         if mode == "sequential":
