@@ -1,4 +1,5 @@
-"""Score a trained model without training: the test set's precision (@1, @5) and loss.
+"""Score a trained model without training: the test set's precision (@1, @5) and loss,
+and its precision per class.
 
     cifar-exp-evaluate --run <MLflow run id> [key=value ...]   (or python -m cifar_exp.evaluate)
     cifar-exp-evaluate --checkpoint <file> [key=value ...]
@@ -8,14 +9,18 @@ copy when it trained with one). Keys that change how it is scored, not what was 
 may be given as `python -m cifar_exp.run` takes them (Hydra's override grammar, the
 schema's types, its range checks; quote a value holding = , or quotes: data.root='a=b'):
 eval_images, eval_batch_size, tta, device, amp, channels_last, data.*, tracking.uri,
-tracking.experiment; each as a plain value (no sweep, no `${...}`). `--no-log` only
-prints. (The spellings run_id=, checkpoint= and log=false still work, with a hint.)
+tracking.experiment; each as a plain value (no sweep, no `${...}`). It scores the whole
+test set unless eval_images=N is given (whatever part the run itself evaluated on).
+`--no-log` only prints. (The spellings run_id=, checkpoint= and log=false still work,
+with a hint.)
 
 The result is logged as a new MLflow run, named `evaluate <run name>` and tagged
 `evaluation_of=<run id>`, in the trained run's experiment: the trained run's own record
 stays exactly what training wrote, and each evaluation (another test subset, another TTA,
 another copy of the data) keeps its settings as its params and can be compared with the
-others in the UI."""
+others in the UI. Its results per class are logged with it, under class_results/, as
+training logs a run's (cifar_exp.tracking.class_results); the table is printed either
+way."""
 
 from __future__ import annotations
 
@@ -53,8 +58,8 @@ from cifar_exp.tracking.naming import command_line, git_tags
 from cifar_exp.tracking.redact import redact
 
 if TYPE_CHECKING:
-    from cifar_exp.data import CifarData
     from cifar_exp.serving.trained import Trained
+    from cifar_exp.tracking.class_results import Predictions
 
 # The spellings of "which model" before the commands shared one: accepted for a while.
 OLD_SPELLINGS = {"run_id": "--run", "checkpoint": "--checkpoint"}
@@ -80,6 +85,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = argument_parser().parse_intermixed_args(_new_spelling(argv))
     settings = scoring_settings(args.overrides, args.tracking_uri)
     args.tracking_uri = settings.get("tracking.uri", args.tracking_uri)
+    # The whole test set unless told: the run's own eval_images was a quick check's part.
+    settings.setdefault("eval_images", None)
     args.settings = [dotlist_entry(key, value) for key, value in settings.items()]
     return args
 
@@ -183,8 +190,9 @@ def evaluate(argv: list[str]) -> Evaluation:
     # Here, not above: torch and MLflow are not for --help.
     from cifar_exp.data import limit_test_set
     from cifar_exp.serving import trained as trained_models
+    from cifar_exp.tracking.class_results import Predictions, class_results, markdown_table
     from cifar_exp.tracking.store import check_tracking_uri
-    from cifar_exp.training.scoring import score
+    from cifar_exp.training.scoring import score_with_predictions
     from cifar_exp.training.step import memory_format
 
     args = parse(argv)
@@ -197,26 +205,49 @@ def evaluate(argv: list[str]) -> Evaluation:
     cfg, data = model.cfg, model.data
     if cfg.eval_images is not None:
         data = limit_test_set(data, cfg.eval_images)
-    scores = score(model.model, model.augmentation, data.test_images, data.test_labels,
-                   cfg.eval_batch_size, memory_format=memory_format(cfg.channels_last),
-                   amp=model.amp, tta=cfg.tta)
+    scores, predicted = score_with_predictions(
+        model.model, model.augmentation, data.test_images, data.test_labels,
+        cfg.eval_batch_size, memory_format=memory_format(cfg.channels_last), amp=model.amp,
+        tta=cfg.tta)
+    predictions = Predictions(data.test_images, data.test_labels, predicted, data.classes)
     count = data.test_labels.numel()
     line = (f"precision @ 1 = {scores['precision']:.4f}, precision @ 5 = "
             f"{scores['precision_top5']:.4f}, test loss = {scores['test_loss']:.4f} on {count} "
             f"test images (tta {cfg.tta}) of {model.source}, step {model.step}")
     print(line)
+    print(markdown_table(class_results(predictions)))
     run_id = ""
     if not args.no_log:
-        run_id = log_evaluation(model, data, scores, args.overrides)
+        run_id = log_evaluation(model, predictions, scores, args.overrides)
         print(f"logged as MLflow run {run_id} (evaluation_of={model.run_id or '-'}) in "
               f"{redact(cfg.tracking.uri)}")
+    for line in how_to_serve_it(model):
+        print(line)
     return Evaluation(scores, count, model.source, run_id)
 
 
-def log_evaluation(model: Trained, data: CifarData, scores: dict[str, float],
+def how_to_serve_it(model: Trained) -> list[str]:
+    """How to serve the model the evaluated run logged, as the run itself said; nothing
+    where it logged none or its store is not at hand (a checkpoint from elsewhere)."""
+    from mlflow.tracking import MlflowClient
+
+    from cifar_exp.tracking.runs import serve_lines, served_model_id
+    from cifar_exp.tracking.store import store_opening
+
+    if not model.run_id:
+        return []
+    try:
+        with store_opening(model.cfg.tracking.uri):
+            model_id = served_model_id(MlflowClient(model.cfg.tracking.uri), model.run_id)
+    except Exception:  # the run is in another store: a checkpoint carried elsewhere
+        return []
+    return serve_lines(model.cfg.tracking.uri, model_id) if model_id else []
+
+
+def log_evaluation(model: Trained, predictions: Predictions, scores: dict[str, float],
                    overrides: list[str]) -> str:
-    """A new MLflow run holding this evaluation, linked to the run that trained the model,
-    written as training writes its runs (RunTracker)."""
+    """A new MLflow run holding this evaluation and its results per class, linked to the
+    run that trained the model, written as training writes its runs (RunTracker)."""
     from mlflow.tracking import MlflowClient
 
     from cifar_exp.tracking.runs import RunTracker, data_inputs
@@ -235,7 +266,7 @@ def log_evaluation(model: Trained, data: CifarData, scores: dict[str, float],
             pass
     tags = {"evaluation_of": model.run_id, "command": command_line("cifar_exp.evaluate"),
             "source": model.source, "data": cfg.data.name, **git_tags()}
-    params = {"eval_images": cfg.eval_images or data.test_labels.numel(), "tta": cfg.tta,
+    params = {"eval_images": predictions.labels.numel(), "tta": cfg.tta,
               "amp": cfg.amp, "device": cfg.device, "step": model.step,
               "overrides": " ".join(overrides) or "-"}
     with RunTracker(cfg.tracking.uri, experiment, f"evaluate {source_name}", tags=tags,
@@ -243,6 +274,7 @@ def log_evaluation(model: Trained, data: CifarData, scores: dict[str, float],
         tracker.log_params(params)
         tracker.log_metrics(scores, model.step)  # each score under the name training uses
         tracker.log_inputs(data_inputs(cfg.data.name, cfg.data.root, splits=("test",)))
+        tracker.log_class_results(predictions)
     if tracker.failures:
         raise RecordFailure(f"the MLflow store {redact(cfg.tracking.uri)} failed "
                             f"({tracker.failure_cause or 'see the log'}); not written: "

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import functools
+import shlex
+import sys
 from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from cifar_exp import evaluate as evaluate_module
 from cifar_exp.config import compose_config, dotlist_entry
 from cifar_exp.errors import UserError
 from cifar_exp.evaluate import evaluate, main, parse
 from cifar_exp.serving import trained
+from cifar_exp.training import scoring
 
 
 def args(trained_run, data_root, *extra: str, source: str = "run") -> list[str]:
@@ -31,12 +35,25 @@ def test_it_scores_what_the_run_scored(trained_run, data_root, source, capsys):
     assert result.images == 500 and result.run_id == ""
     top5 = result.scores["precision_top5"]
     assert result.precision <= top5 <= 1
-    assert capsys.readouterr().out.startswith(
+    out = capsys.readouterr().out
+    assert out.startswith(
         f"precision @ 1 = {result.precision:.4f}, precision @ 5 = {top5:.4f}, test loss = ")
+    # Then the table per class, printed with --no-log too.
+    assert out.splitlines()[1] == ("| class | precision | predicted_precision | images | "
+                                   "correct | predicted |")
+    assert out.splitlines()[3].startswith("| airplane | ")
+    # Last, how to serve the run's model, as the run itself said it.
+    serve, ask = out.splitlines()[-2:]
+    assert serve.startswith("serve its model: MLFLOW_TRACKING_URI=") and " models:/m-" in serve
+    assert ask.startswith("then ask it: ") and "/invocations" in ask
 
 
-def test_how_it_scores_can_change_and_is_logged_as_a_linked_run(trained_run, data_root):
-    result = evaluate(args(trained_run, data_root, "eval_images=200", "tta=flip"))
+def test_how_it_scores_can_change_and_is_logged_as_a_linked_run(trained_run, data_root,
+                                                              monkeypatch):
+    typed = args(trained_run, data_root, "eval_images=200", "tta=flip")
+    # As `python -m cifar_exp.evaluate ...` starts it: Python puts the module's file first.
+    monkeypatch.setattr(sys, "argv", [evaluate_module.__file__, *typed])
+    result = evaluate(typed)
     assert result.images == 200 and 0 <= result.precision <= 1
     client = MlflowClient(trained_run["uri"])
     run = client.get_run(result.run_id)
@@ -50,6 +67,39 @@ def test_how_it_scores_can_change_and_is_logged_as_a_linked_run(trained_run, dat
     # The trained run's own record is left as training wrote it.
     assert client.get_run(trained_run["run_id"]).data.metrics["precision"] == \
         trained_run["precision"]
+    # Its results per class, as training logs a run's.
+    assert {artifact.path for artifact in client.list_artifacts(result.run_id,
+                                                                "class_results")} == {
+        "class_results/per_class.csv", "class_results/confusion_matrix.png",
+        "class_results/misclassified.png"}
+    # The command that runs it again, as it was typed.
+    command = run.data.tags["command"]
+    assert command == "python -m cifar_exp.evaluate " + " ".join(typed)
+    program, arguments = shlex.split(command)[:3], shlex.split(command)[3:]
+    assert program == ["python", "-m", "cifar_exp.evaluate"]
+    assert parse(arguments).run == trained_run["run_id"]
+
+
+def test_it_scores_the_whole_test_set_unless_told(trained_run, data_root, monkeypatch,
+                                                  capsys):
+    # The run itself evaluated on its first 500 test images; evaluate scores all 10,000.
+    scored = []
+
+    def every_answer_right(model, augmentation, images, labels, *args, **options):
+        scored.append(labels.numel())
+        return scoring.Scored(dict.fromkeys(scoring.METRICS, 1.0), labels)
+
+    monkeypatch.setattr(scoring, "score_with_predictions", every_answer_right)
+    result = evaluate(args(trained_run, data_root, "--no-log"))
+    assert scored == [10_000] and result.images == 10_000
+    assert " on 10000 test images " in capsys.readouterr().out.splitlines()[0]
+
+
+@pytest.mark.parametrize("given,images", [([], None), (["eval_images=200"], 200)])
+def test_eval_images_is_the_whole_test_set_unless_given(tmp_path, given, images):
+    run = {**trained_config(), "eval_images": 500}  # a run that evaluated on 500 images
+    settings = parse(["--checkpoint", str(tmp_path / "c.pt"), *given]).settings
+    assert trained.apply_overrides(run, settings).eval_images == images
 
 
 KEYS = ("eval_images, eval_batch_size, tta, device, amp, channels_last, data.root, "

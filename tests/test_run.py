@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import pickle
 import re
@@ -24,7 +26,7 @@ from cifar_exp.config import compose_config
 from cifar_exp.errors import CheckpointError, ConfigError
 from cifar_exp.job import job
 from cifar_exp.tracking.naming import git_tags
-from cifar_exp.training.timeline import PHASES
+from cifar_exp.training.timeline import PHASES, TABLE_ARTIFACT, TOTAL_METRIC
 from tests.conftest import (
     MkdirPayload,
     cli,
@@ -77,7 +79,9 @@ def test_twenty_step_run_logs_everything(tmp_path, data_root, store):
     last = output.strip().splitlines()[-1]
     assert last.endswith(f"MLflow run {run.info.run_id}: mlflow ui --backend-store-uri "
                          f"{store}, then http://127.0.0.1:5000/#/experiments/"
-                         f"{run.info.experiment_id}/runs/{run.info.run_id}")
+                         f"{run.info.experiment_id}/runs/{run.info.run_id}"
+                         f"?workflowType=machine_learning")
+    assert "serve its model: MLFLOW_TRACKING_URI=" in output
     assert {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs} == {
         ("cifar10-train", "training"), ("cifar10-test", "evaluation")}
     assert run.data.tags["data"] == "cifar10"
@@ -103,13 +107,16 @@ def test_twenty_step_run_logs_everything(tmp_path, data_root, store):
     assert sorted(m.name for m in logged) == ["tf_cnn-adam-20", "tf_cnn-adam-20-network"]
     assert not (tmp_path / "mlruns").exists()  # artifacts go to mlartifacts/ beside the db
     # Where the time went: every phase, at the last step, adding up to the total.
-    seconds = {key.split("/", 1)[1]: value for key, value in run.data.metrics.items()
-               if key.startswith("seconds/")}
-    assert set(seconds) == {*PHASES, "total"}
+    # One metric (the charts open on loss and precision), the phases in a small table.
+    assert {key for key in run.data.metrics if key.startswith("seconds")} == {TOTAL_METRIC}
+    assert [m.step for m in client.get_metric_history(run.info.run_id, TOTAL_METRIC)] == [20]
+    table = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{TABLE_ARTIFACT}")
+    seconds = {row["phase"]: float(row["seconds"]) for row in csv.DictReader(io.StringIO(table))}
+    assert list(seconds) == [*PHASES, "total"]
     assert all(value >= 0 for value in seconds.values())
     assert seconds["training"] > 0 and seconds["evaluation"] > 0 and seconds["startup"] > 0
-    assert sum(seconds[phase] for phase in PHASES) == pytest.approx(seconds["total"])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "seconds/total")] == [20]
+    assert sum(seconds[phase] for phase in PHASES) == pytest.approx(seconds["total"], abs=0.01)
+    assert seconds["total"] == pytest.approx(run.data.metrics[TOTAL_METRIC], abs=0.5)
     assert re.search(r"time: [0-9.]+ s in all: startup [0-9.]+ s, .*training [0-9.]+ s", output)
 
 

@@ -27,6 +27,7 @@ from cifar_exp.errors import CheckpointError, RecordFailure, Stopped
 from cifar_exp.job import checkpoint, run_folder
 from cifar_exp.job.search import trial_reporter
 from cifar_exp.job.stop import StopRequest
+from cifar_exp.tracking.class_results import Predictions
 from cifar_exp.tracking.naming import PARENT_RUN_ENV, command_line, git_tags
 from cifar_exp.tracking.redact import redact, redacted
 from cifar_exp.tracking.runs import (
@@ -36,6 +37,7 @@ from cifar_exp.tracking.runs import (
     close_abandoned_runs,
     data_inputs,
     flatten,
+    serve_lines,
     where_to_see,
 )
 from cifar_exp.tracking.store import (
@@ -47,7 +49,7 @@ from cifar_exp.tracking.store import (
 from cifar_exp.training import distributed
 from cifar_exp.training.build import build_parts, device_name, resolve_device, select_gpu
 from cifar_exp.training.loop import LoopState, TrainResult, train
-from cifar_exp.training.timeline import Timeline
+from cifar_exp.training.timeline import TABLE_ARTIFACT, TOTAL_METRIC, Timeline
 from cifar_exp.world import check_batch_size, current_world
 
 if TYPE_CHECKING:
@@ -96,6 +98,7 @@ class Record:
     tracker: RunTracker | NoTracking
     path: Path | None  # the checkpoint file; None with checkpoint.enabled=false
     checkpointer: checkpoint.Checkpointer | None = None
+    model_id: str = ""  # the served model's (`m-...`), once logged
 
     def stop_hint(self, step: int, resume_command: str) -> str:
         """How to carry on after a stop at `step`: where the checkpoint is and the command."""
@@ -242,7 +245,7 @@ class Job:
                     self.open_record(record)
                 self.open_checkpoints(record)
                 result = self.loop(record, stop)
-                self.close(record)
+                self.close(record, result)
                 closing_start = time.perf_counter()
             self.timeline.add("tracking", time.perf_counter() - closing_start)
         except Stopped as stopped:
@@ -328,19 +331,31 @@ class Job:
                           - self.checkpoint_seconds)
         return result
 
-    def close(self, record: Record) -> None:
-        """Log the weights and the model, then the job's time split (the run's closing
-        aside)."""
-        cfg, parts, tracker = self.cfg, self.parts, record.tracker
+    def close(self, record: Record, result: TrainResult) -> None:
+        """Log the final evaluation's results per class, the weights and the models, then
+        the job's time split (the run's closing aside): its total as a metric, each phase
+        in a small table."""
+        cfg, parts, tracker, data = self.cfg, self.parts, record.tracker, self.data
+        if result.predicted is not None:  # None: resumed after its last evaluation
+            with self.timeline.phase("tracking"):
+                tracker.log_class_results(Predictions(data.test_images, data.test_labels,
+                                                      result.predicted, data.classes))
         with self.timeline.phase("model_logging"):
             tracker.log_state_dict(parts.model, "weights.pt")
             if parts.ema is not None:
                 tracker.log_state_dict(parts.ema.model, "ema_weights.pt")
-            if cfg.tracking.log_model and not (self.resumed and tracker.has_models()):
-                tracker.log_models(parts.evaluated, parts.augmentation, self.data.test_images,
-                                   self.data.classes, cfg.steps,
-                                   cfg.tracking.registered_model_name)
-        tracker.log_metrics(self.timeline.metrics(), cfg.steps)
+            if cfg.tracking.log_model:
+                record.model_id = self.log_models(tracker)
+        tracker.log_metrics({TOTAL_METRIC: self.timeline.breakdown()["total"]}, cfg.steps)
+        tracker.log_text(self.timeline.table(), TABLE_ARTIFACT)
+
+    def log_models(self, tracker: RunTracker | NoTracking) -> str:
+        """Log the models, unless the resumed run has them already; the served one's id."""
+        if self.resumed is not None and (logged := tracker.served_model_id()):
+            return logged
+        return tracker.log_models(self.parts.evaluated, self.parts.augmentation,
+                                  self.data.test_images, self.data.classes, self.cfg.steps,
+                                  self.cfg.tracking.registered_model_name)
 
     def report(self, record: Record, result: TrainResult) -> None:
         """The job's last lines; RecordFailure if its record could not be fully written."""
@@ -353,10 +368,11 @@ class Job:
         if failure is not None:
             raise RecordFailure(failure)
         if self.world.is_main:
-            tracker = record.tracker
+            tracker, uri = record.tracker, self.cfg.tracking.uri
+            for line in serve_lines(uri, record.model_id) if record.model_id else []:
+                log.info("%s", line)
             log.info("MLflow run %s: %s", tracker.run_id,
-                     where_to_see(self.cfg.tracking.uri, tracker.experiment_id,
-                                  tracker.run_id))
+                     where_to_see(uri, tracker.experiment_id, tracker.run_id))
 
     def resume_command(self, path: Path | None) -> str:
         """The command that continues this job from `path`."""

@@ -6,7 +6,9 @@
 
 The folder gets report.md, curves.png (loss and precision per run, overlaid),
 params.png (each swept value against precision) and speed.png (examples/sec per run).
-A sweep's report is also logged to its parent run, under report/.
+report.md compares the configurations' precision per class too, where runs logged their
+class results. A sweep's report is also logged to its parent run, under report/, and
+shown on its page.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tqdm import tqdm
 
 from cifar_exp.config import DEFAULT_TRACKING_URI
 from cifar_exp.errors import CommandParser, ConfigError, UserError, one_line, refused
+from cifar_exp.tracking.class_results import logged_precision
 from cifar_exp.tracking.naming import short_keys, short_number
 from cifar_exp.tracking.redact import redact, redacted
 from cifar_exp.tracking.store import check_tracking_uri
@@ -38,6 +41,13 @@ if TYPE_CHECKING:
 CURVES = ("loss", "precision")
 SEED_KEY = "seed"
 MAX_LEGEND = 8  # beyond this many runs a legend is no help: the table names them
+# The MLflow UI shows the report's plots at their own size on the run's page (its note
+# allows no style): no wider than the page's column beside its side panel, at 100 dpi.
+PAGE_INCHES = 7.5
+NBSP_PADDING = "&nbsp;&nbsp;"  # the MLflow UI shows a note's table cells with no padding
+CLASS_TABLE_NOTE = ("Each configuration's precision @ 1 over the test images of each class, "
+                    "the mean over its runs (seeds) that logged class results; of several "
+                    "configurations, the best of each class in bold.")
 
 
 @dataclass(kw_only=True)
@@ -53,6 +63,9 @@ class RunSummary:
     params: dict[str, str] = field(default_factory=dict)  # the run's whole config, flat
     eval_images: int | None = None  # scored on the first N test images; None: all
     precision_top5: float = math.nan  # nan: not logged (runs from before it was)
+    # Class name -> precision, from the run's class results; empty: none logged (a run
+    # from before they were, or one that did not finish).
+    class_precision: dict[str, float] = field(default_factory=dict)
 
     def value(self, key: str) -> str | None:
         """The run's value of `key` (an override key): as overridden, else from its
@@ -125,6 +138,7 @@ def summarize(client: MlflowClient, run: Run) -> RunSummary:
         params=redacted(dict(run.data.params)),
         eval_images=int(eval_images) if eval_images.isdigit() else None,
         precision_top5=run.data.metrics.get("precision_top5", math.nan),
+        class_precision=logged_precision(client, run.info.run_id),
     )
 
 
@@ -175,15 +189,23 @@ def _rank(run: RunSummary) -> tuple[bool, float]:
     return run.eval_images is not None, -run.precision if not math.isnan(run.precision) else 1
 
 
+def configurations(runs: list[RunSummary], config_keys: list[str]
+                   ) -> dict[tuple[str | None, ...], list[RunSummary]]:
+    """The runs by their values of `config_keys` (the swept keys but the seed), in the
+    order the configurations first come."""
+    groups: dict[tuple[str | None, ...], list[RunSummary]] = defaultdict(list)
+    for run in runs:
+        groups[tuple(run.value(key) for key in config_keys)].append(run)
+    return groups
+
+
 def seed_table(runs: list[RunSummary], keys: list[str]) -> str | None:
     """Mean ± sample std of precision over seeds for each configuration, when some
     configuration ran with more than one seed; None otherwise."""
     if SEED_KEY not in keys:
         return None
     config_keys = [key for key in keys if key != SEED_KEY]
-    groups: dict[tuple, list[RunSummary]] = defaultdict(list)
-    for run in runs:
-        groups[tuple(run.value(key) for key in config_keys)].append(run)
+    groups = configurations(runs, config_keys)
     top5 = _with_top5(runs)
     header = [*config_keys, "seeds", "precision (mean ± std)",
               *(["precision_top5 (mean ± std)"] if top5 else []), "examples/sec (mean)"]
@@ -205,10 +227,45 @@ def _mean_std(values: list[float]) -> str:
     return _format(known[0] if known else math.nan)
 
 
+def class_table(runs: list[RunSummary], keys: list[str]) -> str | None:
+    """Precision per class (a row each) for each configuration (a column each, named by
+    its values of the swept keys but the seed): the mean over its runs that logged class
+    results, the best of each row in bold. None where no run logged them (older runs)."""
+    config_keys = [key for key in keys if key != SEED_KEY]
+    logged = {values: [run.class_precision for run in members if run.class_precision]
+              for values, members in configurations(runs, config_keys).items()}
+    logged = {values: tables for values, tables in logged.items() if tables}
+    if not logged:
+        return None
+    classes = list(dict.fromkeys(name for tables in logged.values() for table in tables
+                                 for name in table))
+    names = [f"{_values_label(values, config_keys) or 'all runs'} ({len(tables)} "
+             f"run{'s' if len(tables) > 1 else ''})" for values, tables in logged.items()]
+    lines = [_row(["class", *names]), _row(["---"] * (len(names) + 1))]
+    for name in classes:
+        means = [_mean_of(name, tables) for tables in logged.values()]
+        best = max((mean for mean in means if not math.isnan(mean)), default=math.nan)
+        cells = [f"**{_format(mean)}**" if mean == best and len(means) > 1 else _format(mean)
+                 for mean in means]
+        lines.append(_row([name, *cells]))
+    return "\n".join(lines)
+
+
+def _mean_of(name: str, tables: list[dict[str, float]]) -> float:
+    """The mean of class `name`'s precision over the tables that hold it; nan in none."""
+    known = [table[name] for table in tables if name in table]
+    return statistics.mean(known) if known else math.nan
+
+
+def _values_label(values: tuple[str | None, ...], keys: list[str]) -> str:
+    """Values of `keys` as `key=value ...`, the keys cut short ("" without keys)."""
+    return " ".join(f"{short}={_format(value)}" for short, value
+                    in zip(short_keys(keys), values, strict=True))
+
+
 def _label(run: RunSummary, keys: list[str]) -> str:
     """What tells the run apart: its values of the swept keys, the keys cut short."""
-    return " ".join(f"{short}={_format(run.value(key))}"
-                    for key, short in zip(keys, short_keys(keys), strict=True)) or run.name
+    return _values_label(tuple(run.value(key) for key in keys), keys) or run.name
 
 
 def _figure(**options: Any) -> Figure:
@@ -220,10 +277,12 @@ def _figure(**options: Any) -> Figure:
 
 
 def plot_curves(runs: list[RunSummary], keys: list[str], path: Path) -> None:
-    """Loss and precision against the step, a line per run; the legend beside the plots
-    (never over the curves), left out past MAX_LEGEND runs, when the table names them."""
+    """Loss and precision against the step, a line per run; the legend under the plots
+    (never over the curves, and the figure no wider than the page), left out past
+    MAX_LEGEND runs, when the table names them."""
     legend = len(runs) <= MAX_LEGEND
-    figure = _figure(figsize=(13 if legend else 11, 4))
+    legend_rows = math.ceil(len(runs) / 2) if legend else 0
+    figure = _figure(figsize=(PAGE_INCHES, 3.4 + 0.22 * legend_rows))
     axes = figure.subplots(1, len(CURVES))
     for ax, metric in zip(axes, CURVES, strict=True):
         for run in runs:
@@ -235,8 +294,10 @@ def plot_curves(runs: list[RunSummary], keys: list[str], path: Path) -> None:
         ax.set(xlabel="step", ylabel=metric, title=f"{metric} per run")
         ax.grid(alpha=0.3)
     if legend:
-        axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1),
-                        borderaxespad=0)
+        handles, labels = max((ax.get_legend_handles_labels() for ax in axes),
+                              key=lambda found: len(found[0]))
+        figure.legend(handles, labels, loc="outside lower center", ncols=2,
+                      fontsize="small", frameon=False)
     else:
         figure.suptitle(f"{len(runs)} runs: the table tells them apart", fontsize="small")
     figure.savefig(path, dpi=100)
@@ -256,10 +317,14 @@ def plot_params(runs: list[RunSummary], keys: list[str], path: Path) -> bool:
         return False
     from matplotlib.ticker import NullFormatter
 
-    figure = _figure(figsize=(4 * len(keys), 3.5))
-    axes = figure.subplots(1, len(keys), squeeze=False)[0]
+    columns = min(len(keys), 2)  # two to a row: the figure no wider than the page
+    rows = math.ceil(len(keys) / columns)
+    figure = _figure(figsize=(PAGE_INCHES / 2 * columns, 3.4 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False).flatten()
+    for unused in axes[len(keys):]:
+        unused.set_axis_off()
     precisions = [run.precision for run in runs]
-    for ax, key in zip(axes, keys, strict=True):
+    for ax, key in zip(axes, keys, strict=False):
         values = [run.overrides.get(key) for run in runs]
         numbers = _numeric(values)
         if numbers is not None:
@@ -278,7 +343,7 @@ def plot_params(runs: list[RunSummary], keys: list[str], path: Path) -> bool:
 
 
 def plot_speed(runs: list[RunSummary], keys: list[str], path: Path) -> None:
-    figure = _figure(figsize=(8, 0.6 + 0.35 * len(runs)))
+    figure = _figure(figsize=(PAGE_INCHES, 0.6 + 0.35 * len(runs)))
     ax = figure.subplots()
     labels = [_label(run, keys) for run in runs]
     ax.barh(range(len(runs)), [run.examples_per_sec for run in runs])
@@ -331,6 +396,8 @@ def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
                                                    f"images" if best.eval_images else "") + ".")
     if (seeds := seed_table(runs, keys)) is not None:
         sections += ["## Over seeds", seeds]
+    if (per_class := class_table(runs, keys)) is not None:
+        sections += ["## Precision per class", CLASS_TABLE_NOTE, per_class]
     sections.append("\n".join(f"![{plot.stem}]({plot.name})" for plot in plots))
     # Masked whole: the store's URI and the runs' names and values are text of the user's.
     markdown = redact("\n\n".join(sections) + "\n")
@@ -338,14 +405,28 @@ def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
 
     if parent is not None:
         client.log_artifacts(parent, str(folder), "report")
-        # Shown on the run's page, where the plots are the run's artifacts, as the UI
-        # serves them: report.md's relative links would not resolve there.
-        note = markdown
-        for plot in plots:
-            note = note.replace(f"]({plot.name})", f"](get-artifact?path=report%2F{plot.name}"
-                                                   f"&run_uuid={parent})")
-        client.set_tag(parent, "mlflow.note.content", note)
+        client.set_tag(parent, "mlflow.note.content", ui_note(markdown, plots, parent))
     return Report(folder, markdown, runs, keys, best, plots)
+
+
+def ui_note(markdown: str, plots: list[Path], parent: str) -> str:
+    """The report as the note on the parent's page in the MLflow UI. The plots are the
+    run's artifacts, as the UI serves them (report.md's relative links would not resolve
+    there). The UI draws a note's tables with no padding and strips any style or
+    attribute: non-breaking spaces keep the cells apart."""
+    for plot in plots:
+        markdown = markdown.replace(f"]({plot.name})", f"](get-artifact?path=report%2F"
+                                                       f"{plot.name}&run_uuid={parent})")
+    return "\n".join(_padded_cells(line) if line.startswith("| ") else line
+                     for line in markdown.split("\n"))
+
+
+def _padded_cells(row: str) -> str:
+    """A table row as _row wrote it, NBSP_PADDING on either side of each cell (the row
+    under the header, `| --- |`, as it is)."""
+    if set(row) <= set("| -"):
+        return row
+    return _row([f"{NBSP_PADDING}{cell}{NBSP_PADDING}" for cell in row[2:-2].split(" | ")])
 
 
 def check_output_folder(folder: Path) -> None:

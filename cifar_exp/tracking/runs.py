@@ -6,13 +6,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shlex
 import tempfile
 import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 import torch
@@ -27,6 +28,7 @@ from cifar_exp.data import content_digest, split_files
 from cifar_exp.errors import Pruned
 from cifar_exp.serving import classifier as serving
 from cifar_exp.serving.classifier import Classifier
+from cifar_exp.tracking.class_results import Predictions, log_class_results
 from cifar_exp.tracking.naming import logged_model_name
 from cifar_exp.tracking.redact import redact
 from cifar_exp.tracking.store import (
@@ -42,6 +44,7 @@ from cifar_exp.tracking.store import (
 log = logging.getLogger(__name__)
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+T = TypeVar("T")
 
 
 def data_inputs(name: str, root: str, splits: Sequence[str] = ("train", "test")
@@ -61,15 +64,54 @@ def data_inputs(name: str, root: str, splits: Sequence[str] = ("train", "test")
     return inputs
 
 
+# MLflow 3's UI shows an experiment as the browser's workflow type says (GenAI, unless
+# switched), whatever the experiment's kind tag; this opens the model-training view.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+SERVE_PORT = 5001  # `mlflow ui` takes 5000
+
+
+def shown_store(uri: str) -> str:
+    """The store as a command run from any folder names it: a SQLite file by its absolute
+    path; credentials masked."""
+    if (database := sqlite_path(uri)) is not None:
+        return redact(f"sqlite:///{database}")
+    return redact(uri)
+
+
 def where_to_see(uri: str, experiment_id: str, run_id: str) -> str:
-    """How to open run `run_id` in the MLflow UI."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    """How to open run `run_id` in the MLflow UI, in its model-training view."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
     if uri.startswith(("http://", "https://")):
         return f"{redact(uri).rstrip('/')}/{page}"
-    store = uri
-    if (database := sqlite_path(uri)) is not None:
-        store = f"sqlite:///{database}"
-    return f"mlflow ui --backend-store-uri {redact(store)}, then http://127.0.0.1:5000/{page}"
+    return f"mlflow ui --backend-store-uri {shown_store(uri)}, then http://127.0.0.1:5000/{page}"
+
+
+def how_to_serve(uri: str, model_id: str, port: int = SERVE_PORT) -> tuple[str, str]:
+    """The command that serves logged model `model_id` (`m-...`) of the store at `uri` over
+    HTTP on `port`, and one that asks it about an image (black; uint8, 1 x 32 x 32 x 3)."""
+    serve = shlex.join(["mlflow", "models", "serve", "-m", f"models:/{model_id}",
+                        "--env-manager", "local", "--port", str(port)])
+    side = serving.IMAGE_SIDE
+    image = f"{{'inputs': [[[[0, 0, 0]] * {side}] * {side}]}}"
+    ask = (f'python -c "import json; print(json.dumps({image}))" | curl -s '
+           f"http://127.0.0.1:{port}/invocations -H 'Content-Type: application/json' -d @-")
+    return f"MLFLOW_TRACKING_URI={shlex.quote(shown_store(uri))} {serve}", ask
+
+
+def serve_lines(uri: str, model_id: str) -> list[str]:
+    """What a run (and an evaluation of it) prints about serving its model `model_id`."""
+    serve, ask = how_to_serve(uri, model_id)
+    return [f"serve its model: {serve}", f"then ask it: {ask}"]
+
+
+def served_model_id(client: MlflowClient, run_id: str) -> str:
+    """The id (`m-...`) of the model run `run_id` logged to serve (named as the run), ""
+    if it logged none."""
+    run = client.get_run(run_id)
+    name = logged_model_name(run.info.run_name)
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    return next((model.model_id for model in models
+                 if model.source_run_id == run_id and model.name == name), "")
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -288,10 +330,17 @@ class RunTracker:
         self._guarded("the data set inputs",
                       lambda: log_data_inputs(self.client, self.run_id, inputs))
 
+    def log_class_results(self, predictions: Predictions) -> None:
+        """The final evaluation's results per class, under class_results/: a table of
+        precision per class, the confusion matrix and misclassified images (PNGs)."""
+        self._guarded("the class results",
+                      lambda: log_class_results(self.client, self.run_id, predictions))
+
     def log_models(self, network: torch.nn.Module, augmentation: Augmentation,
                    test_images: torch.Tensor, classes: Sequence[str], step: int,
-                   registered_name: str | None = None) -> None:
-        """Log the run's two models, named after the run:
+                   registered_name: str | None = None) -> str:
+        """Log the run's two models, named after the run, and return the served one's id
+        (`m-...`; "" where it could not be logged):
 
         - `<run name>`, the one to serve: an MLflow pyfunc model that takes raw uint8
           images N x 32 x 32 x 3 and returns each image's class, its probability and every
@@ -328,27 +377,29 @@ class RunTracker:
             example = images.numpy()
             predicted = serving.load_served(artifacts).predict(None, example)
             with warnings.catch_warnings(record=True):  # MLflow's advice on type hints
-                self._guarded("the served model", lambda: mlflow.pyfunc.log_model(
+                served = self._guarded("the served model", lambda: mlflow.pyfunc.log_model(
                     name=name, python_model=str(serving.PYFUNC_CODE), artifacts=artifacts,
                     signature=serving.served_signature(predicted), input_example=example,
                     pip_requirements=requirements, registered_model_name=registered_name,
                     step=step))
         mlflow.clear_active_model()  # the run's later system metrics are its own
+        return served.model_id if served is not None else ""
 
-    def has_models(self) -> bool:
-        """Whether this run logged its models already (a run resumed after its last step)."""
+    def served_model_id(self) -> str:
+        """The id of the model this run logged to serve, "" if none yet (a run resumed
+        after its last step has it already)."""
         with self._store:
-            models = self.client.search_logged_models(
-                experiment_ids=[self.client.get_run(self.run_id).info.experiment_id])
-        return any(model.source_run_id == self.run_id for model in models)
+            return served_model_id(self.client, self.run_id)
 
-    def _guarded(self, what: str, action: Callable[[], object]) -> None:
-        """Run a store call; a failure is recorded for the final status, not raised."""
+    def _guarded(self, what: str, action: Callable[[], T]) -> T | None:
+        """Run a store call and return its result; a failure is recorded for the final
+        status, not raised (None)."""
         try:
             with self._store:
-                action()
+                return action()
         except Exception as error:
             self._fail(what, error)
+            return None
 
     def _fail(self, what: str, error: BaseException | None = None) -> None:
         """Note that `what` was not written, because of `error` when there is one."""
@@ -416,8 +467,11 @@ class NoTracking:
     def log_inputs(self, inputs: Sequence[DatasetInput]) -> None:
         return None
 
-    def log_models(self, *args: Any, **kwargs: Any) -> None:
+    def log_class_results(self, predictions: Predictions) -> None:
         return None
 
-    def has_models(self) -> bool:
-        return False
+    def log_models(self, *args: Any, **kwargs: Any) -> str:
+        return ""
+
+    def served_model_id(self) -> str:
+        return ""

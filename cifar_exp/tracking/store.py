@@ -414,7 +414,8 @@ def open_experiment(uri: str, name: str) -> str:
                     f"experiments restore --experiment-id {found.experiment_id}) or choose "
                     f"another tracking.experiment")
             return found.experiment_id
-        # The UI then opens on the runs table, not on its GenAI overview.
+        # Says what the experiment is; MLflow 3's UI still opens on its GenAI overview unless
+        # the address carries ?workflowType=machine_learning (the one runs print).
         tags = {"mlflow.experimentKind": "custom_model_development"}
         return with_retries(lambda: client.create_experiment(
             name, default_artifact_location(uri), tags), "create experiment")

@@ -26,7 +26,7 @@ from cifar_exp.models import frozen_parameters
 from cifar_exp.training.batches import BatchMaker, EpochSampler
 from cifar_exp.training.distributed import agree_on_stop, mean_over_ranks
 from cifar_exp.training.parts import Parts
-from cifar_exp.training.scoring import score
+from cifar_exp.training.scoring import score_with_predictions
 from cifar_exp.training.step import TrainingStep, memory_format, synchronize
 from cifar_exp.world import SINGLE, World
 
@@ -94,6 +94,9 @@ class TrainResult:
     examples_per_sec: float  # over all training steps, evaluation time excluded
     train_seconds: float  # of all the steps, those of earlier sessions of a resumed run too
     eval_seconds: float = 0.0  # of this session's evaluations
+    # The last evaluation's predicted class of each test image, on every rank; None when
+    # this session evaluated nothing (a run resumed after its last step).
+    predicted: torch.Tensor | None = None
 
     @property
     def precision(self) -> float:
@@ -159,6 +162,7 @@ class _Trainer:
         self.window = _SpeedWindow(settings.batch_size, settings.log_every, device)
         self.train_seconds = 0.0
         self.scores: dict[str, float] = {}
+        self.predicted: torch.Tensor | None = None
         self.eval_seconds = 0.0
         self.first_step = 1
 
@@ -228,10 +232,10 @@ class _Trainer:
         parts, data, settings = self.parts, self.data, self.settings
         self.window.pause()
         eval_start = time.perf_counter()
-        self.scores = score(parts.evaluated, parts.augmentation, data.test_images,
-                            data.test_labels, settings.eval_batch_size,
-                            memory_format=self.layout, amp=settings.amp, tta=settings.tta,
-                            world=self.world)
+        self.scores, self.predicted = score_with_predictions(
+            parts.evaluated, parts.augmentation, data.test_images, data.test_labels,
+            settings.eval_batch_size, memory_format=self.layout, amp=settings.amp,
+            tta=settings.tta, world=self.world)
         self.sink.log_metrics(self.scores, step)
         log.info("step %d, precision @ 1 = %.4f, test loss = %.4f",
                  step, self.scores["precision"], self.scores["test_loss"])
@@ -271,7 +275,7 @@ class _Trainer:
         settings = self.settings
         examples = settings.steps * settings.batch_size
         return TrainResult(dict(self.scores), examples / max(self.train_seconds, 1e-9),
-                           self.train_seconds, self.eval_seconds)
+                           self.train_seconds, self.eval_seconds, self.predicted)
 
 
 class _SpeedWindow:

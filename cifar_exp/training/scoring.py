@@ -1,10 +1,12 @@
 """Scores over a whole test set by name (precision@1, loss, precision@5), in large batches,
 with one host sync; optionally with test-time augmentation (logits averaged over flipped
-and shifted views)."""
+and shifted views). The predicted class of each image can be kept too: a run's results
+per class are made from its final evaluation's predictions (tracking.class_results)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,11 @@ METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
+class Scored(NamedTuple):
+    scores: dict[str, float]  # as score() returns them
+    predicted: torch.Tensor  # each image's predicted class, in the images' order (int64)
+
+
 @torch.no_grad()
 def score(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
           labels: torch.Tensor, batch_size: int = 500, *,
@@ -81,6 +88,22 @@ def score(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
 
     In a distributed `world` every rank must call it: each scores its part of the images
     with rank 0's BatchNorm statistics, and all get the totals over the ranks."""
+    return score_with_predictions(model, augmentation, images, labels, batch_size,
+                                  memory_format=memory_format, amp=amp, tta=tta,
+                                  world=world).scores
+
+
+@torch.no_grad()
+def score_with_predictions(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
+                           labels: torch.Tensor, batch_size: int = 500, *,
+                           memory_format: torch.memory_format = torch.contiguous_format,
+                           amp: str = "fp32", tta: str = "none",
+                           world: World = SINGLE) -> Scored:
+    """score()'s scores, and the class the model predicts for each image, in the same
+    single pass: a final evaluation keeps them for the results per class instead of
+    scoring the test set again. In a distributed `world` every rank gets every image's
+    prediction (one more sum over the ranks, of one integer per image)."""
+    count = labels.numel()
     if world.distributed:
         share_buffers_of_main(model)
         images, labels = shard(world, images), shard(world, labels)
@@ -88,14 +111,27 @@ def score(model: nn.Module, augmentation: Augmentation, images: torch.Tensor,
     model.eval()
     # One tensor for the sums and the count, so a distributed run adds them at once.
     totals = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=labels.device)
+    predicted = []
     for image_batch, label_batch in zip(images.split(batch_size), labels.split(batch_size),
                                         strict=True):
         logits = tta_logits(model, augmentation.eval(image_batch), tta, memory_format, amp)
         totals[:-1] += torch.stack([batch_sum(logits, label_batch).double()
                                     for batch_sum in METRICS.values()])
+        predicted.append(logits.argmax(1))
     model.train(was_training)
     totals[-1] = labels.numel()
+    predictions = torch.cat(predicted) if predicted else labels.new_empty(0)
     if world.distributed:
         totals = sum_over_ranks(totals)
-    *sums, count = totals.tolist()
-    return {name: total / count for name, total in zip(METRICS, sums, strict=True)}
+        predictions = _from_every_rank(world, predictions, count)
+    *sums, scored = totals.tolist()
+    return Scored({name: total / scored for name, total in zip(METRICS, sums, strict=True)},
+                  predictions)
+
+
+def _from_every_rank(world: World, part: torch.Tensor, count: int) -> torch.Tensor:
+    """All `count` predictions, from each rank's contiguous `part` (shard's): each rank
+    puts its part in place among zeros, and the sum over the ranks fills every place."""
+    every = torch.zeros(count, dtype=part.dtype, device=part.device)
+    shard(world, every).copy_(part)  # a view: the copy lands in `every`
+    return sum_over_ranks(every)

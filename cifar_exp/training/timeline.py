@@ -9,28 +9,34 @@ import threading
 import time
 from collections.abc import Iterator
 
-import psutil
+from cifar_exp.world import interpreter_seconds
 
 # The phases in the order a job goes through them; `other` is what none of them holds.
 PHASES = ("startup", "data", "build", "tracking", "training", "evaluation", "checkpoints",
           "model_logging", "other")
 
-# The first job of a process also owns the process's start-up (interpreter, imports, config
+# What a run records of its timeline: the total as its one metric (a single point, so one
+# chart, not one per phase), the split as a small table.
+TOTAL_METRIC = "seconds"
+TABLE_ARTIFACT = "timeline.csv"
+
+# The first job of a process also owns the interpreter's start-up (imports, config
 # composition); a sweep's later jobs in the same process start with none.
 _startup_claimed = False
 _claim_lock = threading.Lock()
 
 
 def _claim_startup() -> float:
-    """Seconds since this process started, for its first job; 0 for the others."""
+    """Seconds since this interpreter started, for its first job; 0 for the others."""
     global _startup_claimed
     with _claim_lock:
         first, _startup_claimed = not _startup_claimed, True
-    return max(time.time() - psutil.Process().create_time(), 0.0) if first else 0.0
+    return max(interpreter_seconds(), 0.0) if first else 0.0
 
 
 class Timeline:
-    """Seconds per phase of one job, from its start (and its process's, for the first)."""
+    """Seconds per phase of one job, from its start (and its interpreter's, for the
+    first)."""
 
     def __init__(self, startup: float = 0.0) -> None:
         self._start = time.perf_counter()
@@ -62,9 +68,10 @@ class Timeline:
         other = max(total - sum(self.seconds.values()), 0.0)
         return {**self.seconds, "other": other, "total": total}
 
-    def metrics(self) -> dict[str, float]:
-        """The breakdown as MLflow metrics: `seconds/<phase>` and `seconds/total`."""
-        return {f"seconds/{phase}": value for phase, value in self.breakdown().items()}
+    def table(self) -> str:
+        """The breakdown as CSV: a `phase,seconds` row per phase, then `total`."""
+        rows = [f"{phase},{seconds:.3f}" for phase, seconds in self.breakdown().items()]
+        return "\n".join(["phase,seconds", *rows]) + "\n"
 
     def summary(self) -> str:
         """One line: the total, then each phase that rounds to 0.1 s or more."""

@@ -4,7 +4,9 @@ line that says what failed and how to finish, and resuming finishes it."""
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 
 import mlflow
 import pytest
@@ -15,6 +17,8 @@ from cifar_exp.config import compose_config
 from cifar_exp.errors import RecordFailure
 from cifar_exp.job import checkpoint
 from cifar_exp.tracking import runs
+from cifar_exp.tracking.runs import how_to_serve, where_to_see
+from cifar_exp.training.timeline import PHASES
 from tests.conftest import run_experiment
 
 JOB = ("steps=20", "log_every=5", "eval_every=20", "eval_images=500", "checkpoint.every=10",
@@ -50,9 +54,9 @@ def test_a_store_that_fails_mid_run_ends_in_one_line_and_resuming_finishes(
     assert message.startswith(f"the MLflow store {store} failed (store gone); not written: ")
     [run] = MlflowClient(store).search_runs(
         [MlflowClient(store).get_experiment_by_name("cifar_exp").experiment_id])
-    # 11 training points of steps 15 and 20 (precision_top5 at 20 among them), and the 10
-    # `seconds/` points of the job's time
-    assert f"not written: 21 metric points, the run's end (run {run.info.run_id} is left " \
+    # 11 training points of steps 15 and 20 (precision_top5 at 20 among them), and the
+    # job's time in `seconds`
+    assert f"not written: 12 metric points, the run's end (run {run.info.run_id} is left " \
            f"RUNNING)" in message
     assert message.endswith(f"once the store answers, python -m cifar_exp.run "
                             f"resume={tmp_path / 'checkpoint.pt'} writes it and closes run "
@@ -73,7 +77,39 @@ def test_a_store_that_fails_mid_run_ends_in_one_line_and_resuming_finishes(
             5, 10, 15, 20], key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "precision")] == [20]
     # The resumed session, which closed the run, says where its own time went.
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "seconds/total")] == [20]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "seconds")] == [20]
+
+
+def test_a_job_ends_with_how_to_serve_its_model_and_where_to_see_its_run(
+        tmp_path, data_root, store, caplog):
+    tiny = ("steps=2", "log_every=1", "eval_images=100", "tracking.system_metrics_seconds=0")
+    with caplog.at_level("INFO", logger="cifar_exp.job.job"):
+        run_experiment(job_config(tmp_path, data_root, store, *tiny, "tracking.log_model=true"),
+                       folder=tmp_path)
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("cifar_exp").experiment_id])
+    run_id, experiment_id = run.info.run_id, run.info.experiment_id
+    [served] = [model for model in client.search_logged_models(experiment_ids=[experiment_id])
+                if model.name == run.info.run_name]
+    serve, ask = how_to_serve(store, served.model_id)
+    assert caplog.messages[-3:] == [f"serve its model: {serve}", f"then ask it: {ask}",
+                                    f"MLflow run {run_id}: "
+                                    f"{where_to_see(store, experiment_id, run_id)}"]
+    # Its time: one metric, the total, at the last step; each phase in a small table.
+    assert {key for key in run.data.metrics if key.startswith("seconds")} == {"seconds"}
+    assert [m.step for m in client.get_metric_history(run_id, "seconds")] == [2]
+    table = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/timeline.csv")
+    seconds = {row["phase"]: float(row["seconds"]) for row in csv.DictReader(io.StringIO(table))}
+    assert list(seconds) == [*PHASES, "total"]  # startup: 0 but in a process's first job
+    assert seconds["total"] == pytest.approx(run.data.metrics["seconds"], abs=0.5)
+
+    # Without a logged model, nothing to serve: the run's address is the last line.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cifar_exp.job.job"):
+        run_experiment(job_config(tmp_path / "plain", data_root, store, *tiny,
+                                  "tracking.log_model=false"), folder=tmp_path / "plain")
+    assert caplog.messages[-2].startswith("time: ")
+    assert caplog.messages[-1].startswith("MLflow run ")
 
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_training_goes_on(

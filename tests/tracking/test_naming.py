@@ -1,4 +1,5 @@
-"""What runs are called and tagged with: names, the launching command, the git commit."""
+"""What runs are called and tagged with: names, the launching command, how long ago the
+interpreter started, the git commit."""
 
 from __future__ import annotations
 

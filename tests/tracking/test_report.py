@@ -6,13 +6,18 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
+from cifar_exp.tracking.class_results import ClassResults, write_table
 from cifar_exp.tracking.report import (
+    PAGE_INCHES,
     RunSummary,
     _label,
+    class_table,
     default_folder,
     main,
     parse_overrides,
@@ -27,6 +32,9 @@ from cifar_exp.tracking.report import (
 from tests.conftest import copy_store
 
 PRECISIONS = {("adam", "0"): 0.61, ("adam", "1"): 0.63, ("sgd", "0"): 0.52, ("sgd", "1"): 0.56}
+# Images of classes cat and dog each run got right, out of 10 of each; the last job is a
+# run from before class results were logged.
+RIGHT = {("adam", "0"): (6, 8), ("adam", "1"): (7, 9), ("sgd", "0"): (5, 10)}
 
 
 def summary(name: str, precision: float, **overrides: str) -> RunSummary:
@@ -51,8 +59,20 @@ def store(tmp_path: Path, store_template: Path) -> tuple[str, str]:
             Metric("loss", 2.5 - step / 10, 0, step) for step in (5, 10)] + [
             Metric("examples_per_sec", 900.0 + step, 0, step) for step in (5, 10)] + [
             Metric("precision", precision, 0, 10)])
+        if (optimizer, seed) in RIGHT:
+            log_class_table(client, run, RIGHT[optimizer, seed], tmp_path / run)
         client.set_terminated(run)
     return uri, parent
+
+
+def log_class_table(client: MlflowClient, run: str, right: tuple[int, int],
+                    folder: Path) -> None:
+    """The run's per_class.csv as a final evaluation logs it, of 10 cats and 10 dogs."""
+    cats, dogs = right
+    folder.mkdir()
+    write_table(ClassResults(["cat", "dog"], np.array([[cats, 10 - cats], [10 - dogs, dogs]])),
+                folder / "per_class.csv")
+    client.log_artifact(run, str(folder / "per_class.csv"), "class_results")
 
 
 def test_parse_overrides_drops_hydra_prefixes():
@@ -101,17 +121,53 @@ def test_report_renders_a_sweep_from_the_store_and_logs_it_on_the_parent(store, 
     assert markdown == report.markdown
     assert "| tf_cnn-adam-10 #1 | adam | 1 | FINISHED | 0.6300 |" in markdown
     assert "## Over seeds" in markdown and "![curves](curves.png)" in markdown
+    # Per class: the mean over the seeds that logged class results (sgd's seed 1 did not).
+    assert ("| class | optimizer=adam (2 runs) | optimizer=sgd (1 run) |\n| --- | --- | --- |\n"
+            "| cat | **0.6500** | 0.5000 |\n| dog | 0.8500 | **1.0000** |") in markdown
 
     client = MlflowClient(uri)
     logged = {a.path for a in client.list_artifacts(parent, "report")}
     assert logged == {"report/report.md", "report/curves.png", "report/speed.png",
                       "report/params.png"}
-    # On the parent's page the plots are its artifacts, as the MLflow UI serves them.
+    # On the parent's page the plots are its artifacts, as the MLflow UI serves them, and
+    # the table cells are kept apart (the UI gives them no padding).
     note = client.get_run(parent).data.tags["mlflow.note.content"]
-    assert note == markdown.replace("](curves.png)", f"](get-artifact?path=report%2Fcurves.png"
-                                                     f"&run_uuid={parent})").replace(
-        "](speed.png)", f"](get-artifact?path=report%2Fspeed.png&run_uuid={parent})").replace(
-        "](params.png)", f"](get-artifact?path=report%2Fparams.png&run_uuid={parent})")
+    for plot in ("curves", "speed", "params"):
+        assert f"![{plot}](get-artifact?path=report%2F{plot}.png&run_uuid={parent})" in note
+    pad = "&nbsp;&nbsp;"
+    assert (f"| {pad}tf_cnn-adam-10 #1{pad} | {pad}adam{pad} | {pad}1{pad} | "
+            f"{pad}FINISHED{pad} |") in note
+    assert f"| {pad}cat{pad} | {pad}**0.6500**{pad} | {pad}0.5000{pad} |" in note
+    assert "| --- | --- | --- |" in note
+    unpadded = note.replace(pad, "").replace("get-artifact?path=report%2F", "").replace(
+        f"&run_uuid={parent}", "")
+    assert unpadded == markdown  # nothing else differs
+
+
+def summary_with_classes(name: str, precision: dict[str, float], **overrides: str
+                         ) -> RunSummary:
+    run = summary(name, 0.5, **overrides)
+    run.class_precision = precision
+    return run
+
+
+def test_the_class_table_compares_configurations_over_seeds():
+    runs = [summary_with_classes("a0", {"cat": 0.5, "dog": 0.9}, lr="0.1", seed="0"),
+            summary_with_classes("a1", {"cat": 0.7, "dog": 0.8}, lr="0.1", seed="1"),
+            summary_with_classes("b0", {"cat": 0.4, "dog": 0.9}, lr="0.01", seed="0"),
+            summary_with_classes("old", {}, lr="0.01", seed="1"),  # logged none
+            summary_with_classes("c0", {}, lr="1", seed="0")]  # no run of c logged any
+    assert class_table(runs, ["lr", "seed"]).splitlines() == [
+        "| class | lr=0.1 (2 runs) | lr=0.01 (1 run) |",
+        "| --- | --- | --- |",
+        "| cat | **0.6000** | 0.4000 |",
+        "| dog | 0.8500 | **0.9000** |"]
+    # One configuration: no bold, and its column says how many runs it averages.
+    assert class_table(runs[:2], ["seed"]).splitlines()[2:] == ["| cat | 0.6000 |",
+                                                                "| dog | 0.8500 |"]
+    assert class_table(runs[:2], ["seed"]).splitlines()[0] == "| class | all runs (2 runs) |"
+    # No run logged class results (all from before they were): no such table.
+    assert class_table(runs[3:], ["lr", "seed"]) is None
 
 
 def test_report_of_a_whole_experiment_leaves_sweep_parents_out(store, tmp_path):
@@ -206,7 +262,21 @@ def test_plots_stay_readable_with_many_runs(tmp_path):
     plot_speed(runs, keys, tmp_path / "speed.png")
     for name in ("curves", "params", "speed"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+        with Image.open(tmp_path / f"{name}.png") as image:  # no wider than the UI's page
+            assert image.width <= PAGE_INCHES * 100
     assert _label(runs[3], keys) == "lr=0.0001 weight_decay=3"
+
+
+def test_a_legend_and_three_swept_keys_stay_within_the_page(tmp_path):
+    runs = [summary(f"r{number}", 0.5 + number / 100, a=str(number), b=str(number % 2),
+                    c=str(number % 3)) for number in range(6)]
+    for run in runs:
+        run.histories = {"loss": [(5, 2.0), (10, 1.5)], "precision": [(10, run.precision)]}
+    plot_curves(runs, ["a", "b", "c"], tmp_path / "curves.png")  # with its legend
+    plot_params(runs, ["a", "b", "c"], tmp_path / "params.png")  # two to a row
+    for name in ("curves", "params"):
+        with Image.open(tmp_path / f"{name}.png") as image:
+            assert image.width <= PAGE_INCHES * 100
 
 
 @pytest.mark.parametrize("name,folder", [

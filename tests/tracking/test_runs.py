@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
+import requests
 import torch
 from mlflow.tracking import MlflowClient
 
 from cifar_exp.augment import build_augmentation
 from cifar_exp.errors import CheckpointError
 from cifar_exp.models import build_model
-from cifar_exp.tracking.runs import RunTracker, data_inputs, flatten
+from cifar_exp.tracking.runs import (
+    RunTracker,
+    data_inputs,
+    flatten,
+    how_to_serve,
+    served_model_id,
+    where_to_see,
+)
 from cifar_exp.tracking.store import resumable_run
-from tests.conftest import copy_store
+from tests.conftest import copy_store, free_port, stop_process_group
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +80,8 @@ def test_a_run_logs_a_model_to_serve_and_its_plain_network(store, tmp_path, cifa
         run.log_inputs(data_inputs("cifar10", str(data_root)))
         run.log_metrics({"precision": 0.25, "test_loss": 2.0}, 10)
         run.flush()
-        run.log_models(network, augmentation, cifar10.test_images, cifar10.classes, 10,
-                       registered_name="cifar-unit")
+        served_id = run.log_models(network, augmentation, cifar10.test_images,
+                                   cifar10.classes, 10, registered_name="cifar-unit")
         run.log_state_dict(network, "weights.pt")
     client = MlflowClient(store)
     logged = {m.name: m for m in client.search_logged_models(
@@ -77,6 +90,8 @@ def test_a_run_logs_a_model_to_serve_and_its_plain_network(store, tmp_path, cifa
     # Named after the run (MLflow takes no "." in a model's name).
     assert set(logged) == {"tf_cnn-adam lr=0_003", "tf_cnn-adam lr=0_003-network"}
     served, plain = logged["tf_cnn-adam lr=0_003"], logged["tf_cnn-adam lr=0_003-network"]
+    assert served_id == run.served_model_id() == served.model_id  # the one to serve
+    assert served_model_id(client, run.run_id) == served.model_id
 
     # The plain network: exported with torch.export (a .pt2 program, not a pickle), for
     # preprocessed images of any batch size.
@@ -111,6 +126,64 @@ def test_a_run_logs_a_model_to_serve_and_its_plain_network(store, tmp_path, cifa
         run_id=run.run_id, artifact_path="weights.pt", dst_path=str(tmp_path))),
         weights_only=True)
     assert set(state) == set(network.state_dict())
+
+
+def test_the_printed_commands_open_the_training_view_and_serve_from_any_folder(
+        tmp_path, monkeypatch):
+    folder = tmp_path / "my runs"  # a space: the serve command quotes the store
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    database = f"sqlite:///{folder / 'mlflow.db'}"
+    assert where_to_see("sqlite:///mlflow.db", "1", "abc") == (
+        f"mlflow ui --backend-store-uri {database}, then http://127.0.0.1:5000/#/experiments/1/"
+        f"runs/abc?workflowType=machine_learning")
+    assert where_to_see("https://user:secret@host:5000/", "2", "abc") == (
+        "https://***@host:5000/#/experiments/2/runs/abc?workflowType=machine_learning")
+    serve, ask = how_to_serve("sqlite:///mlflow.db", "m-0123")
+    assert serve == (f"MLFLOW_TRACKING_URI={shlex.quote(database)} mlflow models serve -m "
+                     f"models:/m-0123 --env-manager local --port 5001")
+    body, request = ask.split(" | ")
+    assert request == ("curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: "
+                       "application/json' -d @-")
+    [_, flag, code] = shlex.split(body)
+    printed = subprocess.run([sys.executable, flag, code], capture_output=True, text=True,
+                             check=True).stdout
+    assert json.loads(printed) == {"inputs": [[[[0, 0, 0]] * 32] * 32]}  # 1 x 32 x 32 x 3
+    assert how_to_serve("http://user:pw@host:5000", "m-1")[0].startswith(
+        "MLFLOW_TRACKING_URI='http://***@host:5000' mlflow models serve")  # masked, quoted
+
+
+@pytest.mark.slow  # `mlflow models serve` starts in about 20 s, after a 20-step run
+def test_the_printed_serve_commands_answer_as_pasted(trained_run, tmp_path):
+    client = MlflowClient(trained_run["uri"])
+    [served] = [model for model in client.search_logged_models(
+        experiment_ids=[client.get_experiment_by_name("cifar_exp").experiment_id])
+        if model.name == trained_run["name"]]
+    port = free_port()
+    serve, ask = how_to_serve(trained_run["uri"], served.model_id, port)
+    # Pasted into a shell of this environment (its `python` and `mlflow`), in another folder.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    server = subprocess.Popen(["bash", "-c", serve], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ping(port):
+            assert server.poll() is None and time.monotonic() < deadline, "no server"
+            time.sleep(1)
+        answer = subprocess.run(["bash", "-c", ask], cwd=tmp_path, env=env, text=True,
+                                capture_output=True, timeout=60, check=True).stdout
+    finally:
+        stop_process_group(server)
+    [prediction] = json.loads(answer)["predictions"]
+    assert prediction["class"] in prediction and 0 < prediction["probability"] <= 1
+
+
+def ping(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok
+    except requests.ConnectionError:
+        return False
 
 
 def test_failed_metric_writes_are_retried_and_nothing_is_lost(store, monkeypatch, caplog):

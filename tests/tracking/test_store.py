@@ -179,8 +179,9 @@ def test_evaluate_refuses_a_store_that_keeps_nothing_before_scoring(tmp_path, mo
     from cifar_exp.serving import trained
     model = SimpleNamespace(cfg=OmegaConf.create({"tracking": {"uri": uri}}))
     monkeypatch.setattr(trained, "from_checkpoint", lambda path, overrides: model)
-    monkeypatch.setattr("cifar_exp.training.scoring.score", lambda *args, **kwargs:
-                        pytest.fail("scored before the store was checked"))
+    monkeypatch.setattr("cifar_exp.training.scoring.score_with_predictions",
+                        lambda *args, **kwargs: pytest.fail("scored before the store was "
+                                                            "checked"))
     assert evaluate.main(["--checkpoint", str(tmp_path / "c.pt")]) == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: tracking.uri={uri} {KEEPS_NOTHING}")

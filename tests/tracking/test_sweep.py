@@ -72,7 +72,7 @@ def test_parallel_sweep_leaves_one_parent_and_four_finished_children(tmp_path, d
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/curves.png", "report/params.png",
             "report/speed.png"} <= logged
-    summary = parent.data.tags["mlflow.note.content"]
+    summary = parent.data.tags["mlflow.note.content"].replace("&nbsp;", "")
     assert "| optimizer | seeds | precision (mean ± std) |" in summary
     assert "| adam | 2 | " in summary and "| sgd | 2 | " in summary
     assert list(folder.glob("multirun/*/*/report/report.md"))  # also beside the jobs' logs

@@ -1,5 +1,6 @@
 """The tracking topology of docker/compose.yaml without Docker: PostgreSQL, an MLflow
-server on it, and a parallel sweep logging to the server over HTTP."""
+server on it, and a parallel sweep logging to the server over HTTP; and the pages a run's
+printed address opens in the server's UI."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from cifar_exp.tracking.runs import MODEL_TRAINING_VIEW, where_to_see
+from cifar_exp.tracking.store import open_experiment
 from tests.conftest import SWEEP_JOB, cli, free_port, mlflow_server, stop_process_group
 from tests.test_run import start, wait_for
-from tests.tracking.test_sweep import tracked_sweep
+from tests.tracking.test_sweep import chromium_driver, tracked_sweep
 
 # PostgreSQL refuses to run as root: as root, the server runs as this user.
 UNPRIVILEGED_USER = "nobody"
@@ -143,3 +146,42 @@ def test_a_server_that_goes_away_mid_run_holds_nothing_up_and_keeps_every_point(
     checkpoint = str(torch.load(folder / "checkpoint.pt", weights_only=True)["config"])
     for text in (*recorded, *written, checkpoint, log, result.stdout, result.stderr):
         assert "secret" not in text
+
+
+@pytest.mark.slow  # an MLflow server's start, then a headless Chromium
+def test_the_printed_address_opens_the_run_and_the_experiment_its_runs_table(tmp_path, store):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    experiment_id = open_experiment(store, "cifar_exp")  # as a job makes it
+    client = MlflowClient(store)
+    run_id = client.create_run(experiment_id, run_name="tf_cnn-adam-20").info.run_id
+    client.set_terminated(run_id)
+    browser = chromium_driver()
+    try:
+        with mlflow_server(store, tmp_path) as url:
+            wait = WebDriverWait(browser, 90, poll_frequency=0.5)
+            page = lambda _: browser.find_element(By.TAG_NAME, "body").text  # noqa: E731
+            runs_table = lambda b: ("/runs?" in b.current_url  # noqa: E731
+                                    and {"Run Name", "tf_cnn-adam-20"} <= set(page(b).split("\n")))
+            # The run's printed address: its page, in the model-training view (whose side
+            # bar has the model registry; the GenAI view's has Observability instead).
+            browser.get(where_to_see(url, experiment_id, run_id))
+            wait.until(lambda b: "Model metrics" in page(b) and "Model registry" in page(b))
+            assert "Observability" not in page(browser)
+            # The experiment's address in that view lands on its runs table.
+            browser.get(f"{url}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}")
+            wait.until(runs_table)
+            # Plainly, MLflow 3 opens the GenAI overview, until one click on "Model
+            # training", which the browser keeps.
+            browser.get(f"{url}/#/experiments/{experiment_id}")
+            wait.until(lambda b: "/overview" in b.current_url)
+            switch = browser.find_element(
+                By.XPATH, "//div[@role='button'][.//*[text()='Model training']]")
+            browser.execute_script("arguments[0].click()", switch)
+            wait.until(runs_table)
+            browser.get(f"{url}/#/experiments")
+            browser.get(f"{url}/#/experiments/{experiment_id}")
+            wait.until(runs_table)
+    finally:
+        browser.quit()

@@ -1,5 +1,6 @@
 """Scoring sees every test image exactly once, also when sharded over processes, and
-reports each score by name; test-time augmentation averages logits."""
+reports each score by name; test-time augmentation averages logits; the predicted class of
+every image comes back from the same pass, on every rank."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from cifar_exp.augment import build_augmentation
-from cifar_exp.training.scoring import METRICS, score, tta_logits, tta_views
+from cifar_exp.training.scoring import (
+    METRICS,
+    score,
+    score_with_predictions,
+    tta_logits,
+    tta_views,
+)
 
 
 class ConstantClassifier(torch.nn.Module):
@@ -119,6 +126,19 @@ def test_evaluate_with_tta_scores_the_averaged_logits(cifar10):
     assert (untransformed["precision"], untransformed["test_loss"]) != (precision, loss)
 
 
+def test_the_predictions_come_from_the_same_pass_as_the_scores(cifar10):
+    model = small_convnet()
+    augmentation = build_augmentation("crop_flip", cifar10.train_images)
+    images, labels = cifar10.test_images[:130], cifar10.test_labels[:130]
+    with torch.no_grad():
+        logits = tta_logits(model, augmentation.eval(images), "flip")
+    scores, predicted = score_with_predictions(model, augmentation, images, labels,
+                                               batch_size=64, tta="flip")  # 64 + 64 + 2
+    assert torch.equal(predicted, logits.argmax(1))
+    assert scores == score(model, augmentation, images, labels, batch_size=64, tta="flip")
+    assert scores["precision"] == (predicted == labels).sum().item() / 130
+
+
 def _evaluate_as_rank(rank: int, world_size: int, folder: str, images: torch.Tensor,
                       labels: torch.Tensor, augmentation) -> None:
     """One process of a gloo group: evaluate its part, save what it got back."""
@@ -131,9 +151,9 @@ def _evaluate_as_rank(rank: int, world_size: int, folder: str, images: torch.Ten
     model = batchnorm_convnet()
     if rank:  # this rank's running statistics drifted from its own slices of the batches
         model[1].running_mean += 0.5
-    result = score(model, augmentation, images, labels, batch_size=64, tta="flip",
-                   world=World(rank, world_size))
-    torch.save(result, f"{folder}/rank{rank}.pt")
+    result = score_with_predictions(model, augmentation, images, labels, batch_size=64,
+                                    tta="flip", world=World(rank, world_size))
+    torch.save(tuple(result), f"{folder}/rank{rank}.pt")  # plain: torch.load's safe types
     dist.destroy_process_group()
 
 
@@ -152,10 +172,11 @@ def test_sharded_evaluation_over_two_processes_matches_one(cifar10, tmp_path):
     augmentation = build_augmentation("tf_distort", cifar10.train_images)
     torch.multiprocessing.spawn(_evaluate_as_rank, args=(2, str(tmp_path), images, labels,
                                                          augmentation), nprocs=2)
-    alone = score(batchnorm_convnet(), augmentation, images, labels, batch_size=64,
-                  tta="flip")
+    alone, predicted = score_with_predictions(batchnorm_convnet(), augmentation, images,
+                                              labels, batch_size=64, tta="flip")
     for rank in (0, 1):  # every rank gets the totals, with rank 0's BatchNorm statistics
-        scores = torch.load(tmp_path / f"rank{rank}.pt")
+        scores, on_rank = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(on_rank, predicted)  # and every image's prediction, in order
         precision, loss = scores["precision"], scores["test_loss"]
         assert precision == pytest.approx(alone["precision"], abs=1e-12)
         assert loss == pytest.approx(alone["test_loss"], rel=1e-6)

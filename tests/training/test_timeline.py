@@ -1,5 +1,5 @@
-"""A job's time split into phases: they add up to the whole, and a process's start-up
-goes to its first job alone."""
+"""A job's time split into phases: they add up to the whole, they are recorded as one
+total and a small table, and the interpreter's start-up goes to its first job alone."""
 
 from __future__ import annotations
 
@@ -24,7 +24,18 @@ def test_phases_and_the_rest_add_up_to_the_total():
     assert 0.02 <= breakdown["data"] < 1.0
     assert breakdown["other"] >= 0.015
     assert breakdown["total"] == pytest.approx(sum(breakdown[p] for p in PHASES))
-    assert timeline.metrics()["seconds/training"] == pytest.approx(0.005)
+
+
+def test_the_table_holds_a_row_per_phase_then_the_total():
+    timeline = Timeline(startup=1.5)
+    with timeline.phase("training"):
+        time.sleep(0.02)
+    rows = [line.split(",") for line in timeline.table().splitlines()]
+    assert rows[0] == ["phase", "seconds"]
+    assert [phase for phase, _ in rows[1:]] == [*PHASES, "total"]
+    seconds = {phase: float(value) for phase, value in rows[1:]}
+    assert seconds["startup"] == 1.5 and 0.02 <= seconds["training"] < 1.0
+    assert seconds["total"] == pytest.approx(sum(seconds[p] for p in PHASES), abs=0.01)
 
 
 def test_time_added_beyond_the_clock_leaves_no_negative_rest():
@@ -69,3 +80,9 @@ def test_only_the_first_job_of_a_process_gets_its_start_up(monkeypatch):
     first, second = Timeline.for_job(), Timeline.for_job()
     assert first.seconds["startup"] > 0  # this test process started before it ran
     assert second.seconds["startup"] == 0.0
+
+
+def test_the_start_up_is_the_interpreters_age(monkeypatch):
+    monkeypatch.setattr(timeline_module, "_startup_claimed", False)
+    monkeypatch.setattr(timeline_module, "interpreter_seconds", lambda: 7.25)
+    assert Timeline.for_job().seconds["startup"] == 7.25
