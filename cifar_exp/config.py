@@ -29,6 +29,12 @@ from cifar_exp.speed import check_amp, check_compile, check_cuda_graph, check_tt
 
 DEVICES = ("auto", "cpu", "cuda")
 # Groups whose options are their builder's keyword arguments (checked by the registry).
+RESUME_AUTO = "auto"  # resume=auto: continue if this job has a checkpoint, else start
+# Config keys that say where things live or how to run, not what is trained: they may
+# differ between a run and its resumption, and between runs of the same sweep job. Every
+# other key must match, or the result would not be the run's.
+FREE_KEYS = ("resume", "retry_failed", "checkpoint.", "tracking.", "data.root",
+             "data.download", "data.verify", "data.manifest")
 BUILDER_GROUPS = ("model", "optimizer", "schedule", "augmentation")
 SEED_RANGE = (-(2**63), 2**64)  # what torch.manual_seed takes
 MAX_EXPERIMENT_NAME_LENGTH = 500  # MLflow's (mlflow.utils.validation)
@@ -119,6 +125,10 @@ class Config:
     # (hydra.run.dir=<its folder>); auto: continue if there is one, else start (for jobs a
     # cluster may resubmit); or the path of a checkpoint file to continue from.
     resume: Any = False
+    # With resume=auto, a grid sweep run again in its folder skips the jobs that failed in
+    # an earlier run (a diverged loss, a crash); true: runs them again, from their last
+    # checkpoint. Read only by such a sweep's jobs.
+    retry_failed: bool = False
     steps: int = 3000  # training steps, one batch each
     batch_size: int = 128  # training examples per step
     eval_batch_size: int = 500  # test images per forward pass

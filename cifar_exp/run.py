@@ -106,7 +106,11 @@ def main(cfg: DictConfig) -> float:
     install_redaction()  # Hydra has set up this job's logging by now
     adopt_launcher_tasks()  # hydra.launcher.tasks_per_node > 1: one DDP job
     new_folder = made_for_this_job()
-    return run_and_report(cfg, job_context(cfg), new_folder)
+    from cifar_exp.job.sweep_job import run_in_sweep  # torch: not for --help
+
+    # A job of a recorded sweep may need no training, or train in another folder.
+    return run_in_sweep(cfg, job_context(cfg),
+                        lambda context: run_and_report(cfg, context, new_folder))
 
 
 def run_and_report(cfg: DictConfig, context: job.JobContext,

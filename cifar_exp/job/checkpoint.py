@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from cifar_exp.config import FREE_KEYS, RESUME_AUTO
 from cifar_exp.errors import CheckpointError, ConfigError, one_line
 from cifar_exp.job.locks import write_atomically
 from cifar_exp.training.loop import LoopState
@@ -31,17 +32,12 @@ from cifar_exp.training.parts import OPTIONAL_PARTS, Stateful
 
 log = logging.getLogger(__name__)
 
-RESUME_AUTO = "auto"  # resume=auto: continue if this job has a checkpoint, else start
 # Bumped when the layout of the saved dict changes; older formats are read and upgraded.
 # 3: the loop's last scores by name (`loop.scores`), where 2 had `precision` and `test_loss`
 # fields. 2: the parts' states by name under `states`, where 1 kept them as top-level keys
 # (None for an absent part).
 FORMAT = 3
 FORMAT_1_PARTS = ("model", "optimizer", "scheduler", "ema", "lookahead")
-# Config keys that say where things live, not what is trained: they may differ between a
-# run and its resumption. Every other key must match, or the result would not be the run's.
-FREE_KEYS = ("resume", "checkpoint.", "tracking.", "data.root", "data.download",
-             "data.verify", "data.manifest")
 
 
 def atomic_save(content: object, path: Path) -> None:

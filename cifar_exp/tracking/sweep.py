@@ -7,6 +7,9 @@ reaches the jobs through the environment (inherited by joblib's worker processes
 end the parent gets the sweep's report: the table of jobs, the best one, mean ± std over
 seeds, the plots and, for an Optuna sweep, the study's best parameters and value.
 
+A grid sweep keeps a record of its jobs in its folder (sweep_record.py): the same command
+run again there with resume=auto reopens the same parent and goes on (sweep_resume.py).
+
 Hydra writes the sweep's multirun.yaml itself, with the command's overrides as typed: its
 credentials are masked as soon as a job starts, and again at the sweep's end.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +32,12 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.errors import UserError, refuse
+from cifar_exp.tracking import sweep_resume
 from cifar_exp.tracking.naming import PARENT_RUN_ENV, SWEPT_KEYS_ENV, command_line, git_tags
 from cifar_exp.tracking.redact import install_redaction, redact, redact_file
 from cifar_exp.tracking.report import write_report
 from cifar_exp.tracking.store import check_tracking_uri, open_experiment, with_retries
+from cifar_exp.tracking.sweep_record import RECORD_ENV
 
 log = logging.getLogger(__name__)
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper
@@ -45,35 +51,49 @@ class SweepTracking(Callback):
         self.uri = ""
         self.sweep_dir = ""
         self.parent_run_id: str | None = None
+        self.round = 0  # which run of the sweep's command this is (a resumed sweep: 1, 2...)
+        self.record = ""  # the sweep's record of its jobs, if it keeps one
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         install_redaction()  # before the launcher logs each job's overrides
         self.uri = config.tracking.uri
         self.sweep_dir = str(config.hydra.sweep.dir)
+        swept = swept_keys(config)
         try:
             check_tracking_uri(self.uri)
             experiment_id = open_experiment(self.uri, config.tracking.experiment)
+            start = sweep_resume.begin(config, swept, self.uri)  # None: a sweep with no record
         except UserError as error:
             refuse(error)
+        client = MlflowClient(self.uri)
+        if start is not None and start.resumed:
+            self.parent_run_id = sweep_resume.reopen_parent(client, start)
+        else:
+            self.parent_run_id = self._create_parent(client, config, swept, experiment_id)
+        if start is not None:
+            self.round = start.save(self.parent_run_id)
+            self.record = str(start.path)
+        os.environ[PARENT_RUN_ENV] = self.parent_run_id
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
+        atexit.register(self._close, RunStatus.FAILED)  # a sweep that dies midway
+
+    def _create_parent(self, client: MlflowClient, config: DictConfig, swept: list[str],
+                       experiment_id: str) -> str:
+        """A new parent run, named by what the sweep varies; its id."""
         overrides = redact(" ".join(config.hydra.overrides.task))
         tags = {"sweep": "parent", "command": redact(command_line()), "overrides": overrides,
                 "sweep_dir": redact(self.sweep_dir),
                 "sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
                 "launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
                 **git_tags()}
-        client = MlflowClient(self.uri)
-        swept = swept_keys(config)
         shown = " ".join(override for override in config.hydra.overrides.task
                          if override.lstrip("+~").split("=", 1)[0] in swept)
         # Named by what it varies; the tag `overrides` holds the whole command.
         run = with_retries(lambda: client.create_run(
             experiment_id, run_name=redact(f"sweep {shown or overrides}").strip(), tags=tags),
             "create run")
-        self.parent_run_id = run.info.run_id
-        os.environ[PARENT_RUN_ENV] = self.parent_run_id
-        os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
-        atexit.register(self._close, RunStatus.FAILED)  # a sweep that dies midway
-        log.info("MLflow sweep run %s in %s", self.parent_run_id, redact(self.uri))
+        log.info("MLflow sweep run %s in %s", run.info.run_id, redact(self.uri))
+        return run.info.run_id
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra has written multirun.yaml (and, where hydra.output_subdir is set, the job's
@@ -97,8 +117,8 @@ class SweepTracking(Callback):
             metrics["best_precision"] = report.best.precision
             client.set_tag(self.parent_run_id, "best_run_id", report.best.run_id)
             client.set_tag(self.parent_run_id, "best_run", report.best.name)
-        for key, value in metrics.items():
-            client.log_metric(self.parent_run_id, key, value)
+        for key, value in metrics.items():  # each run of the command at its own step
+            client.log_metric(self.parent_run_id, key, value, step=self.round)
         log.info("sweep summary (%d jobs, %d finished) in %s and on MLflow run %s",
                  len(report.runs), len(finished), report.folder, self.parent_run_id)
         self._close(RunStatus.FINISHED)
@@ -106,11 +126,15 @@ class SweepTracking(Callback):
     def _close(self, status: int) -> None:
         if self.sweep_dir:  # also a sweep that ended before any job started
             mask_sweep_record(Path(self.sweep_dir))
+        sweep_resume.release()
         if self.parent_run_id is None:
             return
         run_id, self.parent_run_id = self.parent_run_id, None
-        os.environ.pop(PARENT_RUN_ENV, None)
-        os.environ.pop(SWEPT_KEYS_ENV, None)
+        for name in (PARENT_RUN_ENV, SWEPT_KEYS_ENV, RECORD_ENV):
+            os.environ.pop(name, None)
+        if status == RunStatus.FAILED and self.record:  # stopped, or a job refused
+            print(f"the sweep goes on with: "
+                  f"{sweep_resume.resume_command(Path(self.record).parent)}", file=sys.stderr)
         try:
             client = MlflowClient(self.uri)
             with_retries(lambda: client.set_terminated(run_id, RunStatus.to_string(status)),
