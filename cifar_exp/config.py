@@ -87,6 +87,9 @@ class TrackingConfig:
     flush_seconds: float = 10.0  # seconds: metric points are written at most this often
     # Seconds between samples of CPU, memory, disk, network (and GPU where present); 0: none.
     system_metrics_seconds: float = 10.0
+    # key=value ...: the configuration a sweep's report compares the others with (paired by
+    # seed where it can; docs/sweeps.md); null: no comparison.
+    baseline: str | None = None
 
 
 @dataclass

@@ -3,17 +3,21 @@
     python -m cifar_exp.report                         # every run of experiment cifar_exp
     python -m cifar_exp.report --parent RUN_ID         # the jobs of one sweep
     python -m cifar_exp.report --experiment NAME --tracking-uri URI --out DIR
+    python -m cifar_exp.report --parent RUN_ID --baseline optimizer=adam
 
 The folder gets report.md, curves.png (loss and precision per run, overlaid),
 params.png (each swept value against precision) and speed.png (examples/sec per run).
 report.md compares the configurations' precision per class too, where runs logged their
-class results. A sweep's report is also logged to its parent run, under report/, and
-shown on its page.
+class results. With a baseline (`key=value ...`, one configuration), each other
+configuration's difference of precision from it, with its 95% interval and a verdict, also
+in comparison.csv (cifar_exp.tracking.comparison). A sweep's report is also logged to its
+parent run, under report/, and shown on its page.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import os
 import re
@@ -31,6 +35,7 @@ from tqdm import tqdm
 from cifar_exp.config import DEFAULT_TRACKING_URI
 from cifar_exp.errors import CommandParser, ConfigError, UserError, one_line, refused
 from cifar_exp.tracking.class_results import logged_precision
+from cifar_exp.tracking.comparison import Difference, Spread, compare, spread
 from cifar_exp.tracking.naming import short_keys, short_number
 from cifar_exp.tracking.redact import redact, redacted
 from cifar_exp.tracking.store import check_tracking_uri
@@ -85,6 +90,9 @@ class Report:
     swept: list[str]
     best: RunSummary | None
     plots: list[Path]
+    # Each other configuration's label and its difference from the baseline (None: too few
+    # runs to compare); empty without a baseline.
+    comparisons: dict[str, Difference | None] = field(default_factory=dict)
 
 
 def parse_overrides(text: str) -> dict[str, str]:
@@ -207,13 +215,14 @@ def seed_table(runs: list[RunSummary], keys: list[str]) -> str | None:
     config_keys = [key for key in keys if key != SEED_KEY]
     groups = configurations(runs, config_keys)
     top5 = _with_top5(runs)
-    header = [*config_keys, "seeds", "precision (mean ± std)",
+    header = [*config_keys, "seeds", "precision (mean ± std)", "precision 95% CI",
               *(["precision_top5 (mean ± std)"] if top5 else []), "examples/sec (mean)"]
     lines = [_row(header), _row(["---"] * len(header))]
     for values, members in groups.items():
         speeds = [run.examples_per_sec for run in members if not math.isnan(run.examples_per_sec)]
         speed = f"{statistics.mean(speeds):,.0f}" if speeds else "-"
         cells = [_mean_std([run.precision for run in members]),
+                 _interval(spread([run.precision for run in members])),
                  *([_mean_std([run.precision_top5 for run in members])] if top5 else [])]
         lines.append(_row([*(_format(v) for v in values), str(len(members)), *cells, speed]))
     return "\n".join(lines)
@@ -225,6 +234,121 @@ def _mean_std(values: list[float]) -> str:
     if len(known) > 1:
         return f"{statistics.mean(known):.4f} ± {statistics.stdev(known):.4f}"
     return _format(known[0] if known else math.nan)
+
+
+def _interval(found: Spread | Difference) -> str:
+    """[low, high] of a 95% interval; - where there is none (fewer than two runs)."""
+    if math.isnan(found.low):
+        return "-"
+    return f"[{found.low:.4f}, {found.high:.4f}]"
+
+
+def baseline_values(groups: dict[tuple[str | None, ...], list[RunSummary]],
+                    config_keys: list[str], baseline: str) -> tuple[str | None, ...]:
+    """The one configuration that `baseline` (`key=value ...`) names."""
+    wanted = parse_overrides(baseline)
+    if not wanted:
+        raise ConfigError(f"--baseline {baseline!r}: give key=value, e.g. optimizer=adam")
+    if unknown := [key for key in wanted if key not in config_keys]:
+        raise ConfigError(f"--baseline names {', '.join(unknown)}, which the runs do not "
+                          f"vary; they vary: {', '.join(config_keys) or 'only the seed'}")
+    matches = [values for values in groups if all(
+        _same(values[config_keys.index(key)], value) for key, value in wanted.items())]
+    if len(matches) != 1:
+        found = "; ".join(_values_label(values, config_keys) for values in groups)
+        raise ConfigError(f"--baseline {baseline} names {len(matches)} configurations, not "
+                          f"one; name one of: {found}")
+    return matches[0]
+
+
+def _same(value: str | None, wanted: str) -> bool:
+    """Equal as text, or as numbers (`0.010` is `0.01`)."""
+    if value == wanted:
+        return True
+    numbers = _numeric([value, wanted])
+    return numbers is not None and numbers[0] == numbers[1]
+
+
+def comparisons(runs: list[RunSummary], keys: list[str], baseline: str
+                ) -> dict[str, Difference | None]:
+    """Each configuration but the baseline, by label: its precision's difference from the
+    baseline's, paired by seed where both ran the same seeds."""
+    config_keys = [key for key in keys if key != SEED_KEY]
+    groups = configurations(runs, config_keys)
+    base = baseline_values(groups, config_keys, baseline)
+    seeds = {values: [(run.value(SEED_KEY), run.precision) for run in members]
+             for values, members in groups.items()}
+    return {_values_label(values, config_keys): compare(found, seeds[base])
+            for values, found in seeds.items() if values != base}
+
+
+TOO_FEW = "too few runs (2 each needed)"
+COMPARISON_COLUMNS = ("configuration", "test", "n", "n_baseline", "difference", "ci_low",
+                      "ci_high", "verdict", "seeds_needed")
+
+
+def comparison_rows(found: dict[str, Difference | None]) -> list[dict[str, Any]]:
+    """The comparisons as rows of COMPARISON_COLUMNS (comparison.csv, the table)."""
+    rows = []
+    for label, difference in found.items():
+        if difference is None:
+            rows.append({"configuration": label, "verdict": TOO_FEW})
+            continue
+        rows.append({"configuration": label, "test": difference.test, "n": difference.n,
+                     "n_baseline": difference.n_baseline,
+                     "difference": difference.difference, "ci_low": difference.low,
+                     "ci_high": difference.high, "verdict": difference.verdict,
+                     "seeds_needed": difference.seeds_needed})
+    return rows
+
+
+def comparison_table(found: dict[str, Difference | None]) -> str:
+    header = ["configuration", "test", "n", "difference", "95% CI", "verdict",
+              "seeds needed"]
+    lines = [_row(header), _row(["---"] * len(header))]
+    for label, difference in found.items():
+        if difference is None:
+            lines.append(_row([label, "-", "-", "-", "-", TOO_FEW, "-"]))
+            continue
+        n = (str(difference.n) if difference.test == "paired"
+             else f"{difference.n} vs {difference.n_baseline}")
+        kind = "paired" if difference.test == "paired" else "each, unpaired"
+        needed = f"{difference.seeds_needed} ({kind})" if difference.seeds_needed else "-"
+        lines.append(_row([label, difference.test, n, f"{difference.difference:+.4f}",
+                           _interval(difference), difference.verdict, needed]))
+    return "\n".join(lines)
+
+
+def comparison_note(baseline: str) -> str:
+    return (f"Each configuration's mean precision minus the baseline's ({baseline}), with "
+            f"its 95% confidence interval: paired t on the per-seed differences where both "
+            f"ran the same seeds, else Welch's t. Better or worse where the interval leaves "
+            f"out 0. Seeds needed: how many would show the observed difference at the 5% "
+            f"level with 80% power, from the observed std (normal approximation, which "
+            f"counts a seed or two short below about 10; paired: of the per-seed "
+            f"differences; unpaired: per configuration).")
+
+
+def write_comparison_csv(found: dict[str, Difference | None], path: Path) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, COMPARISON_COLUMNS)
+        writer.writeheader()
+        writer.writerows(comparison_rows(found))
+
+
+def comparison_metrics(found: dict[str, Difference | None]) -> dict[str, float]:
+    """The comparisons as the parent's metrics, vs_baseline/<configuration>/<what>: the
+    configuration's label in the characters MLflow allows in a metric's name."""
+    metrics = {}
+    for label, difference in found.items():
+        if difference is None:
+            continue
+        name = "vs_baseline/" + re.sub(r"[^\w.\- ]", "_", label)
+        metrics |= {f"{name}/difference": difference.difference,
+                    f"{name}/ci_low": difference.low, f"{name}/ci_high": difference.high}
+        if difference.seeds_needed is not None:
+            metrics[f"{name}/seeds_needed"] = float(difference.seeds_needed)
+    return metrics
 
 
 def class_table(runs: list[RunSummary], keys: list[str]) -> str | None:
@@ -355,9 +479,12 @@ def plot_speed(runs: list[RunSummary], keys: list[str], path: Path) -> None:
 
 
 def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
-                 parent: str | None = None, progress: bool = True) -> Report:
+                 parent: str | None = None, progress: bool = True,
+                 baseline: str | None = None) -> Report:
     """Read the runs from the store at `uri`, write report.md and the plots into `folder`,
-    and log them to `parent` (when given) under report/, with the table as its note."""
+    and log them to `parent` (when given) under report/, with the table as its note. With
+    a `baseline` (`key=value ...`), compare the other configurations with it, in
+    comparison.csv too, and log the differences as the parent's metrics."""
     check_tracking_uri(uri, must_exist=True)
     check_output_folder(folder)
     client = MlflowClient(uri)
@@ -371,6 +498,8 @@ def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
     runs = [summarize(client, run) for run in tqdm(found, desc="reading runs", unit="run",
                                                      disable=not progress or None)]
     keys = swept_keys(runs)
+    # Before anything is written: a baseline naming no configuration is refused.
+    found_comparisons = comparisons(runs, keys, baseline) if baseline else {}
     folder.mkdir(parents=True, exist_ok=True)
     finished = [run for run in runs if not math.isnan(run.precision)]
     whole = [run for run in finished if run.eval_images is None]
@@ -396,6 +525,10 @@ def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
                                                    f"images" if best.eval_images else "") + ".")
     if (seeds := seed_table(runs, keys)) is not None:
         sections += ["## Over seeds", seeds]
+    if baseline:
+        sections += [f"## Against the baseline {baseline}", comparison_note(baseline),
+                     comparison_table(found_comparisons)]
+        write_comparison_csv(found_comparisons, folder / "comparison.csv")
     if (per_class := class_table(runs, keys)) is not None:
         sections += ["## Precision per class", CLASS_TABLE_NOTE, per_class]
     sections.append("\n".join(f"![{plot.stem}]({plot.name})" for plot in plots))
@@ -406,7 +539,11 @@ def write_report(uri: str, folder: Path, experiment: str = "cifar_exp",
     if parent is not None:
         client.log_artifacts(parent, str(folder), "report")
         client.set_tag(parent, "mlflow.note.content", ui_note(markdown, plots, parent))
-    return Report(folder, markdown, runs, keys, best, plots)
+        if baseline:
+            client.set_tag(parent, "baseline", baseline)
+            for name, value in comparison_metrics(found_comparisons).items():
+                client.log_metric(parent, name, value)
+    return Report(folder, markdown, runs, keys, best, plots, found_comparisons)
 
 
 def ui_note(markdown: str, plots: list[Path], parent: str) -> str:
@@ -459,6 +596,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI,
                         help=f"the store (default {DEFAULT_TRACKING_URI})")
     parser.add_argument("--out", type=Path, help="folder (default reports/<parent or name>)")
+    parser.add_argument("--baseline", metavar="KEY=VALUE",
+                        help="the configuration to compare the others with, e.g. "
+                             "optimizer=adam (several keys: quoted, space-separated)")
     return parser
 
 
@@ -466,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = argument_parser().parse_args(argv)
         folder = args.out or default_folder(args.parent or args.experiment)
-        report = write_report(args.tracking_uri, folder, args.experiment, args.parent)
+        report = write_report(args.tracking_uri, folder, args.experiment, args.parent,
+                              baseline=args.baseline)
     except UserError as error:
         return refused(error)
     print(report.markdown)

@@ -31,7 +31,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp.errors import UserError, refuse
+from cifar_exp.errors import ConfigError, UserError, refuse
 from cifar_exp.tracking import sweep_resume
 from cifar_exp.tracking.naming import PARENT_RUN_ENV, SWEPT_KEYS_ENV, command_line, git_tags
 from cifar_exp.tracking.redact import install_redaction, redact, redact_file
@@ -109,8 +109,13 @@ class SweepTracking(Callback):
         client = MlflowClient(self.uri)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         log_study_result(client, self.parent_run_id, sweep_dir / OPTUNA_RESULTS)
-        report = write_report(self.uri, sweep_dir / "report", config.tracking.experiment,
-                              parent=self.parent_run_id)
+        try:
+            report = write_report(self.uri, sweep_dir / "report", config.tracking.experiment,
+                                  parent=self.parent_run_id, baseline=config.tracking.baseline)
+        except ConfigError as error:  # a baseline naming no configuration: keep the report
+            log.warning("%s; the report leaves the comparison out", error)
+            report = write_report(self.uri, sweep_dir / "report", config.tracking.experiment,
+                                  parent=self.parent_run_id)
         finished = [run for run in report.runs if run.status == "FINISHED"]
         metrics = {"jobs": len(report.runs), "jobs_finished": len(finished)}
         if report.best is not None:

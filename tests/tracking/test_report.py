@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 import statistics
 from pathlib import Path
@@ -12,12 +13,14 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from cifar_exp.errors import ConfigError
 from cifar_exp.tracking.class_results import ClassResults, write_table
 from cifar_exp.tracking.report import (
     PAGE_INCHES,
     RunSummary,
     _label,
     class_table,
+    comparisons,
     default_folder,
     main,
     parse_overrides,
@@ -103,8 +106,11 @@ def test_seed_table_gives_mean_and_sample_std_per_configuration():
     runs = [summary(f"{o}{s}", p, optimizer=o, seed=s) for (o, s), p in PRECISIONS.items()]
     table = seed_table(runs, ["optimizer", "seed"])
     adam = statistics.mean([0.61, 0.63]), statistics.stdev([0.61, 0.63])
-    assert f"| adam | 2 | {adam[0]:.4f} ± {adam[1]:.4f} | 1,000 |" in table
-    assert "| sgd | 2 | 0.5400 ± 0.0283 | 1,000 |" in table
+    # The 95% interval: mean ± t(0.975, 1 df) * std / sqrt(2), t from a printed table.
+    half = 12.7062 * 0.02 / 2
+    assert (f"| adam | 2 | {adam[0]:.4f} ± {adam[1]:.4f} | [{0.62 - half:.4f}, "
+            f"{0.62 + half:.4f}] | 1,000 |") in table
+    assert "| sgd | 2 | 0.5400 ± 0.0283 | [0.2859, 0.7941] | 1,000 |" in table
     assert seed_table(runs, ["optimizer"]) is None  # no seed swept: no such table
 
 
@@ -220,10 +226,11 @@ def test_top5_precision_follows_precision_where_runs_logged_it():
                          "| old | FINISHED | 0.6000 | - | 1,000 | 12.0 |",
                          "| a | FINISHED | 0.5000 | 0.9000 | 1,000 | 12.0 |"]
     over_seeds = seed_table(runs, ["seed"]).splitlines()
-    assert over_seeds[0] == ("| seeds | precision (mean ± std) | precision_top5 (mean ± std) "
-                             "| examples/sec (mean) |")
+    assert over_seeds[0] == ("| seeds | precision (mean ± std) | precision 95% CI "
+                             "| precision_top5 (mean ± std) | examples/sec (mean) |")
     top5 = statistics.mean([0.9, 0.95]), statistics.stdev([0.9, 0.95])
-    assert over_seeds[2] == f"| 3 | 0.6000 ± 0.1000 | {top5[0]:.4f} ± {top5[1]:.4f} | 1,000 |"
+    assert over_seeds[2] == (f"| 3 | 0.6000 ± 0.1000 | [0.3516, 0.8484] | {top5[0]:.4f} ± "
+                             f"{top5[1]:.4f} | 1,000 |")
 
 
 def test_the_report_reads_top5_precision_from_the_store(store, tmp_path):
@@ -287,3 +294,65 @@ def test_a_legend_and_three_swept_keys_stay_within_the_page(tmp_path):
 ])
 def test_an_experiment_name_never_writes_outside_reports(name, folder):
     assert default_folder(name) == Path("reports") / folder
+
+
+def test_a_baseline_compares_each_configuration_paired_by_seed(store, tmp_path):
+    uri, parent = store
+    report = write_report(uri, tmp_path / "out", parent=parent, progress=False,
+                          baseline="optimizer=adam")
+    # sgd - adam per seed: -0.09 and -0.07; mean -0.08, std 0.01414, t(0.975, 1) 12.7062.
+    assert "## Against the baseline optimizer=adam" in report.markdown
+    assert ("| optimizer=sgd | paired | 2 | -0.0800 | [-0.2071, 0.0471] | no difference "
+            "shown at n=2 | 2 (paired) |") in report.markdown
+    with (tmp_path / "out" / "comparison.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["configuration"], row["test"], row["verdict"]) for row in rows] == [
+        ("optimizer=sgd", "paired", "no difference shown at n=2")]
+    assert float(rows[0]["difference"]) == pytest.approx(-0.08)
+
+    client = MlflowClient(uri)
+    logged = client.get_run(parent).data
+    assert logged.tags["baseline"] == "optimizer=adam"
+    assert logged.metrics["vs_baseline/optimizer_sgd/difference"] == pytest.approx(-0.08)
+    assert logged.metrics["vs_baseline/optimizer_sgd/ci_high"] == pytest.approx(0.0471,
+                                                                                abs=1e-4)
+    assert logged.metrics["vs_baseline/optimizer_sgd/seeds_needed"] == 2
+    assert "report/comparison.csv" in {a.path for a in client.list_artifacts(parent,
+                                                                              "report")}
+
+
+def test_configurations_with_other_seeds_are_compared_by_welch():
+    runs = [summary(f"{o}{s}", p, optimizer=o, lr=lr, seed=s) for o, lr, s, p in [
+        ("adam", "0.010", "0", 0.60), ("adam", "0.010", "1", 0.62), ("adam", "0.010", "2", 0.61),
+        ("sgd", "0.1", "0", 0.50), ("sgd", "0.1", "1", 0.52),
+        ("sgd", "0.01", "0", 0.40)]]
+    found = comparisons(runs, ["lr", "optimizer", "seed"], "optimizer=adam lr=0.01")
+    assert found.keys() == {"lr=0.1 optimizer=sgd", "lr=0.01 optimizer=sgd"}
+    welch = found["lr=0.1 optimizer=sgd"]
+    assert welch.test == "Welch" and (welch.n, welch.n_baseline) == (2, 3)
+    assert welch.difference == pytest.approx(0.51 - 0.61) and welch.verdict == "worse"
+    assert found["lr=0.01 optimizer=sgd"] is None  # one run: nothing to compare
+
+
+@pytest.mark.parametrize("baseline,message", [
+    ("optimizer=adamx", "names 0 configurations, not one; name one of: optimizer=adam; "
+                        "optimizer=sgd"),
+    ("lr=0.1", "--baseline names lr, which the runs do not vary; they vary: optimizer"),
+    ("adam", "give key=value"),
+])
+def test_a_baseline_that_names_no_single_configuration_is_refused(baseline, message):
+    runs = [summary(f"{o}{s}", p, optimizer=o, seed=s) for (o, s), p in PRECISIONS.items()]
+    with pytest.raises(ConfigError, match=message):
+        comparisons(runs, ["optimizer", "seed"], baseline)
+
+
+def test_cli_takes_a_baseline_and_refuses_a_bad_one_before_writing(store, tmp_path, capsys):
+    uri, parent = store
+    args = ["--parent", parent, "--tracking-uri", uri, "--out", str(tmp_path / "r")]
+    assert main([*args, "--baseline", "optimizer=adamx"]) == 2
+    # Its last line (MLflow's progress bar reading class results may come before it).
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: --baseline optimizer=adamx names 0 configurations")
+    assert not (tmp_path / "r" / "report.md").exists()
+    assert main([*args, "--baseline", "optimizer=adam"]) == 0
+    assert "## Against the baseline optimizer=adam" in capsys.readouterr().out
