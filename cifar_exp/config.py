@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from cifar_exp.callables import check_callables, resolved
-from cifar_exp.errors import ConfigError, removes_needed_key
+from cifar_exp.errors import ConfigError, one_line_composition_error, removes_needed_key
 from cifar_exp.speed import check_amp, check_compile, check_cuda_graph, check_tta
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -165,6 +165,12 @@ def known_keys() -> list[str]:
     """Every key a command line may set, dotted: the schema's and each builder group
     option's (`optimizer.momentum`), for the hint at a misspelt key."""
     return list(dict.fromkeys([*schema_defaults(), *builder_keys()]))
+
+
+def composition_error_line(error: Exception) -> str:
+    """Hydra's composition `error` in one line, its hints drawn from this project's keys
+    (as run and evaluate both say it)."""
+    return one_line_composition_error(error, known_keys(), builder_keys())
 
 
 def builder_keys() -> dict[str, list[str]]:

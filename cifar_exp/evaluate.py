@@ -37,11 +37,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.config import (
     DEFAULT_TRACKING_URI,
-    builder_keys,
     command_overrides,
     compose_config,
+    composition_error_line,
     dotlist_entry,
-    known_keys,
     validate,
 )
 from cifar_exp.errors import (
@@ -49,7 +48,6 @@ from cifar_exp.errors import (
     ConfigError,
     RecordFailure,
     UserError,
-    one_line_composition_error,
     refused,
 )
 from cifar_exp.quick_exit import run_and_exit
@@ -144,8 +142,7 @@ def _composed(overrides: list[Override]) -> DictConfig:
     try:
         return compose_config([override.input_line for override in overrides])
     except ConfigCompositionException as error:  # Hydra's message takes several lines
-        message = one_line_composition_error(error, known_keys(), builder_keys())
-        raise ConfigError(message) from error  # as run.refuse_untrusted_configs says it
+        raise ConfigError(composition_error_line(error)) from error  # as run says it
 
 
 def _new_spelling(argv: list[str]) -> list[str]:

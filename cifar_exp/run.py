@@ -31,10 +31,9 @@ from omegaconf import DictConfig
 
 from cifar_exp.config import (
     CONF_DIR,
-    builder_keys,
     check_composed,
     command_overrides,
-    known_keys,
+    composition_error_line,
     register_schema,
 )
 from cifar_exp.errors import (
@@ -43,7 +42,6 @@ from cifar_exp.errors import (
     RecordFailure,
     Stopped,
     UserError,
-    one_line_composition_error,
     refuse,
 )
 from cifar_exp.quick_exit import run_and_exit
@@ -194,7 +192,7 @@ def refuse_untrusted_configs() -> None:
         except UserError as error:
             refuse(error)
         except (ConfigCompositionException, OverrideParseException) as error:
-            refuse(one_line_composition_error(error, known_keys(), builder_keys()))
+            refuse(composition_error_line(error))
         return cfg
 
     ConfigLoaderImpl.load_configuration = checked
