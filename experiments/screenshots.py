@@ -4,9 +4,10 @@ selenium (Debian's chromium and chromium-driver) at 1400x900.
 
     CIFAR_EXP_DATA=<data> python experiments/screenshots.py [--out docs/images]
 
-Writes mlflow_run_overview.png, mlflow_run_metrics.png, mlflow_class_results.png,
-mlflow_sweep.png and mlflow_sweep_report.png into --out (default: a new temporary
-folder) and prints their paths. About six minutes on 2 busy CPU cores."""
+Writes mlflow_run_overview.png, mlflow_run_metrics.png, mlflow_system_metrics.png,
+mlflow_class_results.png, mlflow_logged_model.png, mlflow_sweep.png and
+mlflow_sweep_report.png into --out (default: a new temporary
+folder) and prints their paths. About six minutes on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from pathlib import Path
 import requests
 from mlflow.tracking import MlflowClient
 
-from cifar_exp.tracking.runs import MODEL_TRAINING_VIEW
+from cifar_exp.tracking.runs import MODEL_TRAINING_VIEW, served_model_id
 
-RUN = ("steps=60", "log_every=10", "eval_every=30", "eval_images=1000")
+RUN = ("steps=60", "log_every=10", "eval_every=30", "eval_images=1000",
+       "tracking.system_metrics_seconds=1")
 SWEEP = ("-m", "optimizer=adam,sgd", "seed=0,1", "steps=40", "log_every=10", "eval_every=40",
          "eval_images=500", "tracking.log_model=false", "checkpoint.enabled=false")
 WINDOW = (1400, 900)
@@ -159,7 +161,7 @@ def parent_and_run(uri: str) -> tuple:
     return parent, single
 
 
-def take(camera: Camera, parent, run) -> list[Path]:
+def take(camera: Camera, parent, run, model_id: str) -> list[Path]:
     from selenium.webdriver.common.by import By
 
     page = f"experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
@@ -170,9 +172,15 @@ def take(camera: Camera, parent, run) -> list[Path]:
     camera.open(f"{page}/model-metrics", lambda: camera.browser.find_elements(
         By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .trace"))
     shots.append(camera.shoot("mlflow_run_metrics.png"))
+    camera.open(f"{page}/system-metrics", lambda: camera.browser.find_elements(
+        By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .trace"))
+    shots.append(camera.shoot("mlflow_system_metrics.png"))
     camera.open(f"{page}/artifactPath/class_results/confusion_matrix.png",
                 lambda: camera.images_loaded(1))
     shots.append(camera.shoot("mlflow_class_results.png"))
+    camera.open(f"experiments/{run.info.experiment_id}/models/{model_id}",
+                lambda: "Metrics" in camera.text() and "test_loss" in camera.text())
+    shots.append(camera.shoot("mlflow_logged_model.png"))
     camera.open(f"experiments/{run.info.experiment_id}/runs",
                 lambda: parent.info.run_name in camera.text())
     # The jobs are nested under the sweep's row: unfold it.
@@ -207,7 +215,8 @@ def main() -> None:
         with mlflow_ui(uri, folder) as url:
             browser = chromium()
             try:
-                shots = take(Camera(browser, url, out), parent, run)
+                model_id = served_model_id(MlflowClient(uri), run.info.run_id)
+                shots = take(Camera(browser, url, out), parent, run, model_id)
             finally:
                 browser.quit()
     for shot in shots:

@@ -185,3 +185,49 @@ def test_the_printed_address_opens_the_run_and_the_experiment_its_runs_table(tmp
             wait.until(runs_table)
     finally:
         browser.quit()
+
+
+@pytest.mark.slow  # an MLflow server's start, then a headless Chromium
+def test_a_runs_first_charts_are_its_results_and_its_class_results_show(trained_run):
+    """What a researcher sees first on a finished run: loss, precision and examples/sec
+    among the first charts (no per-phase seconds/* charts), and the class_results/ files
+    (confusion matrix, misclassified images, per-class table) shown in the artifact view."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client = MlflowClient(trained_run["uri"])
+    experiment_id = client.get_run(trained_run["run_id"]).info.experiment_id
+    browser = chromium_driver()
+    try:
+        with mlflow_server(trained_run["uri"], trained_run["folder"]) as url:
+            wait = WebDriverWait(browser, 90, poll_frequency=0.5)
+            page = f"{url}/#/experiments/{experiment_id}/runs/{trained_run['run_id']}"
+            browser.get(f"{page}/model-metrics?{MODEL_TRAINING_VIEW}")
+            titles = lambda b: [e.get_attribute("title") for e in  # noqa: E731
+                                b.find_elements(By.CSS_SELECTOR, "h4[title]")]
+            text = lambda b: b.find_element(By.TAG_NAME, "body").text  # noqa: E731
+            # Charts below the fold are drawn as they scroll in: the first ones and the
+            # section's count are what the page opens on.
+            wait.until(lambda b: "precision" in titles(b))
+            # MLflow orders a run's charts by name; lr sorts among the results.
+            assert {"examples_per_sec", "loss", "precision"} <= set(titles(browser)[:4])
+            metrics = client.get_run(trained_run["run_id"]).data.metrics
+            assert f"Model metrics\n({len(metrics)})" in text(browser)
+            assert not [key for key in metrics if key.startswith("seconds/")]
+            browser.get(f"{page}/artifacts?{MODEL_TRAINING_VIEW}")
+            wait.until(lambda b: "class_results" in text(b).split("\n"))
+            browser.find_element(By.XPATH, "//*[text()='class_results']").click()  # unfold it
+            wait.until(lambda b: "per_class.csv" in text(b))
+            shown = ("return [...document.images].filter(i => i.src.startsWith('blob:') "
+                     "&& i.complete && i.naturalWidth > 100).map(i => i.src)")
+            seen: list[list[str]] = [[]]
+            for image in ("confusion_matrix.png", "misclassified.png"):
+                browser.find_element(By.XPATH, f"//*[text()='{image}']").click()
+                # Shown: a loaded image other than the one before.
+                wait.until(lambda b: b.execute_script(shown) not in ([], seen[-1]))
+                seen.append(browser.execute_script(shown))
+            browser.find_element(By.XPATH, "//*[text()='per_class.csv']").click()
+            wait.until(lambda b: {"class", "precision", "airplane", "truck"}
+                       <= set(text(b).replace("\n", " ").split()))
+    finally:
+        browser.quit()
