@@ -37,7 +37,7 @@ from cifar_exp.tracking.naming import PARENT_RUN_ENV, SWEPT_KEYS_ENV, command_li
 from cifar_exp.tracking.redact import install_redaction, redact, redact_file
 from cifar_exp.tracking.report import write_report
 from cifar_exp.tracking.store import check_tracking_uri, open_experiment, with_retries
-from cifar_exp.tracking.sweep_record import RECORD_ENV
+from cifar_exp.tracking.sweep_record import RECORD_ENV, read_record
 
 log = logging.getLogger(__name__)
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper
@@ -137,7 +137,7 @@ class SweepTracking(Callback):
         run_id, self.parent_run_id = self.parent_run_id, None
         for name in (PARENT_RUN_ENV, SWEPT_KEYS_ENV, RECORD_ENV):
             os.environ.pop(name, None)
-        if status == RunStatus.FAILED and self.record:  # stopped, or a job refused
+        if status == RunStatus.FAILED and jobs_begun(self.record):  # stopped, or a job refused
             print(f"the sweep goes on with: "
                   f"{sweep_resume.resume_command(Path(self.record).parent)}", file=sys.stderr)
         try:
@@ -180,3 +180,13 @@ def log_study_result(client: MlflowClient, run_id: str, results_file: Path) -> N
         client.log_param(run_id, f"best.{name}", redact(str(value)))
     if results.get("best_value") is not None:
         client.log_metric(run_id, "best_value", float(results["best_value"]))
+
+
+def jobs_begun(record: str) -> bool:
+    """Whether the sweep recorded at `record` (if any) has a job to go on with: one refused
+    before any job began (a packed sweep checks them all first) has none."""
+    try:
+        found = read_record(Path(record)) if record else None
+    except UserError:
+        return False
+    return found is not None and bool(found.jobs)

@@ -4,8 +4,10 @@ that grew is; one whose fixed values changed is refused) before its MLflow paren
 reopened. The sweep callback (tracking/sweep.py) calls this in the launching process; each
 job then finds itself in the record (job/sweep_job.py).
 
-Grid sweeps (Hydra's basic sweeper) on the basic and joblib launchers, whose jobs run
-through the command's entry point, keep a record; other sweepers and launchers do not."""
+Grid sweeps (Hydra's basic sweeper) keep a record on every launcher whose jobs run
+through the command's entry point or, packed, through the same job function: basic,
+joblib, submitit (local and SLURM), Ray (local) and packed. An Optuna search keeps its own
+(its study)."""
 
 from __future__ import annotations
 
@@ -47,7 +49,13 @@ from cifar_exp.tracking.sweep_record import (
 
 log = logging.getLogger(__name__)
 DURABLE_SWEEPERS = ("BasicSweeper",)
-DURABLE_LAUNCHERS = ("BasicLauncher", "JoblibLauncher")  # their jobs run the entry point
+# Their jobs run the entry point (packed members: its job function), in this process or
+# one that inherits its environment, where the record's path is passed on.
+DURABLE_LAUNCHERS = ("BasicLauncher", "JoblibLauncher", "LocalLauncher", "SlurmLauncher",
+                     "RayLauncher", "PackedLauncher")
+# The resume values that go on with a recorded sweep: auto also starts the jobs that never
+# started; true (as for one run) needs each job's checkpoint.
+RESUMING = (RESUME_AUTO, "True", "true")
 _held = contextlib.ExitStack()  # the sweep folder's lock, for as long as the sweep runs
 
 
@@ -96,7 +104,7 @@ def begin(config: DictConfig, swept: list[str], uri: str) -> SweepStart | None:
     start = SweepStart(path, record or SweepRecord(), fixed_values(config, swept))
     if record is None or not record.parent_run_id:
         return start
-    if str(config.resume) != RESUME_AUTO:
+    if str(config.resume) not in RESUMING:
         raise UserError(f"{sweep_dir} holds a sweep already (MLflow parent run "
                         f"{record.parent_run_id}, {len(record.jobs)} jobs): resume=auto "
                         f"continues it; choose another hydra.sweep.dir for a new one")

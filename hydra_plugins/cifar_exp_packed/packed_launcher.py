@@ -219,6 +219,7 @@ class _Member:
 
         from cifar_exp import run
         from cifar_exp.job.job import LauncherHooks
+        from cifar_exp.job.sweep_job import run_in_sweep
 
         # The pack takes the member's steps with the others', holds the one stop request
         # (signals reach the main thread), places the pack on its GPU, and shows one bar.
@@ -226,7 +227,9 @@ class _Member:
                               device_slot=pack.index, shares_device=True)
         context = dataclasses.replace(self.context, hooks=hooks)
         try:
-            self.job_return.return_value = run.run_and_report(self.cfg, context)
+            # A member of a recorded sweep may need no training, or train in another folder.
+            self.job_return.return_value = run_in_sweep(
+                self.cfg, context, lambda found: run.run_and_report(self.cfg, found))
             self.job_return.status = JobStatus.COMPLETED
         except SystemExit as end:
             self.job_return.return_value = float("nan")

@@ -108,42 +108,61 @@ def one_finished_run_per_job(uri: str, names: set[str]) -> tuple:
 
 
 def kill_and_resume(tmp_path: Path, data_root: Path, store: str, kill_point: str,
-                    launcher: tuple[str, ...] = ()) -> None:
+                    launcher: tuple[str, ...] = (), all_at_once: bool = False) -> None:
     """A sweep of three seeds, its process group killed once its first job finished and
-    its second reached `kill_point`, then the same command with resume=auto."""
+    its second reached `kill_point`, then the same command with resume=auto. A launcher
+    that runs `all_at_once` (submitit's local executor) is killed at the second job's
+    `kill_point` alone, and its resumed sweep run once more: every job finished, none
+    trained again."""
     sweep_dir = tmp_path / "sweep"
     command = ("-m", *launcher, "seed=0,1,2", *JOB, f"tracking.uri={store}",
                f"hydra.sweep.dir={sweep_dir}")
     process = start_in_own_group(tmp_path, *command, data_root=data_root,
                                  output=tmp_path / "killed.txt")
-    wait_for(lambda: statuses(sweep_dir).get("0") == FINISHED
+    wait_for(lambda: (all_at_once or statuses(sweep_dir).get("0") == FINISHED)
              and log_says(sweep_dir / "1" / "run.log", kill_point), process)
     stop_process_group(process, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
-    assert statuses(sweep_dir)["0"] == FINISHED and "1" in statuses(sweep_dir)
+    assert all_at_once or statuses(sweep_dir)["0"] == FINISHED
+    assert "1" in statuses(sweep_dir)
 
     resumed = cli(tmp_path, *command, "resume=auto", data_root=data_root)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    output = resumed.stdout + resumed.stderr
-    assert re.search(r"tf_cnn-adam seed=0 finished in an earlier run of this sweep, in "
-                     rf"{sweep_dir / '0'}: not trained again", output)
-    assert "(tf_cnn-adam seed=0)" not in output  # no new MLflow run for it
     assert statuses(sweep_dir) == {"0": FINISHED, "1": FINISHED, "2": FINISHED}
+    skipped = ["0"]
+    if all_at_once:
+        resumed = cli(tmp_path, *command, "resume=auto", data_root=data_root)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        skipped = ["0", "1", "2"]
+    output = resumed.stdout + resumed.stderr
+    for job in skipped:
+        # submitit's jobs log to their files only, not to the command's output.
+        logged = output + (sweep_dir / job / "run.log").read_text()
+        assert re.search(rf"tf_cnn-adam seed={job} finished in an earlier run of this sweep, "
+                         rf"in {sweep_dir / job}: not trained again", logged)
+        assert f"(tf_cnn-adam seed={job})" not in output  # no new MLflow run for it
 
 
 def check_the_resumed_sweep(tmp_path: Path, data_root: Path, store: str,
-                            store_template: Path) -> None:
+                            store_template: Path, launcher: tuple[str, ...] = (),
+                            commands: int = 2) -> None:
+    """One parent, each job FINISHED once with each point once, the record's results the
+    runs', and the killed job's metrics those of the same job uninterrupted: alone, or a
+    sweep of it alone on the same `launcher` where that launcher trains it another way
+    (packed: stacked). The sweep's command ran `commands` times."""
     names = {"tf_cnn-adam seed=0", "tf_cnn-adam seed=1", "tf_cnn-adam seed=2"}
     parent, finished = one_finished_run_per_job(store, names)
     assert parent.data.metrics["jobs_finished"] == 3
     record = read_record(tmp_path / "sweep" / sweep_record.FILENAME)
-    assert record.parent_run_id == parent.info.run_id and record.runs == 2
+    assert record.parent_run_id == parent.info.run_id and record.runs == commands
     for name, job in record.jobs.items():  # the results the sweeper got, skipped or not
         assert job.precision == finished[f"tf_cnn-adam seed={name}"].data.metrics["precision"]
     # The killed job learned what it learns uninterrupted: the same run, alone.
     reference_store = copy_store(store_template, tmp_path / "reference")
-    alone = cli(tmp_path, "seed=1", *JOB, f"tracking.uri={reference_store}",
-                f"hydra.run.dir={tmp_path / 'reference' / 'run'}", data_root=data_root)
+    where = (("-m", *launcher, f"hydra.sweep.dir={tmp_path / 'reference' / 'sweep'}")
+             if launcher else (f"hydra.run.dir={tmp_path / 'reference' / 'run'}",))
+    alone = cli(tmp_path, *where, "seed=1", *JOB, f"tracking.uri={reference_store}",
+                data_root=data_root)
     assert alone.returncode == 0, alone.stderr[-3000:]
     [reference] = sweep_runs(reference_store)[1]
     expected = histories(reference_store, reference.info.run_id)
@@ -166,6 +185,28 @@ def test_a_sweep_killed_anywhere_resumes_as_one_sweep(tmp_path, data_root, store
                                                       store_template, kill_point, launcher):
     kill_and_resume(tmp_path, data_root, store, kill_point, launcher)
     check_the_resumed_sweep(tmp_path, data_root, store, store_template)
+
+
+# One pack per job: the first finishes while the second trains, as on the other launchers.
+PACKED_STACKED = ("hydra/launcher=packed", "hydra.launcher.mode=stacked",
+                  "hydra.launcher.jobs_per_device=1")
+
+
+@pytest.mark.slow  # a sweep killed and resumed on another launcher, and a reference run
+@pytest.mark.parametrize(("launcher", "kill_point"), [
+    (("hydra/launcher=submitit_local",), "step 2, checkpoint saved"),
+    (("hydra/launcher=ray",), "step 2, loss = "),
+    (PACKED_STACKED, "step 2, checkpoint saved"),
+    (PACKED_STACKED, "step 4, loss = "),
+], ids=["submitit", "ray", "packed-checkpointed", "packed-last-step"])
+def test_a_sweep_on_another_launcher_killed_resumes_as_one_sweep(
+        tmp_path, data_root, store, store_template, launcher, kill_point):
+    # submitit's local executor starts every job at once.
+    all_at_once = launcher[0] == "hydra/launcher=submitit_local"
+    kill_and_resume(tmp_path, data_root, store, kill_point, launcher, all_at_once)
+    reference = launcher if launcher == PACKED_STACKED else ()
+    check_the_resumed_sweep(tmp_path, data_root, store, store_template, reference,
+                            commands=3 if all_at_once else 2)
 
 
 @pytest.mark.slow  # a sweep stopped, then the command it prints, and a reference run
