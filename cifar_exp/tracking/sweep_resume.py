@@ -93,7 +93,7 @@ def durable(config: DictConfig) -> bool:
 def begin(config: DictConfig, swept: list[str], uri: str) -> SweepStart | None:
     """Hold the sweep's folder and read its record; None for a sweep that keeps none.
     Refused (UserError, one line): another command running the sweep, a sweep there
-    already without resume=auto, fixed values that changed, a parent the store lacks."""
+    already without resume=auto (or true), fixed values that changed, a parent the store lacks."""
     if not durable(config):
         return None
     # Absolute, as Hydra makes each job's folder: the jobs find theirs inside it.
