@@ -194,6 +194,23 @@ def test_whitening_bias_trains_for_its_first_epochs_only():
         build_model("airbench", 10, 32, whiten_bias_epochs=-1)
 
 
+def test_whitening_bias_starts_at_zero_or_at_the_convs_default_init():
+    torch.manual_seed(0)
+    zero = build_model("airbench", 10, 32)
+    torch.manual_seed(0)
+    uniform = build_model("airbench", 10, 32, whiten_bias_init="uniform")
+    assert torch.equal(zero.whiten.bias, torch.zeros(24))
+    bound = 1 / math.sqrt(3 * 2 * 2)  # nn.Conv2d's: 1/sqrt(fan in), as airbench94_muon's
+    bias = uniform.whiten.bias
+    assert bias.abs().max() <= bound and bias.abs().max() > bound / 2 and bias.std() > 0
+    # The same draws either way: every other parameter starts alike.
+    for (name, p), q in zip(zero.named_parameters(), uniform.parameters(), strict=True):
+        assert name == "whiten.bias" or torch.equal(p, q), name
+    with pytest.raises(ConfigError, match="model.whiten_bias_init=normal is unknown; use one "
+                                          "of zeros, uniform"):
+        build_model("airbench", 10, 32, whiten_bias_init="normal")
+
+
 def test_models_without_a_data_hook_are_left_alone():
     model = build_model("resnet9", 10, 32)
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -179,10 +179,12 @@ def test_muon_normalizes_filters_and_skips_those_without_gradient():
     assert torch.equal(net.conv.weight, frozen)
 
 
-def test_muon_state_dict_round_trip_resumes_bit_identically():
+@pytest.mark.parametrize("fused", [False, True])
+def test_muon_state_dict_round_trip_resumes_bit_identically(fused):
     def build(net):
         optimizer = build_optimizer("muon", parameter_groups(net), lr=0.1, sgd_lr=0.5,
-                                    sgd_weight_decay=0.01, sgd_decoupled_weight_decay=True)
+                                    sgd_weight_decay=0.01, sgd_decoupled_weight_decay=True,
+                                    fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 10)
         return optimizer, schedule
 
@@ -219,7 +221,7 @@ def test_muon_state_dict_round_trip_resumes_bit_identically():
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"fused": True}, "optimizer.fused=true is not possible with muon"),
+    ({"fused": True, "foreach": True}, "optimizer.fused=true and optimizer.foreach=true"),
     ({"ns_steps": 0}, r"optimizer.ns_steps=0 must lie in \[1, 99\]"),
     ({"ns_coefficients": [1.0, 2.0]}, "must be three numbers"),
     ({"sgd_bias_lr": 0.0}, "must be positive"),
@@ -234,3 +236,77 @@ def test_muon_refuses_bad_options_in_one_line(options, message):
 def test_muon_needs_convolution_filters():
     with pytest.raises(ConfigError, match="found no convolution filters"):
         build_optimizer("muon", parameter_groups(torch.nn.Linear(3, 2)))
+
+
+class FilterNet(torch.nn.Module):
+    """Filters of both orientations as matrices: wide (4 x 27) and tall (16 x 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = torch.nn.Conv2d(3, 4, 3, bias=False)
+        self.tall = torch.nn.Conv2d(1, 16, 2, bias=False)
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"nesterov": False, "weight_decay": 0.05},
+    {"ns_steps": 3, "momentum": 0.6, "eps": 1e-3, "ns_coefficients": (3.0, -3.2, 1.2)},
+    {"adjust_lr_fn": "match_rms_adamw", "weight_decay": 0.1},
+    {"adjust_lr_fn": "spectral_unclamped"},
+])
+@pytest.mark.parametrize("device_lr", [False, True], ids=["float_lr", "tensor_lr"])
+def test_muon_update_is_torch_muons_over_several_steps(options, device_lr):
+    """Our step against torch.optim.Muon's on the same matrices and gradients, fp32 on the
+    CPU, the lr changing each step; `tensor_lr`: the lr in a tensor, as under a CUDA graph."""
+    torch.manual_seed(0)
+    net = FilterNet().to(memory_format=torch.channels_last)
+    settings = {"lr": 0.05, "momentum": 0.95, "nesterov": True, "weight_decay": 0.0, **options}
+    optimizer = build_optimizer("muon", list(net.parameters()), **settings)
+    references = [torch.nn.Parameter(p.detach().reshape(p.shape[0], -1).clone())
+                  for p in net.parameters()]
+    muon = torch.optim.Muon(references, **settings)
+    for step in range(5):
+        lr = 0.05 * (1 - step / 5)
+        optimizer.param_groups[0]["lr"] = torch.tensor(lr) if device_lr else lr
+        muon.param_groups[0]["lr"] = lr
+        set_gradients(net, step)
+        for p, reference in zip(net.parameters(), references, strict=True):
+            reference.grad = p.grad.reshape(reference.shape).clone()
+        optimizer.step()
+        muon.step()
+        for p, reference in zip(net.parameters(), references, strict=True):
+            torch.testing.assert_close(p.reshape(reference.shape), reference, rtol=1e-6,
+                                       atol=1e-7)
+    state = optimizer.muon.state
+    for matrix, reference in zip(optimizer.muon.param_groups[0]["params"], references,
+                                 strict=True):
+        torch.testing.assert_close(state[matrix]["momentum_buffer"],
+                                   muon.state[reference]["momentum_buffer"], rtol=1e-6, atol=1e-7)
+
+
+def test_muon_step_reads_nothing_back_to_the_host():
+    """On meta tensors (shapes, no values) any read of a value (.item(), bool, a tensor as a
+    Python number) fails: the Muon step, lr in a tensor, is tensor work only, as a CUDA
+    graph needs."""
+    net = FilterNet().to("meta")
+    optimizer = build_optimizer("muon", list(net.parameters()), lr=0.1, weight_decay=0.1,
+                                normalize_filters=True, adjust_lr_fn="match_rms_adamw",
+                                fused=True)
+    for p in net.parameters():
+        p.grad = torch.empty_like(p)
+    optimizer.param_groups[0]["lr"] = torch.tensor(0.1, device="meta")
+    for _ in range(2):  # the first makes the momentum buffers, the second uses them
+        optimizer.step()
+    assert all(p.device.type == "meta" for p in net.parameters())
+
+
+def test_muon_fused_option_makes_sgd_fused_and_a_checkpoint_keeps_this_runs_kernels():
+    net = muon_net()
+    eager = build_optimizer("muon", parameter_groups(net), foreach=True)
+    fused = build_optimizer("muon", parameter_groups(net), fused=True)
+    assert all(g["fused"] and not g["foreach"] for g in fused.sgd.param_groups)
+    set_gradients(net, 0)
+    eager.step()  # SGD state to carry over
+    fused.load_state_dict(eager.state_dict())  # as a checkpoint from before fused=true
+    assert all(g["fused"] and not g["foreach"] for g in fused.sgd.param_groups)
+    assert fused.param_groups[1:] == fused.sgd.param_groups

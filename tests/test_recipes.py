@@ -83,7 +83,7 @@ def test_every_recipe_trains_two_steps_and_exports_both_models(tmp_path, data_ro
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe", ["tf_tutorial_adam", "tf_tutorial_sgd_decay", "fast94",
-                                    "fast96", "resnet18"])
+                                    "fast94_muon", "fast96", "resnet18"])
 def test_every_recipe_trains_on_the_gpu_in_bf16(tmp_path, data_root, recipe, store):
     _, run = run_recipe(store, tmp_path, data_root, recipe, "steps=20", "log_every=10",
                         "device=cuda", "tracking.log_model=false")
@@ -116,14 +116,19 @@ def test_fast94_muon_is_airbench94_muon_as_published():
     assert opt.sgd_momentum == 0.85 and opt.sgd_nesterov and opt.sgd_decoupled_weight_decay
     assert (cfg.schedule.name, cfg.schedule.start_factor, cfg.schedule.peak_fraction,
             cfg.schedule.end_factor) == ("triangle", 1.0, 0.0, 0.0)
-    # torch's Muon cannot run in a CUDA graph: `auto` keeps it off even on a GPU.
-    assert not resolve_cuda_graph("auto", torch.device("cuda"), "bf16", "none",
+    # The whitening bias starts as airbench94_muon's: at nn.Conv2d's default init.
+    assert cfg.model.whiten_bias_init == "uniform" and cfg.model.whiten_bias_epochs == 3
+    # The Muon step can be captured: `auto` graphs it on a GPU (op by op on the CPU).
+    assert opt.fused and resolve_cuda_graph("auto", torch.device("cuda"), "bf16", "none",
+                                            fused_optimizer=bool(opt.fused),
+                                            data_parallel=False)
+    assert not resolve_cuda_graph("auto", torch.device("cpu"), "fp32", "none",
                                   fused_optimizer=bool(opt.fused), data_parallel=False)
 
 
 def test_fast94_muon_trains_a_few_steps(tmp_path, data_root, store):
     # The recipe as written, but 2 steps of 128 images, scored on 50 test images, and one
-    # Newton-Schulz iteration instead of 3: torch's Muon runs them in bf16, about 1.1 s each
+    # Newton-Schulz iteration instead of 3: Muon runs them in bf16, about 1.1 s each
     # on 2 CPU cores; the schedule is the point here.
     client, run = run_recipe(store, tmp_path, data_root, "fast94_muon", "steps=2",
                              "batch_size=128", "log_every=1", "tracking.log_model=false",

@@ -5,8 +5,9 @@ images' patch covariance, then GELU; three blocks of conv3x3 -> max-pool 2 -> Ba
 -> GELU -> conv3x3 -> BatchNorm -> GELU (widths 64, 256, 256); a global max-pool; and a
 bias-free linear head whose logits are scaled by 1/9. BatchNorm layers train only their
 bias (the scale stays 1); each conv starts as the identity on its first input channels.
-The whitening bias trains for the first `whiten_bias_epochs` epochs only. airbench96's
-variant (`residual`) adds each block's first stage to the output of its later convs."""
+The whitening bias starts at zero (`whiten_bias_init: uniform`: at nn.Conv2d's default
+init, as airbench94_muon's) and trains for the first `whiten_bias_epochs` epochs only.
+airbench96's variant (`residual`) adds each block's first stage to the output of its later convs."""
 
 from __future__ import annotations
 
@@ -17,19 +18,24 @@ from torch import nn
 from cifar_exp.errors import ConfigError
 from cifar_exp.models import MODELS
 
+# The whitening bias's start: zero, or nn.Conv2d's default (airbench94_muon's).
+WHITEN_BIAS_INITS = ("zeros", "uniform")
+
 
 class PatchWhitening(nn.Conv2d):
     """A k x k convolution whose filters are the patch covariance's eigenvectors scaled by
     1/sqrt(eigenvalue + eps), each also negated (so a following GELU keeps both signs):
     on the training patches its outputs are decorrelated with unit variance. The filters
-    are frozen; the bias trains."""
+    are frozen; the bias trains, from zero or (`bias_init="uniform"`) from nn.Conv2d's
+    default init, uniform in +-1/sqrt(3 k k)."""
 
-    def __init__(self, kernel_size: int, eps: float) -> None:
+    def __init__(self, kernel_size: int, eps: float, bias_init: str = "zeros") -> None:
         channels = 3 * kernel_size * kernel_size
-        super().__init__(3, 2 * channels, kernel_size, bias=True)
+        super().__init__(3, 2 * channels, kernel_size, bias=True)  # draws both inits
         self.eps = eps
         self.weight.requires_grad_(False)
-        nn.init.zeros_(self.bias)
+        if bias_init == "zeros":  # either way the same draws: later layers init alike
+            nn.init.zeros_(self.bias)
 
     @torch.no_grad()
     def initialize_from_data(self, images: torch.Tensor, chunk: int = 500) -> None:
@@ -108,10 +114,10 @@ class Airbench(nn.Module):
     def __init__(self, num_classes: int, widths: list[int], convs_per_block: int, *,
                  bn_momentum: float, logit_scale: float, whiten_kernel: int,
                  whiten_eps: float, whiten_bias_epochs: int | None = None,
-                 residual: bool = False) -> None:
+                 whiten_bias_init: str = "zeros", residual: bool = False) -> None:
         super().__init__()
         self.whiten_bias_epochs = whiten_bias_epochs
-        self.whiten = PatchWhitening(whiten_kernel, whiten_eps)
+        self.whiten = PatchWhitening(whiten_kernel, whiten_eps, whiten_bias_init)
         channels = [self.whiten.out_channels, *widths]
         block = ResidualConvBlock if residual else ConvBlock
         self.blocks = nn.Sequential(*(
@@ -138,7 +144,8 @@ class Airbench(nn.Module):
 def build(num_classes: int, image_size: int, *, widths: list[int] = (64, 256, 256),
           convs_per_block: int = 2, bn_momentum: float = 0.4, logit_scale: float = 1 / 9,
           whiten_kernel: int = 2, whiten_eps: float = 5e-4,
-          whiten_bias_epochs: int | None = 3, residual: bool = False) -> Airbench:
+          whiten_bias_epochs: int | None = 3, whiten_bias_init: str = "zeros",
+          residual: bool = False) -> Airbench:
     widths = list(widths)
     # Each block halves the side; the whitening conv takes whiten_kernel - 1 pixels.
     side = image_size - whiten_kernel + 1
@@ -155,6 +162,10 @@ def build(num_classes: int, image_size: int, *, widths: list[int] = (64, 256, 25
     if whiten_bias_epochs is not None and whiten_bias_epochs < 0:
         raise ConfigError(f"model.whiten_bias_epochs={whiten_bias_epochs} must be >= 0, or "
                           f"null to train the whitening bias throughout")
+    if whiten_bias_init not in WHITEN_BIAS_INITS:
+        raise ConfigError(f"model.whiten_bias_init={whiten_bias_init} is unknown; use one of "
+                          f"{', '.join(WHITEN_BIAS_INITS)}")
     return Airbench(num_classes, widths, convs_per_block, bn_momentum=bn_momentum,
                     logit_scale=logit_scale, whiten_kernel=whiten_kernel, whiten_eps=whiten_eps,
-                    whiten_bias_epochs=whiten_bias_epochs, residual=residual)
+                    whiten_bias_epochs=whiten_bias_epochs, whiten_bias_init=whiten_bias_init,
+                    residual=residual)

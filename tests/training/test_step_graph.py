@@ -303,3 +303,107 @@ def test_a_data_path_that_cannot_be_captured_runs_op_by_op_before_the_graph(
     assert graphed.graphs.captures == 1  # the step alone, once
     warnings = [r.message for r in caplog.records if "could not be captured" in r.message]
     assert len(warnings) == 1 and "it runs op by op, the step still as a graph" in warnings[0]
+
+
+# --- muon: its whole step (Muon on the filters, fused SGD on the rest) can be captured ------
+
+
+class TinyConvNet(torch.nn.Sequential):
+    """Filters for Muon (3x3 and 1x1), conv and BatchNorm biases and a linear head for SGD."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                         torch.nn.GELU(), torch.nn.Conv2d(8, 16, 1), torch.nn.MaxPool2d(8),
+                         torch.nn.Flatten(), torch.nn.Linear(16, 10, bias=False))
+
+
+def muon_with_schedule(model: torch.nn.Module, steps: int):
+    """fast94_muon's optimizer in small: Muon on the filters with normalization and weight
+    decay, fused Nesterov SGD on the rest at two lrs, all on a schedule that changes every
+    step."""
+    optimizer = build_optimizer("muon", parameter_groups(model), lr=0.2, momentum=0.6,
+                                weight_decay=0.01, ns_steps=3, normalize_filters=True,
+                                sgd_lr=0.3, sgd_bias_lr=2.0, sgd_momentum=0.85,
+                                sgd_weight_decay=1e-3, sgd_decoupled_weight_decay=True,
+                                fused=True)
+    return optimizer, build_schedule("triangle", optimizer, steps, 10.0)
+
+
+@pytest.fixture
+def graphs_on_the_cpu_with_device_lrs(monkeypatch):
+    """As graphs_on_the_cpu, and each replay runs with the device lrs installed, as the
+    graph was recorded: the optimizer reads its lrs from the tensors StepGraphs refills."""
+    lr_types = []
+
+    def capture(self, arguments, work, generator):
+        buffers = tuple(argument.clone() for argument in arguments)
+        lrs = self.lrs
+
+        def recorded(*inputs):
+            with lrs.installed():
+                lr_types.append({type(group["lr"]) for group in lrs.optimizer.param_groups})
+                return work(*inputs)
+
+        loss = torch.zeros(())
+        return step_graph._Captured(ReplayedEagerly(recorded, buffers, loss), buffers, loss)
+
+    monkeypatch.setattr(StepGraphs, "_capture", capture)
+    monkeypatch.setattr(StepGraphs, "_on_side_stream", lambda self, work: work())
+    return lr_types
+
+
+def test_graphed_muon_steps_train_as_the_eager_steps_on_the_cpu(
+        graphs_on_the_cpu_with_device_lrs):
+    steps = WARMUP_STEPS + 4
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(steps * 16, 3, 8, 8, generator=generator)
+    labels = torch.randint(0, 10, (steps * 16,), generator=generator)
+    runs = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = TinyConvNet().to(memory_format=torch.channels_last)
+        optimizer, schedule = muon_with_schedule(model, steps)
+        step = TrainingStep(model, optimizer, made_of(inputs, labels), CPU, cuda_graph=graphed)
+        losses, lrs = [], []
+        for index in range(steps):  # a new batch and new lrs each step
+            losses.append(step(torch.arange(index * 16, (index + 1) * 16), 0).clone())
+            lrs.append([group["lr"] for group in optimizer.param_groups])
+            schedule.step()
+        runs[graphed] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()],
+                         lrs)
+        if graphed:
+            assert step.graphs is not None and step.graphs.captures == 1
+    assert graphs_on_the_cpu_with_device_lrs == [{torch.Tensor}] * (steps - WARMUP_STEPS)
+    assert runs[True][2] == runs[False][2] and len({lr[0] for lr in runs[True][2]}) == steps
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-6, atol=1e-7)
+    for graphed_param, eager_param in zip(runs[True][1], runs[False][1], strict=True):
+        torch.testing.assert_close(graphed_param, eager_param, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_graphed_muon_step_trains_as_the_eager_step_on_the_gpu(monkeypatch):
+    """The Muon step captured with torch.cuda.CUDAGraph (the trainer's StepGraphs), its
+    lrs refilled each replay, against the same steps op by op."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    cuda, steps = torch.device("cuda"), 10
+    generator = torch.Generator(cuda).manual_seed(1)
+    inputs = torch.randn(steps * 32, 3, 24, 24, device=cuda, generator=generator)
+    labels = torch.randint(0, 10, (steps * 32,), device=cuda, generator=generator)
+    runs = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = build_model("tf_cnn", 10, 24).to(cuda, memory_format=torch.channels_last)
+        optimizer, schedule = muon_with_schedule(model, steps)
+        step = TrainingStep(model, optimizer, made_of(inputs, labels, torch.channels_last),
+                            cuda, amp="fp32", cuda_graph=graphed)
+        losses = []
+        for index in range(steps):
+            losses.append(step(torch.arange(index * 32, (index + 1) * 32, device=cuda),
+                               0).clone())
+            schedule.step()
+        runs[graphed] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()])
+        if graphed:
+            assert step.graphs is not None and step.graphs.captures == 1
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-5)
+    for graphed_param, eager_param in zip(runs[True][1], runs[False][1], strict=True):
+        torch.testing.assert_close(graphed_param, eager_param, rtol=1e-4, atol=1e-4)
