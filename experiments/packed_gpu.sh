@@ -11,8 +11,9 @@
 #
 # Environment: OUT (results folder, default ./packed_gpu_results), JOBS (default 8),
 # BASELINE_ARGS (overrides of the baseline's sweep, default "log_every=100"), FAST_ARGS
-# (of fast94's, default empty), MPS (false: no MPS run), PYTHON (default python3). Extra arguments are overrides for
-# both sweeps. The Python packages must already be importable.
+# (of fast94's, default empty), SWEEPS (which to run, default "baseline fast94"; gpu_check.sh
+# runs fast94 alone), MPS (false: no MPS run), PYTHON (default python3). Extra arguments are
+# overrides for both sweeps. The Python packages must already be importable.
 set -euo pipefail
 out=${OUT:-packed_gpu_results}
 jobs=${JOBS:-8}
@@ -40,7 +41,12 @@ sweep() {  # sweep <name> <overrides...>: the table of the sweep timed each way
   fi
 }
 
-# shellcheck disable=SC2086
-sweep baseline ${BASELINE_ARGS-log_every=100} "$@"
-# shellcheck disable=SC2086
-sweep fast94 experiment=fast94 ${FAST_ARGS-} "$@"
+sweeps=" ${SWEEPS-baseline fast94} "
+if [[ $sweeps == *" baseline "* ]]; then
+  # shellcheck disable=SC2086
+  sweep baseline ${BASELINE_ARGS-log_every=100} "$@"
+fi
+if [[ $sweeps == *" fast94 "* ]]; then
+  # shellcheck disable=SC2086
+  sweep fast94 experiment=fast94 ${FAST_ARGS-} "$@"
+fi
