@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,12 @@ from cifar_exp.tracking.sweep_record import (
     RECORD_ENV,
     STARTED,
     JobEntry,
+    SweepRecord,
     config_digest,
+    read_record,
     updating,
 )
+from cifar_exp.world import current_world
 
 log = logging.getLogger(__name__)
 RETRY_KEY = "retry_failed"  # the config key that runs failed jobs again
@@ -61,6 +65,7 @@ class SweepJob:
                                                                             resolve=True))),
                                     swept_keys())
         self.name = str(context.folder.relative_to(self.sweep_dir))  # Hydra's folder for it
+        self.writes = current_world().is_main  # one writer of a job's several processes
 
     def run(self, train: Callable[[JobContext], float]) -> float:
         retry = bool(OmegaConf.select(self.cfg, RETRY_KEY, default=False))
@@ -94,7 +99,14 @@ class SweepJob:
 
     def claim(self, retry: bool) -> tuple[str, JobEntry, set[str]]:
         """The job's folder (the one recorded for its config, else a new one) and its entry
-        as found; every job folder of the record. A job about to train is marked started."""
+        as found; every job folder of the record. A job about to train is marked started.
+        Of a job's several processes (submitit's tasks), rank 0 alone writes the record:
+        the others find the same folder from it, or the one rank 0 is making."""
+        if not self.writes:
+            record = read_record(self.record) or SweepRecord()
+            name = record.folder_of(self.digest) or record.new_folder(self.name, self.digest)
+            found = record.jobs.get(name) or JobEntry(self.digest)
+            return name, dataclasses.replace(found), {*record.jobs, name}
         with updating(self.record) as record:
             name = record.folder_of(self.digest)
             if name is None:
@@ -107,6 +119,8 @@ class SweepJob:
             return name, found, set(record.jobs)
 
     def mark(self, name: str, status: str, precision: float | None = None) -> None:
+        if not self.writes:
+            return
         with updating(self.record) as record:
             entry = record.jobs[name]
             entry.status = status
@@ -118,7 +132,7 @@ class SweepJob:
         context, folder = self.context, self.sweep_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         follow_log_files(context.folder, folder)
-        if self.name not in claimed:
+        if self.name not in claimed and self.writes:
             remove_if_unused(context.folder)
         hydra = None
         if context.hydra is not None:
@@ -163,9 +177,12 @@ def finished_in(cfg: DictConfig, folder: Path, digest: str) -> float | None:
 
 
 def follow_log_files(old: Path, new: Path) -> None:
-    """Point the log files that Hydra opened in folder `old` to the same names in `new`."""
+    """Point the log files that Hydra opened in folder `old` to the same names in `new`:
+    those of this thread (a packed member's file takes only its own thread's lines)."""
+    ours = logging.makeLogRecord({"threadName": threading.current_thread().name})
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == old:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == old \
+                and handler.filter(ours):
             handler.acquire()
             try:
                 handler.close()  # reopened at its next record, under its new name

@@ -6,7 +6,8 @@ job then finds itself in the record (job/sweep_job.py).
 
 Grid sweeps (Hydra's basic sweeper) keep a record on every launcher whose jobs run
 through the command's entry point or, packed, through the same job function: basic,
-joblib, submitit (local and SLURM), Ray (local) and packed. An Optuna search keeps its own
+joblib, submitit (local and SLURM), Ray (a local instance, no `ray.init.address`) and
+packed. An Optuna search keeps its own
 (its study)."""
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def durable(config: DictConfig) -> bool:
     """Whether this multirun keeps a record: a grid sweep whose jobs run the entry point."""
     sweeper = str(config.hydra.sweeper._target_).rsplit(".", 1)[-1]
     launcher = str(config.hydra.launcher._target_).rsplit(".", 1)[-1]
+    # Workers of a Ray cluster started elsewhere do not inherit this process's environment.
+    if launcher == "RayLauncher" and OmegaConf.select(config, "hydra.launcher.ray.init.address"):
+        return False
     return sweeper in DURABLE_SWEEPERS and launcher in DURABLE_LAUNCHERS
 
 
