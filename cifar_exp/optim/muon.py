@@ -10,7 +10,8 @@ biases, normalization layers and anything else train with torch's SGD, as airben
 trains its head and biases.
 
 The step is ours, not torch's Muon.step (which reads its lr back to the host): the same
-operations in the same order (so the same numbers, bit for bit, when the lr is a float),
+operations in the same order (so the same numbers, bit for bit, for fp32 parameters and a
+float lr),
 all of them tensor work with no host sync, and an lr that may be a device tensor. With
 `fused=true` SGD's fused kernel trains the rest, which reads its lr from a device tensor
 too, so the whole step can be captured: cifar_exp.training.step_graph installs device
@@ -99,6 +100,10 @@ class MuonSGD(torch.optim.Optimizer):
                           for p in filters]
         # Holds the Muon state and group, and writes and reads their checkpoint; never steps.
         self.muon = torch.optim.Muon(self._matrices, **muon_options)
+        # Made now, not at a first step that a CUDA graph might capture (its zeros would
+        # then be replayed each step).
+        for matrix in self._matrices:
+            self.muon.state[matrix]["momentum_buffer"] = torch.zeros_like(matrix)
         self.sgd = torch.optim.SGD(rest, **sgd_options) if rest else None
         muon_group = {"params": list(filters), **self._muon_settings()}
         sgd_groups = self.sgd.param_groups if self.sgd is not None else []
@@ -118,7 +123,7 @@ class MuonSGD(torch.optim.Optimizer):
 
     def _momentum_buffer(self, matrix: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         state = self.muon.state[matrix]
-        if "momentum_buffer" not in state:  # made in the first (eager) steps, as torch's
+        if "momentum_buffer" not in state:  # a checkpoint saved before any step had none
             state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
         return state["momentum_buffer"]
 
@@ -203,7 +208,8 @@ def muon(params, *, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = T
     can be captured either way)."""
     if fused and foreach:
         raise ConfigError("optimizer.fused=true and optimizer.foreach=true cannot both be set "
-                          "(muon's SGD takes one kernel); set optimizer.foreach=null")
+                          "(muon's SGD takes one kernel); set optimizer.foreach=null, or "
+                          "optimizer.fused=false")
     if not 1 <= ns_steps < 100:
         raise ConfigError(f"optimizer.ns_steps={ns_steps} must lie in [1, 99] (torch's Muon)")
     if len(ns_coefficients) != 3:
