@@ -350,7 +350,10 @@ def warm_up(contenders: Sequence[Contender], logs: Path, results: dict[str, Resu
             ready_timeout: float, parallel: bool, workers: dict[str, Worker]) -> None:
     """Start each contender's process and wait for its warm-up run (untimed) into `workers`;
     one after another unless `parallel` (faster, but then a compiling peer tunes its
-    kernels while others use the GPU). One not ready in time is left out."""
+    kernels while others use the GPU; all share one `ready_timeout` then). One not ready in
+    time is left out."""
+    deadline = time.monotonic() + ready_timeout
+
     def start(contender: Contender) -> Worker:
         worker = Worker(contender, logs / f"{contender.name}.log")
         if contender.warmup_request:
@@ -359,7 +362,7 @@ def warm_up(contenders: Sequence[Contender], logs: Path, results: dict[str, Resu
 
     def ready(contender: Contender, worker: Worker) -> None:
         try:
-            worker.wait(ready_timeout)
+            worker.wait(max(0.0, deadline - time.monotonic()) if parallel else ready_timeout)
             workers[contender.name] = worker
         except RaceError as error:
             results[contender.name].failed = f"warm-up: {error}"
@@ -385,6 +388,8 @@ def race(contenders: Sequence[Contender], logs: Path, *, budget: float | None = 
     notes = ["Warm-ups ran at the same time."] if parallel_warmup else []
     try:
         warm_up(contenders, logs, results, ready_timeout, parallel_warmup, workers)
+        if on_round is not None:  # the warm-ups' failures kept, should no round fit
+            on_round(results, 0)
         names = [c.name for c in contenders if c.name in workers]
         runs = {c.name: c.runs for c in contenders}
         last_round = 0.0
