@@ -6,11 +6,13 @@ refused, and so is a second command on the same sweep."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
 import shlex
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +23,7 @@ from omegaconf import open_dict
 
 from cifar_exp.config import compose_config
 from cifar_exp.job.job import JobContext
-from cifar_exp.job.sweep_job import run_in_sweep
+from cifar_exp.job.sweep_job import follow_log_files, run_in_sweep
 from cifar_exp.tracking import sweep_record
 from cifar_exp.tracking.sweep_record import (
     FAILED,
@@ -355,3 +357,27 @@ def test_keys_the_sweep_varies_keep_its_jobs_apart_even_where_they_only_say_wher
     assert sweep_record.config_digest(a) == sweep_record.config_digest(b)  # where, not what
     swept = ["tracking.registered_model_name"]
     assert sweep_record.config_digest(a, swept) != sweep_record.config_digest(b, swept)
+
+
+def test_a_moved_job_takes_only_its_own_threads_log_files(tmp_path):
+    """Packed members share the root logger, each file taking its own thread's lines: a
+    member moved to its recorded folder must not take another member's file along."""
+    old, new = tmp_path / "0", tmp_path / "1"
+    old.mkdir()
+    own, other, plain = (logging.FileHandler(old / name, delay=True)
+                         for name in ("run.log", "other.log", "plain.log"))
+    this_thread = threading.current_thread().name
+    own.addFilter(lambda record: record.threadName == this_thread)
+    other.addFilter(lambda record: record.threadName == "job 7")
+    root = logging.getLogger()
+    for handler in (own, other, plain):
+        root.addHandler(handler)
+    try:
+        follow_log_files(old, new)
+    finally:
+        for handler in (own, other, plain):
+            root.removeHandler(handler)
+            handler.close()
+    assert Path(own.baseFilename) == new / "run.log"
+    assert Path(plain.baseFilename) == new / "plain.log"  # a job's own process: all its files
+    assert Path(other.baseFilename) == old / "other.log"
