@@ -6,8 +6,10 @@ selenium (Debian's chromium and chromium-driver) at 1400x900.
 
 Writes mlflow_run_overview.png, mlflow_run_metrics.png, mlflow_system_metrics.png,
 mlflow_class_results.png, mlflow_logged_model.png, mlflow_sweep.png and
-mlflow_sweep_report.png into --out (default: a new temporary
-folder) and prints their paths. About six minutes on 2 CPU cores."""
+mlflow_sweep_report.png, then optuna_dashboard.png and optuna_dashboard_trials.png
+(optuna-dashboard over a small search of 4 trials, resumed by the same command to 8) into
+--out (default: a new temporary
+folder) and prints their paths. About four minutes on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ RUN = ("steps=60", "log_every=10", "eval_every=30", "eval_images=1000",
        "tracking.system_metrics_seconds=1")
 SWEEP = ("-m", "optimizer=adam,sgd", "seed=0,1", "steps=40", "log_every=10", "eval_every=40",
          "eval_images=500", "tracking.log_model=false", "checkpoint.enabled=false")
+# The search, run twice: 4 trials, then the same command resumes the study to 8.
+SEARCH = ("-m", "hparams_search=tf_cnn_optuna", "steps=60", "log_every=20", "eval_every=20",
+          "eval_images=500", "tracking.log_model=false", "checkpoint.enabled=false",
+          "tracking.system_metrics_seconds=0")
+SEARCH_TRIALS = (4, 8)
 WINDOW = (1400, 900)
 WAIT_SECONDS = 90
 
@@ -42,6 +49,18 @@ def train(folder: Path, uri: str) -> None:
         subprocess.run([sys.executable, "-m", "cifar_exp.run", *overrides,
                         f"tracking.uri={uri}"], cwd=folder, check=True,
                        stdout=subprocess.DEVNULL)
+
+
+def search(folder: Path) -> str:
+    """The search, started and resumed (its runs in a store of their own, away from the
+    MLflow screenshots' runs); the URL of its study's storage."""
+    uri = f"sqlite:///{folder / 'search_mlflow.db'}"
+    for trials in SEARCH_TRIALS:
+        subprocess.run([sys.executable, "-m", "cifar_exp.run", *SEARCH,
+                        f"hydra.sweeper.n_trials={trials}", f"hydra.sweep.dir={folder / 'search'}",
+                        f"tracking.uri={uri}"], cwd=folder, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return f"sqlite:///{folder / 'search' / 'optuna.db'}"
 
 
 def free_port() -> int:
@@ -81,9 +100,31 @@ def mlflow_ui(uri: str, folder: Path) -> Iterator[str]:
             server.wait()
 
 
-def healthy(url: str) -> bool:
+@contextlib.contextmanager
+def optuna_dashboard(storage: str) -> Iterator[str]:
+    """optuna-dashboard over `storage` for the block; its base URL."""
+    port = free_port()
+    server = subprocess.Popen(  # as its command starts it
+        [sys.executable, "-c", "import sys; from optuna_dashboard._cli import main; "
+         "sys.exit(main())", storage, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
     try:
-        return requests.get(f"{url}/health", timeout=2).ok
+        deadline = time.monotonic() + 60
+        while not healthy(url, "/api/studies"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                sys.exit("optuna-dashboard did not start (pip install -e '.[dashboard]')")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGINT)  # its server stops at once on Ctrl-C
+        server.wait(timeout=30)
+
+
+def healthy(url: str, path: str = "/health") -> bool:
+    try:
+        return requests.get(f"{url}{path}", timeout=2).ok
     except requests.ConnectionError:
         return False
 
@@ -201,6 +242,19 @@ def take(camera: Camera, parent, run, model_id: str) -> list[Path]:
     return shots
 
 
+def take_dashboard(camera: Camera) -> list[Path]:
+    """The study's history, then its trials (the first one's values shown)."""
+    shots = []
+    for page, ready, name in (
+            ("", lambda: "History" in camera.text(), "optuna_dashboard.png"),
+            ("/trials", lambda: f"{SEARCH_TRIALS[-1]} Trials" in camera.text(),
+             "optuna_dashboard_trials.png")):
+        camera.browser.get(f"{camera.url}/dashboard/studies/1{page}")
+        camera.wait.until(lambda _, ready=ready: ready())
+        shots.append(camera.shoot(name))
+    return shots
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="folder for the PNGs (default: a new one)")
@@ -212,11 +266,18 @@ def main() -> None:
         uri = f"sqlite:///{folder / 'mlflow.db'}"
         train(folder, uri)
         parent, run = parent_and_run(uri)
+        storage = search(folder)
         with mlflow_ui(uri, folder) as url:
             browser = chromium()
             try:
                 model_id = served_model_id(MlflowClient(uri), run.info.run_id)
                 shots = take(Camera(browser, url, out), parent, run, model_id)
+            finally:
+                browser.quit()
+        with optuna_dashboard(storage) as url:
+            browser = chromium()
+            try:
+                shots += take_dashboard(Camera(browser, url, out))
             finally:
                 browser.quit()
     for shot in shots:
