@@ -11,8 +11,8 @@ trains its head and biases.
 
 The step is ours, not torch's Muon.step (which reads its lr back to the host): the same
 operations in the same order (so the same numbers, bit for bit, for fp32 parameters and a
-float lr),
-all of them tensor work with no host sync, and an lr that may be a device tensor. With
+float lr), all of them tensor work with no host sync, and an lr that may be a device
+tensor. With
 `fused=true` SGD's fused kernel trains the rest, which reads its lr from a device tensor
 too, so the whole step can be captured: cifar_exp.training.step_graph installs device
 lrs into every group, ours included, and `cuda_graph=auto` turns on (cifar_exp.speed)."""
@@ -100,10 +100,7 @@ class MuonSGD(torch.optim.Optimizer):
                           for p in filters]
         # Holds the Muon state and group, and writes and reads their checkpoint; never steps.
         self.muon = torch.optim.Muon(self._matrices, **muon_options)
-        # Made now, not at a first step that a CUDA graph might capture (its zeros would
-        # then be replayed each step).
-        for matrix in self._matrices:
-            self.muon.state[matrix]["momentum_buffer"] = torch.zeros_like(matrix)
+        self._make_momentum_buffers()
         self.sgd = torch.optim.SGD(rest, **sgd_options) if rest else None
         muon_group = {"params": list(filters), **self._muon_settings()}
         sgd_groups = self.sgd.param_groups if self.sgd is not None else []
@@ -121,11 +118,12 @@ class MuonSGD(torch.optim.Optimizer):
         inner.update({key: value for key, value in self.param_groups[0].items()
                       if key != "params"})
 
-    def _momentum_buffer(self, matrix: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        state = self.muon.state[matrix]
-        if "momentum_buffer" not in state:  # a checkpoint saved before any step had none
-            state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        return state["momentum_buffer"]
+    def _make_momentum_buffers(self) -> None:
+        """Zero buffers where there are none (a new optimizer, a checkpoint saved before its
+        first step): made here, never in a step that a CUDA graph might capture, whose
+        zeros would then be replayed each step."""
+        for matrix in self._matrices:
+            self.muon.state[matrix].setdefault("momentum_buffer", torch.zeros_like(matrix))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -140,8 +138,8 @@ class MuonSGD(torch.optim.Optimizer):
             matrix.view(filt.shape).copy_(filt)
             if self.normalize_filters:
                 matrix.mul_(math.sqrt(matrix.shape[0]) / matrix.norm().clamp(min=1e-12))
-            grad = filt.grad.reshape(matrix.shape)
-            muon_update(matrix, grad, self._momentum_buffer(matrix, grad), group)
+            muon_update(matrix, filt.grad.reshape(matrix.shape),
+                        self.muon.state[matrix]["momentum_buffer"], group)
             filt.copy_(matrix.view(filt.shape))
         if self.sgd is not None:
             self.sgd.step()
@@ -157,6 +155,7 @@ class MuonSGD(torch.optim.Optimizer):
             raise ValueError("optimizer state is not that of a muon optimizer over the same "
                              "parameters")
         self.muon.load_state_dict(state_dict["muon"])
+        self._make_momentum_buffers()
         self.param_groups[0].update(self._muon_settings())
         if self.sgd is not None:
             kernels = {key: self.sgd.param_groups[0][key] for key in ("fused", "foreach")}
