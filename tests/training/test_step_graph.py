@@ -36,6 +36,35 @@ def sgd_with_schedule(model: torch.nn.Module, steps: int):
     return optimizer, build_schedule("triangle", optimizer, steps, 10.0)
 
 
+def graphed_and_eager_on_the_gpu(model_name: str, with_schedule, steps: int = 10,  # noqa: ANN001
+                                 compile_mode: str = "none",
+                                 memory_format: torch.memory_format = torch.contiguous_format
+                                 ) -> dict[bool, tuple[torch.Tensor, list[torch.Tensor]]]:
+    """The same `steps` training steps on a CUDA device, op by op (False) and graphed
+    (True, one capture): each way's losses and final parameters. `with_schedule` makes the
+    optimizer and its schedule for the model."""
+    cuda = torch.device("cuda")
+    generator = torch.Generator(cuda).manual_seed(1)
+    inputs = torch.randn(steps * 32, 3, 24, 24, device=cuda, generator=generator)
+    labels = torch.randint(0, 10, (steps * 32,), device=cuda, generator=generator)
+    runs = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = build_model(model_name, 10, 24).to(cuda, memory_format=memory_format)
+        optimizer, schedule = with_schedule(model, steps)
+        step = TrainingStep(model, optimizer, made_of(inputs, labels, memory_format), cuda,
+                            amp="fp32", compile_mode=compile_mode, cuda_graph=graphed)
+        losses = []
+        for index in range(steps):  # a new batch each step
+            losses.append(step(torch.arange(index * 32, (index + 1) * 32, device=cuda),
+                               0).clone())
+            schedule.step()
+        runs[graphed] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()])
+        if graphed:
+            assert step.graphs is not None and step.graphs.captures == 1
+    return runs
+
+
 def test_device_lrs_carry_the_schedule_into_a_fused_optimizer():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
@@ -84,25 +113,8 @@ def test_installed_lrs_declare_adam_capturable_and_restore_it():
     ("tf_cnn", "none"), ("resnet9", "none"), ("tf_cnn", "default")])
 def test_graphed_steps_train_as_the_eager_steps(monkeypatch, model_name, compile_mode):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    cuda, steps = torch.device("cuda"), 10
-    generator = torch.Generator(cuda).manual_seed(1)
-    inputs = torch.randn(steps * 32, 3, 24, 24, device=cuda, generator=generator)
-    labels = torch.randint(0, 10, (steps * 32,), device=cuda, generator=generator)
-    runs = {}
-    for graphed in (False, True):
-        torch.manual_seed(0)
-        model = build_model(model_name, 10, 24).to(cuda)
-        optimizer, schedule = sgd_with_schedule(model, steps)
-        step = TrainingStep(model, optimizer, made_of(inputs, labels), cuda, amp="fp32",
-                            compile_mode=compile_mode, cuda_graph=graphed)
-        losses = []
-        for index in range(steps):  # a new batch each step
-            losses.append(step(torch.arange(index * 32, (index + 1) * 32, device=cuda),
-                               0).clone())
-            schedule.step()
-        runs[graphed] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()])
-        if graphed:
-            assert step.graphs is not None and step.graphs.captures == 1
+    runs = graphed_and_eager_on_the_gpu(model_name, sgd_with_schedule,
+                                        compile_mode=compile_mode)
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-5)
     for graphed_param, eager_param in zip(runs[True][1], runs[False][1], strict=True):
         torch.testing.assert_close(graphed_param, eager_param, rtol=1e-4, atol=1e-5)
@@ -385,25 +397,8 @@ def test_graphed_muon_step_trains_as_the_eager_step_on_the_gpu(monkeypatch):
     """The Muon step captured with torch.cuda.CUDAGraph (the trainer's StepGraphs), its
     lrs refilled each replay, against the same steps op by op."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    cuda, steps = torch.device("cuda"), 10
-    generator = torch.Generator(cuda).manual_seed(1)
-    inputs = torch.randn(steps * 32, 3, 24, 24, device=cuda, generator=generator)
-    labels = torch.randint(0, 10, (steps * 32,), device=cuda, generator=generator)
-    runs = {}
-    for graphed in (False, True):
-        torch.manual_seed(0)
-        model = build_model("tf_cnn", 10, 24).to(cuda, memory_format=torch.channels_last)
-        optimizer, schedule = muon_with_schedule(model, steps)
-        step = TrainingStep(model, optimizer, made_of(inputs, labels, torch.channels_last),
-                            cuda, amp="fp32", cuda_graph=graphed)
-        losses = []
-        for index in range(steps):
-            losses.append(step(torch.arange(index * 32, (index + 1) * 32, device=cuda),
-                               0).clone())
-            schedule.step()
-        runs[graphed] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()])
-        if graphed:
-            assert step.graphs is not None and step.graphs.captures == 1
+    runs = graphed_and_eager_on_the_gpu("tf_cnn", muon_with_schedule,
+                                        memory_format=torch.channels_last)
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-5)
     for graphed_param, eager_param in zip(runs[True][1], runs[False][1], strict=True):
         torch.testing.assert_close(graphed_param, eager_param, rtol=1e-4, atol=1e-4)
