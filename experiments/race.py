@@ -427,11 +427,12 @@ def add_record(result: Result, number: int, record: RunRecord) -> None:
 # --- the tables ---
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    """Mean and sample standard deviation (0 for a single value), as the sweep report's
+    statistics give them."""
+    from cifar_exp.tracking.comparison import spread
+
+    found = spread(list(values))
+    return found.mean, 0.0 if math.isnan(found.std) else found.std
 
 
 def differences(ours: Result, peer: Result) -> tuple[object, object]:
