@@ -50,8 +50,6 @@ REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "experiments"
 TOTAL_SECONDS = 470  # under 8 minutes, start-up of the parts included
 RACE_CONTENDERS = "fast94,airbench94,airbench94_compiled,fast94_muon,airbench94_muon"
-DATA_FILES = ("data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin",
-              "data_batch_5.bin", "test_batch.bin", "batches.meta.txt")
 BATCHES = (128, 1024)
 RACE_BUDGET = 270  # its own --budget is 30 s less: the last round and the table fit
 
@@ -246,6 +244,17 @@ def check_commands(args: argparse.Namespace, work: Path) -> list[str]:
     return problems
 
 
+def cifar10():  # noqa: ANN201
+    from cifar_exp.data import SPECS
+
+    return SPECS["cifar10"]
+
+
+def binary_folder(args: argparse.Namespace) -> Path:
+    """The CIFAR-10 binary folder the check reads: under --data, else $CIFAR_EXP_DATA."""
+    return Path(args.data or os.environ.get("CIFAR_EXP_DATA", "")) / cifar10().binary_folder
+
+
 def check_files(args: argparse.Namespace) -> list[str]:
     problems = []
     for script in ("race.py", "packed_gpu.sh", "carry_data.py"):
@@ -259,8 +268,8 @@ def check_files(args: argparse.Namespace) -> list[str]:
                  if "mark.gpu" in path.read_text()]
     if not gpu_tests:
         problems.append("no gpu-marked tests under tests/")
-    root = Path(args.data or os.environ.get("CIFAR_EXP_DATA", "")) / "cifar-10-batches-bin"
-    missing = [name for name in DATA_FILES if not (root / name).is_file()]
+    root = binary_folder(args)
+    missing = [path.name for path in cifar10().files(root) if not path.is_file()]
     if missing and not args.packed.is_dir():
         problems.append(f"data: {root} lacks {', '.join(missing)} and there is no packed "
                         f"copy in {args.packed}")
@@ -275,7 +284,7 @@ def check_carry(args: argparse.Namespace, work: Path) -> tuple[list[str], str]:
         if args.packed.is_dir():
             names = carry.unpack(args.packed, work / "unpacked")  # checks every SHA-256
             return [], f"{args.packed} unpacks into {len(names)} files, each checked"
-        root = Path(args.data or os.environ.get("CIFAR_EXP_DATA", "")) / "cifar-10-batches-bin"
+        root = binary_folder(args)
         source = work / "slice"
         source.mkdir()
         (source / "test_batch.bin").write_bytes((root / "test_batch.bin").read_bytes()
